@@ -1,0 +1,469 @@
+//! The proxy's view of the model: validated mesh resources turned into the proto resources of the
+//! discovery stream, each encoded once and versioned by a hash of its bytes.
+//!
+//! Services, endpoints, routes and traffic policies are the same for every proxy (every service
+//! in the mesh is visible to every proxy, as in Istio without a `Sidecar` resource) and are built
+//! once per snapshot. Mesh settings and inbound authorization depend on the proxy's workload and
+//! are built per proxy.
+//!
+//! Nothing here may fail: the model was validated, so every conversion is total.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_proto::v1::{self as pb, type_url};
+use prost::Message;
+use prost_types::Any;
+
+use crate::model::{self, Model, ObjectKey};
+
+/// A resource type's URL; always one of [`ALL_TYPES`].
+pub type TypeUrl = &'static str;
+
+/// Every type this control plane serves, in the order responses are sent.
+pub const ALL_TYPES: [TypeUrl; 6] = type_url::ALL;
+
+/// An encoded resource and its content version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionedResource {
+    pub version: String,
+    pub body: Any,
+}
+
+impl VersionedResource {
+    fn new(type_url: TypeUrl, message: &impl Message) -> VersionedResource {
+        let value = message.encode_to_vec();
+        let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&value));
+        VersionedResource {
+            version,
+            body: Any {
+                type_url: type_url.to_owned(),
+                value,
+            },
+        }
+    }
+}
+
+/// The proxy a stream serves, as the views need it.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub id: String,
+    pub workload: ObjectKey,
+}
+
+/// The `&'static` form of a type URL this server knows.
+pub fn known_type(type_url: &str) -> Option<TypeUrl> {
+    ALL_TYPES.into_iter().find(|t| *t == type_url)
+}
+
+/// "Service" for "type.googleapis.com/keel.mesh.v1.Service".
+pub fn short_name(type_url: &str) -> &'static str {
+    match type_url {
+        type_url::SERVICE => "Service",
+        type_url::ROUTE_TABLE => "RouteTable",
+        type_url::ENDPOINTS => "Endpoints",
+        type_url::TRAFFIC_POLICY => "TrafficPolicy",
+        type_url::AUTHORIZATION_POLICY => "AuthorizationPolicy",
+        type_url::MESH_CONFIG => "MeshConfig",
+        _ => "unknown",
+    }
+}
+
+type Built = BTreeMap<String, VersionedResource>;
+
+/// The resources every proxy sees alike.
+pub fn shared_resources(model: &Model) -> Vec<(TypeUrl, Built)> {
+    let mut services = Built::new();
+    let mut endpoints = Built::new();
+    let mut routes = Built::new();
+    let mut policies = Built::new();
+    for (key, service) in &model.services {
+        let name = key.to_string();
+        services.insert(
+            name.clone(),
+            VersionedResource::new(type_url::SERVICE, &service_of(service)),
+        );
+        endpoints.insert(
+            name.clone(),
+            VersionedResource::new(type_url::ENDPOINTS, &endpoints_of(model, key)),
+        );
+        routes.insert(
+            name.clone(),
+            VersionedResource::new(type_url::ROUTE_TABLE, &route_table_of(service)),
+        );
+        let policy = match model.traffic_policies.get(key) {
+            Some(p) => traffic_policy_of(&p.spec),
+            None => traffic_policy_of(&model::TrafficPolicySpec::default_for(key.clone())),
+        };
+        policies.insert(
+            name,
+            VersionedResource::new(type_url::TRAFFIC_POLICY, &policy),
+        );
+    }
+    vec![
+        (type_url::SERVICE, services),
+        (type_url::ENDPOINTS, endpoints),
+        (type_url::ROUTE_TABLE, routes),
+        (type_url::TRAFFIC_POLICY, policies),
+    ]
+}
+
+/// The resources that depend on the proxy's own workload.
+pub fn node_resources(
+    model: &Model,
+    node: &NodeInfo,
+) -> BTreeMap<TypeUrl, Arc<BTreeMap<String, Arc<VersionedResource>>>> {
+    let mesh = pb::MeshConfig {
+        trust_domain: model.mesh.trust_domain.clone(),
+        mtls_mode: mtls_mode(model.mtls_mode_for(&node.workload)) as i32,
+        outbound_traffic_policy: match model.mesh.outbound_traffic_policy {
+            model::OutboundTrafficPolicy::AllowAny => pb::OutboundTrafficPolicy::AllowAny,
+            model::OutboundTrafficPolicy::RegistryOnly => pb::OutboundTrafficPolicy::RegistryOnly,
+        } as i32,
+    };
+    let mesh = BTreeMap::from([(
+        "mesh".to_owned(),
+        Arc::new(VersionedResource::new(type_url::MESH_CONFIG, &mesh)),
+    )]);
+    let authz = model
+        .policies_for(&node.workload)
+        .into_iter()
+        .map(|p| {
+            let key = p.meta.key();
+            let message = authorization_policy_of(&key, &p.spec);
+            (
+                key.to_string(),
+                Arc::new(VersionedResource::new(
+                    type_url::AUTHORIZATION_POLICY,
+                    &message,
+                )),
+            )
+        })
+        .collect();
+    BTreeMap::from([
+        (type_url::MESH_CONFIG, Arc::new(mesh)),
+        (type_url::AUTHORIZATION_POLICY, Arc::new(authz)),
+    ])
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn locality(l: &model::Locality) -> pb::Locality {
+    pb::Locality {
+        region: l.region.clone().unwrap_or_default(),
+        zone: l.zone.clone().unwrap_or_default(),
+        subzone: l.subzone.clone().unwrap_or_default(),
+    }
+}
+
+fn service_of(service: &model::Service) -> pb::Service {
+    pb::Service {
+        name: service.meta.name.clone(),
+        namespace: service.meta.namespace.clone(),
+        hostnames: service.spec.hostnames.clone(),
+        vips: service.spec.vips.iter().map(|ip| ip.to_string()).collect(),
+        ports: service
+            .spec
+            .ports
+            .iter()
+            .map(|p| pb::ServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port: u32::from(p.port),
+                target_port: u32::from(p.target_port),
+                protocol: match p.protocol {
+                    None => pb::Protocol::Unspecified,
+                    Some(model::Protocol::Http) => pb::Protocol::Http,
+                    Some(model::Protocol::Http2) => pb::Protocol::Http2,
+                    Some(model::Protocol::Grpc) => pb::Protocol::Grpc,
+                    Some(model::Protocol::Tcp) => pb::Protocol::Tcp,
+                } as i32,
+            })
+            .collect(),
+    }
+}
+
+fn endpoints_of(model: &Model, key: &ObjectKey) -> pb::Endpoints {
+    let endpoints = model
+        .endpoints_of(key)
+        .into_iter()
+        // One endpoint per workload, at its primary address: a dual-stack pod is one endpoint,
+        // as in a Kubernetes EndpointSlice of one address family, so it is not weighted twice.
+        .filter_map(|w| {
+            let address = w.spec.addresses.first()?;
+            Some(pb::Endpoint {
+                address: address.to_string(),
+                port: 0,
+                weight: w.spec.weight,
+                locality: Some(locality(&w.spec.locality)),
+                identity: model.spiffe_id(w),
+                ready: w.spec.ready,
+                workload: w.meta.key().to_string(),
+                meshed: w.spec.meshed,
+            })
+        })
+        .collect();
+    pb::Endpoints {
+        service: key.to_string(),
+        endpoints,
+    }
+}
+
+fn string_match(m: &model::PathMatch) -> pb::StringMatch {
+    use pb::string_match::Kind;
+    pb::StringMatch {
+        kind: Some(match m {
+            model::PathMatch::Exact(s) => Kind::Exact(s.clone()),
+            model::PathMatch::Prefix(s) => Kind::Prefix(s.clone()),
+            model::PathMatch::Regex(s) => Kind::Regex(s.clone()),
+        }),
+    }
+}
+
+fn value_match(m: &model::ValueMatch) -> pb::StringMatch {
+    use pb::string_match::Kind;
+    pb::StringMatch {
+        kind: Some(match m {
+            model::ValueMatch::Exact(s) => Kind::Exact(s.clone()),
+            model::ValueMatch::Prefix(s) => Kind::Prefix(s.clone()),
+            model::ValueMatch::Regex(s) => Kind::Regex(s.clone()),
+        }),
+    }
+}
+
+fn retry_on(r: model::RetryOn) -> &'static str {
+    match r {
+        model::RetryOn::ConnectFailure => "connect-failure",
+        model::RetryOn::Reset => "reset",
+        model::RetryOn::GatewayError => "gateway-error",
+        model::RetryOn::ServerError => "5xx",
+        model::RetryOn::RetriableStatusCodes => "retriable-status-codes",
+    }
+}
+
+fn grpc_code(c: model::GrpcCode) -> &'static str {
+    match c {
+        model::GrpcCode::Cancelled => "cancelled",
+        model::GrpcCode::DeadlineExceeded => "deadline-exceeded",
+        model::GrpcCode::Internal => "internal",
+        model::GrpcCode::ResourceExhausted => "resource-exhausted",
+        model::GrpcCode::Unavailable => "unavailable",
+    }
+}
+
+fn route_table_of(service: &model::Service) -> pb::RouteTable {
+    let routes = service
+        .spec
+        .routes
+        .iter()
+        .map(|r| pb::Route {
+            name: r.name.clone(),
+            r#match: Some(pb::RouteMatch {
+                path: r.matches.path.as_ref().map(string_match),
+                headers: r
+                    .matches
+                    .headers
+                    .iter()
+                    .map(|h| pb::HeaderMatch {
+                        name: h.name.to_string(),
+                        value: Some(value_match(&h.value)),
+                        invert: h.invert,
+                    })
+                    .collect(),
+                method: r
+                    .matches
+                    .method
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default(),
+            }),
+            destinations: r
+                .destinations
+                .iter()
+                .map(|d| pb::WeightedDestination {
+                    service: d.service.to_string(),
+                    port: d.port.map(u32::from).unwrap_or(0),
+                    weight: d.weight,
+                })
+                .collect(),
+            timeout: r.timeout.map(duration),
+            retry: r.retries.as_ref().map(|p| pb::RetryPolicy {
+                attempts: p.attempts,
+                per_try_timeout: p.per_try_timeout.map(duration),
+                retry_on: p.retry_on.iter().map(|r| retry_on(*r).to_owned()).collect(),
+                retriable_status_codes: p
+                    .retriable_status_codes
+                    .iter()
+                    .map(|c| u32::from(*c))
+                    .collect(),
+                retriable_grpc_codes: p
+                    .retriable_grpc_codes
+                    .iter()
+                    .map(|c| grpc_code(*c).to_owned())
+                    .collect(),
+                backoff_base: Some(duration(p.backoff_base)),
+                backoff_max: Some(duration(p.backoff_max)),
+            }),
+        })
+        .collect();
+    pb::RouteTable {
+        service: service.meta.key().to_string(),
+        routes,
+    }
+}
+
+fn hash_policy(h: &model::HashOn) -> pb::HashPolicy {
+    use pb::hash_policy::Key;
+    pb::HashPolicy {
+        key: Some(match h {
+            model::HashOn::SourceIp => Key::SourceIp(true),
+            model::HashOn::Header(name) => Key::Header(name.to_string()),
+            model::HashOn::Cookie(name) => Key::Cookie(name.clone()),
+        }),
+    }
+}
+
+fn traffic_policy_of(spec: &model::TrafficPolicySpec) -> pb::TrafficPolicy {
+    use model::LoadBalancer as Lb;
+    let (load_balancer, hash) = match &spec.load_balancer {
+        Lb::RoundRobin => (pb::LoadBalancer::RoundRobin, None),
+        Lb::LeastRequest => (pb::LoadBalancer::LeastRequest, None),
+        Lb::PeakEwma => (pb::LoadBalancer::PeakEwma, None),
+        Lb::Random => (pb::LoadBalancer::Random, None),
+        Lb::RingHash(h) => (pb::LoadBalancer::RingHash, Some(hash_policy(h))),
+        Lb::Maglev(h) => (pb::LoadBalancer::Maglev, Some(hash_policy(h))),
+    };
+    pb::TrafficPolicy {
+        service: spec.target.to_string(),
+        load_balancer: load_balancer as i32,
+        hash,
+        outlier_detection: spec
+            .outlier_detection
+            .as_ref()
+            .map(|o| pb::OutlierDetection {
+                consecutive_5xx: o.consecutive_5xx,
+                consecutive_gateway_errors: o.consecutive_gateway_errors,
+                interval: Some(duration(o.interval)),
+                base_ejection_time: Some(duration(o.base_ejection_time)),
+                max_ejection_time: Some(duration(o.max_ejection_time)),
+                max_ejection_percent: u32::from(o.max_ejection_percent),
+                success_rate: o.success_rate.as_ref().map(|s| pb::SuccessRateEjection {
+                    minimum_hosts: s.minimum_hosts,
+                    request_volume: s.request_volume,
+                    // Envoy's integer form: the factor times 1000. The model keeps it finite
+                    // and positive, so the cast neither wraps nor loses more than rounding.
+                    stdev_factor: (s.stdev_factor * 1000.0).round() as u32,
+                }),
+                failure_percentage: o.failure_percentage.as_ref().map(|f| {
+                    pb::FailurePercentageEjection {
+                        threshold: u32::from(f.threshold),
+                        minimum_hosts: f.minimum_hosts,
+                        request_volume: f.request_volume,
+                    }
+                }),
+                min_health_percent: u32::from(o.min_health_percent),
+            }),
+        locality_failover: spec
+            .locality_failover
+            .as_ref()
+            .map(|l| pb::LocalityFailover {
+                enabled: l.enabled,
+                failover_priority: l
+                    .failover_priority
+                    .iter()
+                    .map(|f| match &f.value {
+                        Some(v) => format!("{}={v}", f.key),
+                        None => f.key.clone(),
+                    })
+                    .collect(),
+                failover: l
+                    .failover
+                    .iter()
+                    .map(|f| pb::FailoverRule {
+                        from: f.from.clone(),
+                        to: f.to.clone(),
+                    })
+                    .collect(),
+                distribute: l
+                    .distribute
+                    .iter()
+                    .map(|d| pb::DistributeRule {
+                        from: d.from.to_string(),
+                        to: d.to.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                    })
+                    .collect(),
+            }),
+        circuit_breaker: Some(pb::CircuitBreaker {
+            max_connections: spec.circuit_breaker.max_connections,
+            max_pending_requests: spec.circuit_breaker.max_pending_requests,
+            max_requests: spec.circuit_breaker.max_requests,
+            max_retries: spec.circuit_breaker.max_retries,
+        }),
+        connect_timeout: Some(duration(spec.connect_timeout)),
+        idle_timeout: Some(duration(spec.idle_timeout)),
+    }
+}
+
+fn mtls_mode(m: model::MtlsMode) -> pb::MtlsMode {
+    match m {
+        model::MtlsMode::Strict => pb::MtlsMode::Strict,
+        model::MtlsMode::Permissive => pb::MtlsMode::Permissive,
+        model::MtlsMode::Disable => pb::MtlsMode::Disable,
+    }
+}
+
+fn patterns(v: &[model::StringMatch]) -> Vec<String> {
+    v.iter().map(ToString::to_string).collect()
+}
+
+fn authorization_policy_of(
+    key: &ObjectKey,
+    spec: &model::AuthorizationPolicySpec,
+) -> pb::AuthorizationPolicy {
+    pb::AuthorizationPolicy {
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        action: match spec.action {
+            model::AuthorizationAction::Allow => pb::AuthorizationAction::Allow,
+            model::AuthorizationAction::Deny => pb::AuthorizationAction::Deny,
+            model::AuthorizationAction::Audit => pb::AuthorizationAction::Audit,
+        } as i32,
+        rules: spec
+            .rules
+            .iter()
+            .map(|r| pb::AuthorizationRule {
+                from: r
+                    .from
+                    .iter()
+                    .map(|s| pb::Source {
+                        principals: patterns(&s.principals),
+                        not_principals: patterns(&s.not_principals),
+                        namespaces: patterns(&s.namespaces),
+                        not_namespaces: patterns(&s.not_namespaces),
+                        ip_blocks: s.ip_blocks.iter().map(ToString::to_string).collect(),
+                        not_ip_blocks: s.not_ip_blocks.iter().map(ToString::to_string).collect(),
+                    })
+                    .collect(),
+                to: r
+                    .to
+                    .iter()
+                    .map(|o| pb::Operation {
+                        methods: o.methods.iter().map(ToString::to_string).collect(),
+                        not_methods: o.not_methods.iter().map(ToString::to_string).collect(),
+                        paths: patterns(&o.paths),
+                        not_paths: patterns(&o.not_paths),
+                        ports: o.ports.iter().map(|p| u32::from(*p)).collect(),
+                        not_ports: o.not_ports.iter().map(|p| u32::from(*p)).collect(),
+                        hosts: patterns(&o.hosts),
+                        not_hosts: patterns(&o.not_hosts),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,506 @@
+//! One proxy's discovery stream: what it subscribed to, what it holds, what is in flight.
+//!
+//! The stream follows the incremental xDS transport. Each resource type is pushed
+//! independently; at most one response per type is unacknowledged at a time, and changes that
+//! arrive meanwhile are coalesced into the next response, sent when the ACK or NACK comes. A
+//! proxy that never answers therefore costs one response per type and never delays anyone else.
+//!
+//! What the proxy holds (`known`) is tracked per resource name with the version it was sent, so
+//! a response carries only what differs. After a NACK the rejected versions are remembered and
+//! not sent again until the resource changes (resending a rejected config in a loop is a classic
+//! control-plane bug).
+//!
+//! This module must never block on the store or on another stream.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse, Node, Resource};
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+
+use super::registry::{Nack, ProxyRegistry};
+use super::resources::{self, NodeInfo, TypeUrl, VersionedResource};
+use crate::store::{Snapshot, TypeSet};
+
+/// The state of one resource type on one stream.
+#[derive(Debug, Default)]
+struct Subscription {
+    /// Every visible resource of the type, or only `names`.
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the proxy holds, or will hold once it applies the in-flight response: name ->
+    /// version.
+    known: HashMap<String, String>,
+    /// The snapshot version `known` was last compared against; 0 forces a full comparison.
+    synced: u64,
+    in_flight: Option<InFlight>,
+    /// Versions the proxy rejected, by name; not sent again.
+    rejected: HashMap<String, String>,
+    /// The first response of a subscription is sent even when empty, so the proxy knows it
+    /// has the complete state of the type.
+    owes_first_response: bool,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    nonce: String,
+    system_version: u64,
+    /// For each name in the response, what `known` held before (to restore on a NACK) and
+    /// what was sent (`None`: removed).
+    changes: Vec<(String, Option<String>, Option<String>)>,
+}
+
+impl Subscription {
+    fn subscribed(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    fn apply_names(&mut self, subscribe: &[String], unsubscribe: &[String]) {
+        for name in subscribe {
+            if name == "*" {
+                self.wildcard = true;
+            } else {
+                self.names.insert(name.clone());
+            }
+        }
+        for name in unsubscribe {
+            if name == "*" {
+                self.wildcard = false;
+            } else {
+                self.names.remove(name);
+            }
+            // The proxy forgets what it unsubscribed from; nothing is sent for it.
+            self.known.remove(name);
+        }
+        if !subscribe.is_empty() {
+            self.synced = 0;
+        }
+    }
+
+    /// Builds the next response from `desired`, or `None` when the proxy already holds it.
+    /// `touched` narrows the comparison to the names changed since `synced`, when known.
+    fn diff(
+        &mut self,
+        type_url: TypeUrl,
+        desired: &BTreeMap<String, Arc<VersionedResource>>,
+        touched: Option<BTreeSet<&str>>,
+        version: u64,
+        nonce: String,
+    ) -> Option<DiscoveryResponse> {
+        let candidates: BTreeSet<&str> = match touched {
+            Some(names) if self.synced != 0 => names,
+            _ => desired
+                .keys()
+                .map(String::as_str)
+                .chain(self.known.keys().map(String::as_str))
+                .collect(),
+        };
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        let mut changes = Vec::new();
+        for name in candidates {
+            let held = self.known.get(name);
+            match desired.get(name).filter(|_| self.subscribed(name)) {
+                Some(want) => {
+                    if held == Some(&want.version) || self.rejected.get(name) == Some(&want.version)
+                    {
+                        continue;
+                    }
+                    changes.push((name.to_owned(), held.cloned(), Some(want.version.clone())));
+                    resources.push(Resource {
+                        name: name.to_owned(),
+                        version: want.version.clone(),
+                        resource: Some(want.body.clone()),
+                    });
+                }
+                None if held.is_some() => {
+                    changes.push((name.to_owned(), held.cloned(), None));
+                    removed.push(name.to_owned());
+                }
+                None => {}
+            }
+        }
+        self.synced = version;
+        if changes.is_empty() && !self.owes_first_response {
+            return None;
+        }
+        self.owes_first_response = false;
+        for (name, _, sent) in &changes {
+            match sent {
+                Some(v) => self.known.insert(name.clone(), v.clone()),
+                None => self.known.remove(name),
+            };
+        }
+        self.in_flight = Some(InFlight {
+            nonce: nonce.clone(),
+            system_version: version,
+            changes,
+        });
+        Some(DiscoveryResponse {
+            type_url: type_url.to_owned(),
+            system_version: version.to_string(),
+            resources,
+            removed_resources: removed,
+            nonce,
+        })
+    }
+
+    /// The proxy rejected the in-flight response: it kept what it had.
+    fn rejected_in_flight(&mut self, flight: InFlight) {
+        for (name, before, sent) in flight.changes {
+            match before {
+                Some(v) => self.known.insert(name.clone(), v),
+                None => self.known.remove(&name),
+            };
+            if let Some(v) = sent {
+                self.rejected.insert(name, v);
+            }
+        }
+    }
+}
+
+/// A proxy's stream, from its first request to its end.
+pub(super) struct ProxyStream {
+    id: u64,
+    node: NodeInfo,
+    registry: Arc<ProxyRegistry>,
+    snapshot: Arc<Snapshot>,
+    /// Resources computed for this node alone (mesh settings, inbound policy).
+    own: BTreeMap<TypeUrl, TypeSet>,
+    subscriptions: BTreeMap<TypeUrl, Subscription>,
+    nonces: u64,
+}
+
+/// Runs a stream until the proxy goes away. The first request has already been read.
+pub(super) async fn serve(
+    id: u64,
+    peer: Option<SocketAddr>,
+    first: DiscoveryRequest,
+    mut requests: Streaming<DiscoveryRequest>,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    registry: Arc<ProxyRegistry>,
+    responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
+    let node = match first.node.as_ref().map(NodeInfo::try_from) {
+        Some(Ok(node)) => node,
+        Some(Err(reason)) => {
+            let _ = responses
+                .send(Err(Status::invalid_argument(format!("bad node: {reason}"))))
+                .await;
+            return;
+        }
+        None => {
+            let _ = responses
+                .send(Err(Status::invalid_argument(
+                    "the first discovery request must carry the node",
+                )))
+                .await;
+            return;
+        }
+    };
+    let snapshot = snapshots.borrow_and_update().clone();
+    registry.connect(id, first.node.clone().unwrap_or_default(), peer);
+    tracing::info!(stream = id, node = %node.id, ?peer, "proxy connected");
+    let mut stream = ProxyStream {
+        id,
+        own: resources::node_resources(&snapshot.model, &node),
+        node,
+        registry,
+        snapshot,
+        subscriptions: BTreeMap::new(),
+        nonces: 0,
+    };
+    let end = stream
+        .run(first, &mut requests, &mut snapshots, &responses)
+        .await;
+    match end {
+        Ok(()) => tracing::info!(stream = id, node = %stream.node.id, "proxy disconnected"),
+        Err(reason) => {
+            tracing::warn!(stream = id, node = %stream.node.id, %reason, "discovery stream ended")
+        }
+    }
+    stream.registry.disconnect(id);
+}
+
+impl ProxyStream {
+    async fn run(
+        &mut self,
+        first: DiscoveryRequest,
+        requests: &mut Streaming<DiscoveryRequest>,
+        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+        responses: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> Result<(), String> {
+        self.handle(first);
+        loop {
+            for response in self.pending_responses() {
+                self.registry
+                    .sent(self.id, &response.type_url, &response.nonce);
+                responses
+                    .send(Ok(response))
+                    .await
+                    .map_err(|_| "the proxy stopped reading".to_owned())?;
+            }
+            tokio::select! {
+                request = requests.message() => match request {
+                    Ok(Some(request)) => self.handle(request),
+                    Ok(None) => return Ok(()),
+                    Err(status) => return Err(format!("receive failed: {}", status.message())),
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return Err("the store is gone".to_owned());
+                    }
+                    self.snapshot = snapshots.borrow_and_update().clone();
+                    self.own = resources::node_resources(&self.snapshot.model, &self.node);
+                },
+            }
+        }
+    }
+
+    /// Applies one request: subscription changes, then the ACK or NACK it carries.
+    fn handle(&mut self, request: DiscoveryRequest) {
+        if request.type_url.is_empty() {
+            return;
+        }
+        let Some(type_url) = resources::known_type(&request.type_url) else {
+            let reason = format!(
+                "unknown type URL {:?}; this control plane serves: {}",
+                request.type_url,
+                resources::ALL_TYPES.join(", ")
+            );
+            tracing::warn!(stream = self.id, node = %self.node.id, "{reason}");
+            self.registry.error(self.id, reason);
+            return;
+        };
+        let subscription = self.subscriptions.entry(type_url).or_insert_with(|| {
+            let mut s = Subscription {
+                owes_first_response: true,
+                ..Subscription::default()
+            };
+            // The proxy reconnected holding these versions: nothing equal is resent.
+            s.known = request
+                .initial_resource_versions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if request.subscribe.is_empty() {
+                s.wildcard = true;
+            }
+            s
+        });
+        subscription.apply_names(&request.subscribe, &request.unsubscribe);
+
+        if request.response_nonce.is_empty() {
+            return;
+        }
+        let in_flight = subscription
+            .in_flight
+            .take_if(|f| f.nonce == request.response_nonce);
+        let Some(flight) = in_flight else {
+            // A stale or unknown nonce: the subscription change above still counts, the
+            // ACK does not.
+            tracing::debug!(stream = self.id, nonce = %request.response_nonce, "stale nonce");
+            return;
+        };
+        match request.error_detail {
+            None => {
+                self.registry.acked(
+                    self.id,
+                    type_url,
+                    flight.system_version,
+                    subscription.known.len(),
+                );
+            }
+            Some(detail) => {
+                tracing::warn!(
+                    stream = self.id,
+                    node = %self.node.id,
+                    r#type = resources::short_name(type_url),
+                    version = flight.system_version,
+                    error = %detail.message,
+                    "proxy rejected configuration"
+                );
+                self.registry.nacked(
+                    self.id,
+                    Nack {
+                        type_url: type_url.to_owned(),
+                        version: flight.system_version,
+                        nonce: flight.nonce.clone(),
+                        message: detail.message,
+                        at: std::time::SystemTime::now(),
+                    },
+                );
+                subscription.rejected_in_flight(flight);
+            }
+        }
+    }
+
+    /// Every response that can be sent now: for each subscribed type with nothing in flight,
+    /// what differs between the current snapshot and what the proxy holds.
+    fn pending_responses(&mut self) -> Vec<DiscoveryResponse> {
+        let mut out = Vec::new();
+        for type_url in resources::ALL_TYPES {
+            let Some(subscription) = self.subscriptions.get_mut(type_url) else {
+                continue;
+            };
+            if subscription.in_flight.is_some() {
+                continue;
+            }
+            let (desired, touched) = match self.snapshot.shared.get(type_url) {
+                Some(set) => (
+                    set,
+                    self.snapshot.touched_since(type_url, subscription.synced),
+                ),
+                None => match self.own.get(type_url) {
+                    Some(set) => (set, None),
+                    None => continue,
+                },
+            };
+            self.nonces += 1;
+            let nonce = self.nonces.to_string();
+            if let Some(r) =
+                subscription.diff(type_url, desired, touched, self.snapshot.version, nonce)
+            {
+                out.push(r);
+            }
+        }
+        out
+    }
+}
+
+impl TryFrom<&Node> for NodeInfo {
+    type Error = String;
+
+    fn try_from(node: &Node) -> Result<Self, Self::Error> {
+        if node.workload.is_empty() {
+            return Err("node.workload is empty".to_owned());
+        }
+        if node.namespace.is_empty() {
+            return Err("node.namespace is empty".to_owned());
+        }
+        let id = if node.id.is_empty() {
+            format!("{}.{}", node.workload, node.namespace)
+        } else {
+            node.id.clone()
+        };
+        Ok(NodeInfo {
+            id,
+            workload: crate::model::ObjectKey {
+                namespace: node.namespace.clone(),
+                name: node.workload.clone(),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_types::Any;
+
+    fn resource(version: &str) -> Arc<VersionedResource> {
+        Arc::new(VersionedResource {
+            version: version.to_owned(),
+            body: Any {
+                type_url: "t".to_owned(),
+                value: version.as_bytes().to_vec(),
+            },
+        })
+    }
+
+    fn set(items: &[(&str, &str)]) -> BTreeMap<String, Arc<VersionedResource>> {
+        items
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), resource(v)))
+            .collect()
+    }
+
+    fn wildcard() -> Subscription {
+        Subscription {
+            wildcard: true,
+            owes_first_response: true,
+            ..Subscription::default()
+        }
+    }
+
+    const T: TypeUrl = keel_proto::v1::type_url::SERVICE;
+
+    #[test]
+    fn first_response_is_sent_even_when_empty_and_then_only_changes() {
+        let mut s = wildcard();
+        let r = s.diff(T, &set(&[]), None, 1, "1".into()).expect("first");
+        assert!(r.resources.is_empty() && r.removed_resources.is_empty());
+        s.in_flight = None;
+        assert!(s.diff(T, &set(&[]), None, 2, "2".into()).is_none());
+        let r = s
+            .diff(T, &set(&[("a", "1")]), None, 3, "3".into())
+            .expect("a");
+        assert_eq!(r.resources[0].name, "a");
+    }
+
+    #[test]
+    fn reconnect_with_versions_resends_only_what_differs() {
+        let mut s = wildcard();
+        s.known = HashMap::from([("a".into(), "1".into()), ("b".into(), "1".into())]);
+        let desired = set(&[("a", "1"), ("b", "2"), ("c", "1")]);
+        let r = s.diff(T, &desired, None, 5, "1".into()).expect("response");
+        let names: Vec<_> = r.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["b", "c"]);
+        assert!(r.removed_resources.is_empty());
+    }
+
+    #[test]
+    fn removal_is_named() {
+        let mut s = wildcard();
+        s.known = HashMap::from([("gone".into(), "1".into())]);
+        let r = s.diff(T, &set(&[]), None, 2, "1".into()).expect("response");
+        assert_eq!(r.removed_resources, ["gone"]);
+        assert!(!s.known.contains_key("gone"));
+    }
+
+    #[test]
+    fn nack_restores_known_and_the_rejected_version_is_not_resent() {
+        let mut s = wildcard();
+        s.known = HashMap::from([("a".into(), "1".into())]);
+        s.owes_first_response = false;
+        let desired = set(&[("a", "2")]);
+        s.diff(T, &desired, None, 2, "1".into()).expect("a@2");
+        let flight = s.in_flight.take().expect("in flight");
+        s.rejected_in_flight(flight);
+        assert_eq!(s.known.get("a").map(String::as_str), Some("1"));
+        assert!(s.diff(T, &desired, None, 2, "2".into()).is_none());
+        // A new version of the resource is sent again.
+        let r = s.diff(T, &set(&[("a", "3")]), None, 3, "3".into());
+        assert_eq!(r.expect("a@3").resources[0].version, "3");
+    }
+
+    #[test]
+    fn touched_names_narrow_the_comparison() {
+        let mut s = wildcard();
+        s.owes_first_response = false;
+        s.synced = 4;
+        s.known = HashMap::from([("a".into(), "1".into())]);
+        // "b" is absent from `known` but not touched: only the touched names are compared.
+        let desired = set(&[("a", "2"), ("b", "1")]);
+        let r = s
+            .diff(T, &desired, Some(BTreeSet::from(["a"])), 5, "1".into())
+            .expect("a");
+        assert_eq!(r.resources.len(), 1);
+    }
+
+    #[test]
+    fn named_subscription_sees_only_its_names() {
+        let mut s = Subscription {
+            owes_first_response: true,
+            ..Subscription::default()
+        };
+        s.apply_names(&["b".to_owned()], &[]);
+        let r = s
+            .diff(T, &set(&[("a", "1"), ("b", "1")]), None, 1, "1".into())
+            .expect("b");
+        assert_eq!(r.resources.len(), 1);
+        assert_eq!(r.resources[0].name, "b");
+    }
+}

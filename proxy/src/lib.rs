@@ -1,0 +1,1 @@
+//! keel's transparent sidecar proxy.

@@ -1,0 +1,395 @@
+//! The discovery stream, end to end: a control plane serving a watched directory, and real tonic
+//! clients behaving as proxies do (and as broken ones do).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use keel_proto::v1::{DiscoveryRequest, Endpoints, type_url};
+use keel_tests::{DiscoveryClient, node, start_control_plane};
+use prost::Message;
+
+/// Generous bound for "soon": a test never fails because the machine is slow, only because a
+/// response never comes. The 100 ms figure is measured by the benchmark, not asserted here.
+const SOON: Duration = Duration::from_secs(5);
+
+const MESH: &str = "apiVersion: keel.dev/v1alpha1
+kind: MeshConfig
+metadata:
+  name: mesh
+spec:
+  trustDomain: test.local
+";
+
+fn service(name: &str) -> String {
+    format!(
+        "apiVersion: keel.dev/v1alpha1
+kind: Service
+metadata:
+  name: {name}
+  namespace: demo
+spec:
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+    protocol: HTTP
+  selector:
+    app: {name}
+"
+    )
+}
+
+fn workload(name: &str, app: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: keel.dev/v1alpha1
+kind: Workload
+metadata:
+  name: {name}
+  namespace: demo
+  labels:
+    app: {app}
+spec:
+  serviceAccount: {app}
+  addresses: [{ip}]
+  locality:
+    region: local
+    zone: zone-a
+"
+    )
+}
+
+/// A mesh of `frontend` and `articles`, one workload each.
+fn write_mesh(dir: &Path) {
+    std::fs::write(dir.join("mesh.yaml"), MESH).expect("write mesh");
+    std::fs::write(
+        dir.join("services.yaml"),
+        format!("{}---\n{}", service("frontend"), service("articles")),
+    )
+    .expect("write services");
+    std::fs::write(
+        dir.join("frontend.yaml"),
+        workload("frontend-1", "frontend", "10.77.0.2"),
+    )
+    .expect("write frontend");
+    std::fs::write(
+        dir.join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.3"),
+    )
+    .expect("write articles");
+}
+
+fn endpoint_addresses(client: &DiscoveryClient, service: &str) -> Vec<String> {
+    let held = client
+        .held
+        .get(type_url::ENDPOINTS)
+        .and_then(|m| m.get(service))
+        .expect("endpoints held");
+    let endpoints = Endpoints::decode(held.1.as_slice()).expect("decodes");
+    endpoints.endpoints.into_iter().map(|e| e.address).collect()
+}
+
+async fn synced_client(addr: std::net::SocketAddr, name: &str) -> DiscoveryClient {
+    let mut client = DiscoveryClient::connect(addr, node(name, "demo"))
+        .await
+        .expect("connect");
+    client.subscribe_all().await.expect("subscribe");
+    client
+        .sync(&type_url::ALL, SOON)
+        .await
+        .expect("initial view");
+    client
+}
+
+#[tokio::test]
+async fn initial_view_then_incremental_update_and_removal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+    let mut client = synced_client(cp.discovery_addr, "frontend-1").await;
+
+    assert_eq!(
+        client.names(type_url::SERVICE),
+        ["demo/articles", "demo/frontend"]
+    );
+    assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.3"]);
+    assert_eq!(client.names(type_url::MESH_CONFIG), ["mesh"]);
+
+    // One endpoint changes: exactly that Endpoints resource comes, nothing else.
+    let started = Instant::now();
+    std::fs::write(
+        dir.path().join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.9"),
+    )
+    .expect("rewrite");
+    let update = client.recv(SOON).await.expect("update");
+    println!("file write to update: {:?}", started.elapsed());
+    assert_eq!(update.type_url, type_url::ENDPOINTS);
+    assert_eq!(update.resources.len(), 1);
+    assert_eq!(update.resources[0].name, "demo/articles");
+    client.ack(&update).await.expect("ack");
+    assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.9"]);
+    client
+        .quiet_for(Duration::from_millis(300))
+        .await
+        .expect("nothing else is sent");
+
+    // The ACK is visible in status.
+    let status = cp.registry.list();
+    assert_eq!(status.len(), 1);
+    let endpoints = &status[0].types["Endpoints"];
+    assert_eq!(endpoints.acked_version, Some(cp.store.current().version));
+
+    // A service is removed: its name comes in removed_resources, for each type it had.
+    std::fs::write(dir.path().join("services.yaml"), service("frontend")).expect("rewrite");
+    std::fs::remove_file(dir.path().join("articles.yaml")).expect("remove");
+    let mut removed = Vec::new();
+    while removed.len() < 2 {
+        let r = client.recv(SOON).await.expect("removal");
+        for name in &r.removed_resources {
+            removed.push((r.type_url.clone(), name.clone()));
+        }
+        client.ack(&r).await.expect("ack");
+    }
+    removed.sort();
+    assert_eq!(
+        removed,
+        [
+            (type_url::ENDPOINTS.to_owned(), "demo/articles".to_owned()),
+            (type_url::SERVICE.to_owned(), "demo/articles".to_owned()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn nack_is_recorded_and_the_rejected_config_is_not_resent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+    let mut client = synced_client(cp.discovery_addr, "frontend-1").await;
+
+    std::fs::write(
+        dir.path().join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.7"),
+    )
+    .expect("rewrite");
+    let update = client.recv(SOON).await.expect("update");
+    client
+        .nack(&update, "endpoint 10.77.0.7 refused by test")
+        .await
+        .expect("nack");
+    // No resend loop: the server stays quiet until the configuration changes again.
+    client
+        .quiet_for(Duration::from_millis(500))
+        .await
+        .expect("no resend after NACK");
+    let status = cp.registry.list();
+    assert_eq!(status[0].nacks_total, 1);
+    assert!(
+        status[0]
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("refused by test")
+    );
+    assert_eq!(status[0].recent_nacks[0].type_url, type_url::ENDPOINTS);
+    // The client kept its last good config.
+    assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.3"]);
+
+    // A new version of the resource is offered again.
+    std::fs::write(
+        dir.path().join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.8"),
+    )
+    .expect("rewrite");
+    let update = client.recv(SOON).await.expect("new version");
+    client.ack(&update).await.expect("ack");
+    assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.8"]);
+}
+
+#[tokio::test]
+async fn reconnect_with_versions_resends_only_what_changed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+    let client = synced_client(cp.discovery_addr, "frontend-1").await;
+    let held = client.into_held();
+
+    // While the proxy is away, one endpoint changes.
+    let before = cp.store.current().version;
+    std::fs::write(
+        dir.path().join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.5"),
+    )
+    .expect("rewrite");
+    wait_for(|| cp.store.current().version > before).await;
+
+    let mut client =
+        DiscoveryClient::reconnect(cp.discovery_addr, node("frontend-1", "demo"), held)
+            .await
+            .expect("reconnect");
+    client.subscribe_all().await.expect("subscribe");
+    let mut resent = 0;
+    for _ in type_url::ALL {
+        let r = client.recv(SOON).await.expect("first response per type");
+        if r.type_url == type_url::ENDPOINTS {
+            assert_eq!(r.resources.len(), 1, "only the changed endpoints");
+            assert_eq!(r.resources[0].name, "demo/articles");
+        } else {
+            assert!(
+                r.resources.is_empty() && r.removed_resources.is_empty(),
+                "{} resent unchanged resources",
+                r.type_url
+            );
+        }
+        resent += r.resources.len();
+        client.ack(&r).await.expect("ack");
+    }
+    assert_eq!(resent, 1);
+    assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.5"]);
+}
+
+#[tokio::test]
+async fn a_stuck_proxy_does_not_delay_the_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+
+    // Stuck: subscribes, then never reads or answers anything.
+    let stuck = DiscoveryClient::connect(cp.discovery_addr, node("stuck", "demo"))
+        .await
+        .expect("connect");
+    stuck.subscribe_all().await.expect("subscribe");
+
+    let mut others = Vec::new();
+    for i in 0..20 {
+        others.push(synced_client(cp.discovery_addr, &format!("proxy-{i}")).await);
+    }
+    for round in 0..5 {
+        let started = Instant::now();
+        std::fs::write(
+            dir.path().join("articles.yaml"),
+            workload("articles-1", "articles", &format!("10.77.1.{round}")),
+        )
+        .expect("rewrite");
+        let mut slowest = Duration::ZERO;
+        for client in &mut others {
+            let r = client.recv(SOON).await.expect("others still get updates");
+            assert_eq!(r.type_url, type_url::ENDPOINTS);
+            client.ack(&r).await.expect("ack");
+            slowest = slowest.max(started.elapsed());
+        }
+        println!("round {round}: file write to the last of 20 proxies: {slowest:?}");
+    }
+    // The stuck proxy is still connected and owes its first answers: nothing was queued past
+    // one response per type for it.
+    let status = cp.registry.list();
+    let stuck_status = status.iter().find(|p| p.id == "stuck.demo").expect("stuck");
+    assert!(
+        stuck_status
+            .types
+            .values()
+            .all(|t| t.acked_version.is_none())
+    );
+    drop(stuck);
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+
+    // A first request without a node is refused with a reason.
+    let mut nameless = DiscoveryClient::connect(cp.discovery_addr, Default::default())
+        .await
+        .expect("connect");
+    let err = nameless
+        .recv(SOON)
+        .await
+        .expect_err("refused without a node");
+    assert!(err.to_string().contains("workload"), "{err}");
+
+    // An unknown type URL is recorded; the stream keeps working for known types.
+    let mut client = DiscoveryClient::connect(cp.discovery_addr, node("frontend-1", "demo"))
+        .await
+        .expect("connect");
+    client
+        .send(DiscoveryRequest {
+            type_url: "type.googleapis.com/keel.mesh.v1.Nonsense".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+    client.subscribe_all().await.expect("subscribe");
+    client
+        .sync(&type_url::ALL, SOON)
+        .await
+        .expect("known types still served");
+    let status = cp.registry.list();
+    let me = status
+        .iter()
+        .find(|p| p.id == "frontend-1.demo")
+        .expect("listed");
+    assert!(
+        me.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("Nonsense")
+    );
+
+    // Raw garbage on the gRPC port: the connection fails, the server does not.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect(cp.discovery_addr)
+            .await
+            .expect("connect raw");
+        raw.write_all(b"\x16\x03\x01garbage that is not HTTP/2\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 256];
+        let _ = tokio::time::timeout(SOON, raw.read(&mut buf)).await;
+    }
+
+    // A bad edit is rejected whole; the last good config keeps being served, and the
+    // rejection names the file and line.
+    let before = cp.store.current().version;
+    std::fs::write(
+        dir.path().join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.300"),
+    )
+    .expect("bad edit");
+    wait_for(|| cp.store.source_status().rejected.is_some()).await;
+    assert_eq!(cp.store.current().version, before);
+    let rejected = cp.store.source_status().rejected.expect("rejected");
+    assert!(rejected.0[0].file.ends_with("articles.yaml"));
+    assert_eq!((rejected.0[0].line, rejected.0[0].column), (10, 15));
+    client
+        .quiet_for(Duration::from_millis(300))
+        .await
+        .expect("nothing pushed for a rejected edit");
+
+    // Fixing it serves the fix, and the rejection clears.
+    std::fs::write(
+        dir.path().join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.30"),
+    )
+    .expect("fix");
+    let r = client.recv(SOON).await.expect("fix arrives");
+    client.ack(&r).await.expect("ack");
+    assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.30"]);
+    assert!(cp.store.source_status().rejected.is_none());
+
+    // A new client still gets the full view.
+    synced_client(cp.discovery_addr, "late").await;
+}
+
+async fn wait_for(mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + SOON;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {SOON:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
