@@ -46,6 +46,7 @@ pub struct ControlPlane {
     pub store: Arc<Store>,
     pub registry: Arc<ProxyRegistry>,
     shutdown: watch::Sender<bool>,
+    streams: DiscoveryService,
     tasks: Vec<JoinHandle<()>>,
     _source: FileSource,
 }
@@ -67,6 +68,7 @@ impl ControlPlane {
         let source = FileSource::start(config.config_dir.clone(), store.clone()).await?;
         let discovery = DiscoveryService::new(store.clone());
         let registry = discovery.registry();
+        let streams = discovery.clone();
         let (shutdown, mut stopped) = watch::channel(false);
 
         let grpc = tokio::spawn(async move {
@@ -95,6 +97,7 @@ impl ControlPlane {
             store,
             registry,
             shutdown,
+            streams,
             tasks: vec![grpc, admin_task],
             _source: source,
         })
@@ -102,18 +105,22 @@ impl ControlPlane {
 
     /// Stops accepting, closes every stream and waits for the servers to end.
     pub async fn shutdown(mut self) {
+        self.streams.stop();
         let _ = self.shutdown.send(true);
         if let Some(admin) = self.tasks.pop() {
             admin.abort();
         }
         for task in self.tasks.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            // Proxies usually close their connections at once; a deadline covers those that
+            // do not answer the GOAWAY.
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
     }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        self.streams.stop();
         for task in &self.tasks {
             task.abort();
         }

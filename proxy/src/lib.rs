@@ -1,1 +1,16 @@
-//! keel's transparent sidecar proxy.
+//! keel's transparent sidecar proxy. One module per concern (see the project's design notes);
+//! `main.rs` only parses the command line.
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod detect;
+pub mod discovery;
+pub mod inbound;
+pub mod init;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+pub mod run;
+pub mod serve;
+pub mod transparent;

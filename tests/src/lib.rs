@@ -177,13 +177,15 @@ impl DiscoveryClient {
         .await
     }
 
-    /// Receives and ACKs responses until one has arrived for every type in `types`.
+    /// Receives and ACKs responses until the complete state of every type in `types` arrived.
     pub async fn sync(&mut self, types: &[&str], wait: Duration) -> anyhow::Result<()> {
         let mut missing: Vec<&str> = types.to_vec();
         while !missing.is_empty() {
             let r = self.recv(wait).await?;
             self.ack(&r).await?;
-            missing.retain(|t| *t != r.type_url);
+            if !r.incomplete {
+                missing.retain(|t| *t != r.type_url);
+            }
         }
         Ok(())
     }

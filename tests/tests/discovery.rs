@@ -393,3 +393,19 @@ async fn wait_for(mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn shutdown_ends_every_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+    let mut client = synced_client(cp.discovery_addr, "frontend-1").await;
+    tokio::time::timeout(SOON, cp.shutdown())
+        .await
+        .expect("shutdown does not hang on open streams");
+    let err = client.recv(SOON).await.expect_err("stream ended");
+    assert!(
+        err.to_string().contains("shutting down") || err.to_string().contains("closed"),
+        "{err}"
+    );
+}

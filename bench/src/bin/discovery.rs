@@ -240,7 +240,9 @@ async fn main() -> anyhow::Result<()> {
                     let r = client.recv(Duration::from_secs(120)).await?;
                     bytes += r.encoded_len() + 5;
                     client.ack(&r).await?;
-                    missing.retain(|t| *t != r.type_url);
+                    if !r.incomplete {
+                        missing.retain(|t| *t != r.type_url);
+                    }
                 }
                 anyhow::Ok((client, bytes))
             }));

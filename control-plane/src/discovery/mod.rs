@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use keel_proto::v1::discovery_server::{Discovery, DiscoveryServer};
 use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -35,6 +35,9 @@ pub struct DiscoveryService {
     store: Arc<Store>,
     registry: Arc<ProxyRegistry>,
     streams: Arc<AtomicU64>,
+    /// Set when the control plane stops: every stream ends with UNAVAILABLE, so proxies
+    /// reconnect elsewhere instead of holding a stream to a server that is gone.
+    stopping: watch::Sender<bool>,
 }
 
 impl DiscoveryService {
@@ -43,7 +46,13 @@ impl DiscoveryService {
             store,
             registry: Arc::new(ProxyRegistry::default()),
             streams: Arc::new(AtomicU64::new(0)),
+            stopping: watch::Sender::new(false),
         }
+    }
+
+    /// Ends every open stream and refuses new ones.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
     }
 
     pub fn registry(&self) -> Arc<ProxyRegistry> {
@@ -70,6 +79,10 @@ impl Discovery for DiscoveryService {
         let id = self.streams.fetch_add(1, Ordering::Relaxed) + 1;
         let snapshots = self.store.subscribe();
         let registry = self.registry.clone();
+        let stopping = self.stopping.subscribe();
+        if *stopping.borrow() {
+            return Err(Status::unavailable("the control plane is shutting down"));
+        }
         tokio::spawn(async move {
             let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, requests.message()).await
             {
@@ -88,7 +101,7 @@ impl Discovery for DiscoveryService {
                     return;
                 }
             };
-            stream::serve(id, peer, first, requests, snapshots, registry, tx).await;
+            stream::serve(id, peer, first, requests, snapshots, stopping, registry, tx).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -78,6 +78,7 @@ pub fn shared_resources(model: &Model) -> Vec<(TypeUrl, Built)> {
     let mut endpoints = Built::new();
     let mut routes = Built::new();
     let mut policies = Built::new();
+    let index = model.endpoint_index();
     for (key, service) in &model.services {
         let name = key.to_string();
         services.insert(
@@ -86,7 +87,7 @@ pub fn shared_resources(model: &Model) -> Vec<(TypeUrl, Built)> {
         );
         endpoints.insert(
             name.clone(),
-            VersionedResource::new(type_url::ENDPOINTS, &endpoints_of(model, key)),
+            VersionedResource::new(type_url::ENDPOINTS, &endpoints_of(model, &index, key)),
         );
         routes.insert(
             name.clone(),
@@ -188,8 +189,8 @@ fn service_of(service: &model::Service) -> pb::Service {
     }
 }
 
-fn endpoints_of(model: &Model, key: &ObjectKey) -> pb::Endpoints {
-    let endpoints = model
+fn endpoints_of(model: &Model, index: &model::EndpointIndex<'_>, key: &ObjectKey) -> pb::Endpoints {
+    let endpoints = index
         .endpoints_of(key)
         .into_iter()
         // One endpoint per workload, at its primary address: a dual-stack pod is one endpoint,

@@ -5,8 +5,9 @@
 //! arrive meanwhile are coalesced into the next response, sent when the ACK or NACK comes. A
 //! proxy that never answers therefore costs one response per type and never delays anyone else.
 //!
-//! What the proxy holds (`known`) is tracked per resource name with the version it was sent, so
-//! a response carries only what differs. After a NACK the rejected versions are remembered and
+//! What the proxy holds is tracked per resource name and version (as a shared snapshot set plus
+//! the names where the proxy differs from it), so a response carries only what differs. Large
+//! updates are split into bounded responses marked `incomplete`. After a NACK the rejected versions are remembered and
 //! not sent again until the resource changes (resending a rejected config in a loop is a classic
 //! control-plane bug).
 //!
@@ -21,19 +22,31 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
 use super::registry::{Nack, ProxyRegistry};
-use super::resources::{self, NodeInfo, TypeUrl, VersionedResource};
+use super::resources::{self, NodeInfo, TypeUrl};
 use crate::store::{Snapshot, TypeSet};
 
+/// The most bytes of resources in one response; larger updates are sent in several, each after
+/// the previous one is answered. Bounds what a stream buffers (tonic keeps an encode buffer the
+/// size of the largest message a stream ever sent, for the stream's life).
+const RESPONSE_BUDGET: usize = 64 << 10;
+
+/// When a stream's deviations from its base grow past this, it re-bases on the current set.
+const MAX_CHANGES: usize = 64;
+
 /// The state of one resource type on one stream.
+///
+/// What the proxy holds is `base` (a resource set of some snapshot, shared with every stream that
+/// holds the same) with `changes` on top, so a proxy in step with the mesh costs a pointer, not a
+/// copy of every name and version.
 #[derive(Debug, Default)]
 struct Subscription {
     /// Every visible resource of the type, or only `names`.
     wildcard: bool,
     names: BTreeSet<String>,
-    /// What the proxy holds, or will hold once it applies the in-flight response: name ->
-    /// version.
-    known: HashMap<String, String>,
-    /// The snapshot version `known` was last compared against; 0 forces a full comparison.
+    base: Option<TypeSet>,
+    /// Name -> the version held, or `None` for not held; overrides `base`.
+    changes: HashMap<String, Option<String>>,
+    /// The snapshot version last compared against in full; 0 forces a full comparison.
     synced: u64,
     in_flight: Option<InFlight>,
     /// Versions the proxy rejected, by name; not sent again.
@@ -47,7 +60,7 @@ struct Subscription {
 struct InFlight {
     nonce: String,
     system_version: u64,
-    /// For each name in the response, what `known` held before (to restore on a NACK) and
+    /// For each name in the response, what the proxy held before (to restore on a NACK) and
     /// what was sent (`None`: removed).
     changes: Vec<(String, Option<String>, Option<String>)>,
 }
@@ -55,6 +68,42 @@ struct InFlight {
 impl Subscription {
     fn subscribed(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
+    }
+
+    /// The version of `name` the proxy holds.
+    fn held(&self, name: &str) -> Option<&str> {
+        match self.changes.get(name) {
+            Some(v) => v.as_deref(),
+            None => self
+                .base
+                .as_ref()
+                .and_then(|b| b.get(name))
+                .map(|r| r.version.as_str()),
+        }
+    }
+
+    /// Every name the proxy holds.
+    fn held_names(&self) -> BTreeSet<&str> {
+        let mut names: BTreeSet<&str> = self
+            .base
+            .iter()
+            .flat_map(|b| b.keys().map(String::as_str))
+            .chain(self.changes.keys().map(String::as_str))
+            .collect();
+        names.retain(|n| self.held(n).is_some());
+        names
+    }
+
+    /// Starts a subscription from what the proxy says it holds (a reconnect).
+    fn holding(initial: &BTreeMap<String, String>) -> Subscription {
+        Subscription {
+            owes_first_response: true,
+            changes: initial
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect(),
+            ..Subscription::default()
+        }
     }
 
     fn apply_names(&mut self, subscribe: &[String], unsubscribe: &[String]) {
@@ -72,9 +121,9 @@ impl Subscription {
                 self.names.remove(name);
             }
             // The proxy forgets what it unsubscribed from; nothing is sent for it.
-            self.known.remove(name);
+            self.changes.insert(name.clone(), None);
         }
-        if !subscribe.is_empty() {
+        if !subscribe.is_empty() || !unsubscribe.is_empty() {
             self.synced = 0;
         }
     }
@@ -84,7 +133,7 @@ impl Subscription {
     fn diff(
         &mut self,
         type_url: TypeUrl,
-        desired: &BTreeMap<String, Arc<VersionedResource>>,
+        desired: &TypeSet,
         touched: Option<BTreeSet<&str>>,
         version: u64,
         nonce: String,
@@ -94,21 +143,33 @@ impl Subscription {
             _ => desired
                 .keys()
                 .map(String::as_str)
-                .chain(self.known.keys().map(String::as_str))
+                .chain(self.held_names())
                 .collect(),
         };
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         let mut changes = Vec::new();
+        let mut bytes = 0;
+        let mut incomplete = false;
         for name in candidates {
-            let held = self.known.get(name);
+            if bytes >= RESPONSE_BUDGET {
+                incomplete = true;
+                break;
+            }
+            let held = self.held(name);
             match desired.get(name).filter(|_| self.subscribed(name)) {
                 Some(want) => {
-                    if held == Some(&want.version) || self.rejected.get(name) == Some(&want.version)
+                    if held == Some(want.version.as_str())
+                        || self.rejected.get(name) == Some(&want.version)
                     {
                         continue;
                     }
-                    changes.push((name.to_owned(), held.cloned(), Some(want.version.clone())));
+                    bytes += want.body.value.len() + name.len() + want.version.len();
+                    changes.push((
+                        name.to_owned(),
+                        held.map(str::to_owned),
+                        Some(want.version.clone()),
+                    ));
                     resources.push(Resource {
                         name: name.to_owned(),
                         version: want.version.clone(),
@@ -116,22 +177,30 @@ impl Subscription {
                     });
                 }
                 None if held.is_some() => {
-                    changes.push((name.to_owned(), held.cloned(), None));
+                    bytes += name.len();
+                    changes.push((name.to_owned(), held.map(str::to_owned), None));
                     removed.push(name.to_owned());
                 }
                 None => {}
             }
         }
-        self.synced = version;
+        for (name, _, sent) in &changes {
+            self.changes.insert(name.clone(), sent.clone());
+        }
+        if incomplete {
+            // Names past the budget were not compared: the next response compares everything.
+            self.synced = 0;
+        } else {
+            self.synced = version;
+            if self.wildcard && (self.base.is_none() || self.changes.len() > MAX_CHANGES) {
+                self.rebase(desired);
+            }
+        }
         if changes.is_empty() && !self.owes_first_response {
             return None;
         }
-        self.owes_first_response = false;
-        for (name, _, sent) in &changes {
-            match sent {
-                Some(v) => self.known.insert(name.clone(), v.clone()),
-                None => self.known.remove(name),
-            };
+        if !incomplete {
+            self.owes_first_response = false;
         }
         self.in_flight = Some(InFlight {
             nonce: nonce.clone(),
@@ -144,20 +213,52 @@ impl Subscription {
             resources,
             removed_resources: removed,
             nonce,
+            incomplete,
         })
+    }
+
+    /// Makes `desired` the base, keeping as changes only where the proxy holds something else.
+    fn rebase(&mut self, desired: &TypeSet) {
+        let names: BTreeSet<&str> = desired
+            .keys()
+            .map(String::as_str)
+            .chain(self.held_names())
+            .collect();
+        let changes: HashMap<String, Option<String>> = names
+            .into_iter()
+            .filter_map(|name| {
+                let held = self.held(name);
+                let base = desired.get(name).map(|r| r.version.as_str());
+                (held != base).then(|| (name.to_owned(), held.map(str::to_owned)))
+            })
+            .collect();
+        self.base = Some(desired.clone());
+        self.changes = changes;
     }
 
     /// The proxy rejected the in-flight response: it kept what it had.
     fn rejected_in_flight(&mut self, flight: InFlight) {
         for (name, before, sent) in flight.changes {
-            match before {
-                Some(v) => self.known.insert(name.clone(), v),
-                None => self.known.remove(&name),
-            };
             if let Some(v) = sent {
-                self.rejected.insert(name, v);
+                self.rejected.insert(name.clone(), v);
+            }
+            self.changes.insert(name, before);
+        }
+    }
+
+    /// How many resources the proxy holds.
+    fn held_count(&self) -> usize {
+        let base = self.base.as_ref().map(|b| b.len()).unwrap_or(0);
+        let mut count = base;
+        for (name, version) in &self.changes {
+            let in_base = self.base.as_ref().is_some_and(|b| b.contains_key(name));
+            match (in_base, version.is_some()) {
+                (true, false) => count -= 1,
+                (false, true) => count += 1,
+                _ => {}
             }
         }
+        count
     }
 }
 
@@ -174,12 +275,14 @@ pub(super) struct ProxyStream {
 }
 
 /// Runs a stream until the proxy goes away. The first request has already been read.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn serve(
     id: u64,
     peer: Option<SocketAddr>,
     first: DiscoveryRequest,
     mut requests: Streaming<DiscoveryRequest>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut stopping: watch::Receiver<bool>,
     registry: Arc<ProxyRegistry>,
     responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) {
@@ -212,9 +315,15 @@ pub(super) async fn serve(
         subscriptions: BTreeMap::new(),
         nonces: 0,
     };
-    let end = stream
-        .run(first, &mut requests, &mut snapshots, &responses)
-        .await;
+    let end = tokio::select! {
+        end = stream.run(first, &mut requests, &mut snapshots, &responses) => end,
+        () = async { drop(stopping.wait_for(|s| *s).await) } => {
+            let _ = responses
+                .send(Err(Status::unavailable("the control plane is shutting down")))
+                .await;
+            Err("the control plane is shutting down".to_owned())
+        }
+    };
     match end {
         Ok(()) => tracing::info!(stream = id, node = %stream.node.id, "proxy disconnected"),
         Err(reason) => {
@@ -275,16 +384,8 @@ impl ProxyStream {
             return;
         };
         let subscription = self.subscriptions.entry(type_url).or_insert_with(|| {
-            let mut s = Subscription {
-                owes_first_response: true,
-                ..Subscription::default()
-            };
             // The proxy reconnected holding these versions: nothing equal is resent.
-            s.known = request
-                .initial_resource_versions
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            let mut s = Subscription::holding(&request.initial_resource_versions);
             if request.subscribe.is_empty() {
                 s.wildcard = true;
             }
@@ -310,7 +411,7 @@ impl ProxyStream {
                     self.id,
                     type_url,
                     flight.system_version,
-                    subscription.known.len(),
+                    subscription.held_count(),
                 );
             }
             Some(detail) => {
@@ -398,38 +499,47 @@ impl TryFrom<&Node> for NodeInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::resources::VersionedResource;
     use prost_types::Any;
 
-    fn resource(version: &str) -> Arc<VersionedResource> {
+    fn resource(version: &str, size: usize) -> Arc<VersionedResource> {
         Arc::new(VersionedResource {
             version: version.to_owned(),
             body: Any {
                 type_url: "t".to_owned(),
-                value: version.as_bytes().to_vec(),
+                value: vec![0; size],
             },
         })
     }
 
-    fn set(items: &[(&str, &str)]) -> BTreeMap<String, Arc<VersionedResource>> {
-        items
-            .iter()
-            .map(|(n, v)| ((*n).to_owned(), resource(v)))
-            .collect()
+    fn set(items: &[(&str, &str)]) -> TypeSet {
+        Arc::new(
+            items
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), resource(v, 8)))
+                .collect(),
+        )
     }
 
-    fn wildcard() -> Subscription {
-        Subscription {
-            wildcard: true,
-            owes_first_response: true,
-            ..Subscription::default()
-        }
+    fn holding(items: &[(&str, &str)]) -> Subscription {
+        let held = items
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut s = Subscription::holding(&held);
+        s.wildcard = true;
+        s
     }
 
     const T: TypeUrl = keel_proto::v1::type_url::SERVICE;
 
+    fn names(r: &DiscoveryResponse) -> Vec<&str> {
+        r.resources.iter().map(|r| r.name.as_str()).collect()
+    }
+
     #[test]
     fn first_response_is_sent_even_when_empty_and_then_only_changes() {
-        let mut s = wildcard();
+        let mut s = holding(&[]);
         let r = s.diff(T, &set(&[]), None, 1, "1".into()).expect("first");
         assert!(r.resources.is_empty() && r.removed_resources.is_empty());
         s.in_flight = None;
@@ -437,39 +547,40 @@ mod tests {
         let r = s
             .diff(T, &set(&[("a", "1")]), None, 3, "3".into())
             .expect("a");
-        assert_eq!(r.resources[0].name, "a");
+        assert_eq!(names(&r), ["a"]);
     }
 
     #[test]
     fn reconnect_with_versions_resends_only_what_differs() {
-        let mut s = wildcard();
-        s.known = HashMap::from([("a".into(), "1".into()), ("b".into(), "1".into())]);
+        let mut s = holding(&[("a", "1"), ("b", "1")]);
         let desired = set(&[("a", "1"), ("b", "2"), ("c", "1")]);
         let r = s.diff(T, &desired, None, 5, "1".into()).expect("response");
-        let names: Vec<_> = r.resources.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["b", "c"]);
+        assert_eq!(names(&r), ["b", "c"]);
         assert!(r.removed_resources.is_empty());
+        // In step now: the stream holds the snapshot's set itself, with no deviations.
+        assert!(s.base.as_ref().is_some_and(|b| Arc::ptr_eq(b, &desired)));
+        assert!(s.changes.is_empty());
+        assert_eq!(s.held_count(), 3);
     }
 
     #[test]
     fn removal_is_named() {
-        let mut s = wildcard();
-        s.known = HashMap::from([("gone".into(), "1".into())]);
+        let mut s = holding(&[("gone", "1")]);
         let r = s.diff(T, &set(&[]), None, 2, "1".into()).expect("response");
         assert_eq!(r.removed_resources, ["gone"]);
-        assert!(!s.known.contains_key("gone"));
+        assert_eq!(s.held("gone"), None);
+        assert_eq!(s.held_count(), 0);
     }
 
     #[test]
-    fn nack_restores_known_and_the_rejected_version_is_not_resent() {
-        let mut s = wildcard();
-        s.known = HashMap::from([("a".into(), "1".into())]);
+    fn nack_restores_what_was_held_and_the_rejected_version_is_not_resent() {
+        let mut s = holding(&[("a", "1")]);
         s.owes_first_response = false;
         let desired = set(&[("a", "2")]);
         s.diff(T, &desired, None, 2, "1".into()).expect("a@2");
         let flight = s.in_flight.take().expect("in flight");
         s.rejected_in_flight(flight);
-        assert_eq!(s.known.get("a").map(String::as_str), Some("1"));
+        assert_eq!(s.held("a"), Some("1"));
         assert!(s.diff(T, &desired, None, 2, "2".into()).is_none());
         // A new version of the resource is sent again.
         let r = s.diff(T, &set(&[("a", "3")]), None, 3, "3".into());
@@ -478,16 +589,15 @@ mod tests {
 
     #[test]
     fn touched_names_narrow_the_comparison() {
-        let mut s = wildcard();
+        let mut s = holding(&[("a", "1")]);
         s.owes_first_response = false;
         s.synced = 4;
-        s.known = HashMap::from([("a".into(), "1".into())]);
-        // "b" is absent from `known` but not touched: only the touched names are compared.
+        // "b" is not held but not touched either: only the touched names are compared.
         let desired = set(&[("a", "2"), ("b", "1")]);
         let r = s
             .diff(T, &desired, Some(BTreeSet::from(["a"])), 5, "1".into())
             .expect("a");
-        assert_eq!(r.resources.len(), 1);
+        assert_eq!(names(&r), ["a"]);
     }
 
     #[test]
@@ -500,7 +610,62 @@ mod tests {
         let r = s
             .diff(T, &set(&[("a", "1"), ("b", "1")]), None, 1, "1".into())
             .expect("b");
-        assert_eq!(r.resources.len(), 1);
-        assert_eq!(r.resources[0].name, "b");
+        assert_eq!(names(&r), ["b"]);
+    }
+
+    #[test]
+    fn large_updates_are_split_and_complete_in_the_last_part() {
+        let big: TypeSet = Arc::new(
+            (0..40)
+                .map(|i| (format!("r{i:02}"), resource("1", 8 << 10)))
+                .collect(),
+        );
+        let mut s = holding(&[]);
+        let mut received = BTreeSet::new();
+        let mut parts = 0;
+        loop {
+            let r = s.diff(T, &big, None, 7, parts.to_string()).expect("part");
+            parts += 1;
+            let bytes: usize = r
+                .resources
+                .iter()
+                .map(|r| r.resource.as_ref().map_or(0, |a| a.value.len()))
+                .sum();
+            assert!(
+                bytes <= RESPONSE_BUDGET + (8 << 10),
+                "part of {bytes} bytes"
+            );
+            received.extend(r.resources.iter().map(|r| r.name.clone()));
+            s.in_flight = None;
+            if !r.incomplete {
+                break;
+            }
+        }
+        assert!(parts > 1, "40 x 8 KiB must not fit one response");
+        assert_eq!(received.len(), 40);
+        assert!(s.diff(T, &big, None, 7, "last".into()).is_none());
+    }
+
+    #[test]
+    fn many_small_changes_rebase_on_the_shared_set() {
+        let mut s = holding(&[]);
+        let first: TypeSet = Arc::new(
+            (0..100)
+                .map(|i| (format!("r{i}"), resource("1", 8)))
+                .collect(),
+        );
+        s.diff(T, &first, None, 1, "1".into()).expect("initial");
+        s.in_flight = None;
+        let second: TypeSet = Arc::new(
+            (0..100)
+                .map(|i| (format!("r{i}"), resource("2", 8)))
+                .collect(),
+        );
+        let r = s
+            .diff(T, &second, None, 2, "2".into())
+            .expect("all changed");
+        assert_eq!(r.resources.len(), 100);
+        assert!(s.base.as_ref().is_some_and(|b| Arc::ptr_eq(b, &second)));
+        assert!(s.changes.is_empty());
     }
 }

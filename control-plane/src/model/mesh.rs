@@ -6,7 +6,7 @@
 //! with those maps. They must never mutate the model, and never panic on a key that is not in
 //! the model (they answer "nothing" instead).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use super::resources::{
@@ -85,6 +85,24 @@ impl Model {
         self.workloads_in(&service.namespace)
             .filter(|w| selector_matches(&svc.spec.selector, &w.meta.labels))
             .collect()
+    }
+
+    /// An index answering [`Model::endpoints_of`] for every service without scanning every
+    /// workload each time (a large mesh asks it once per service on every change).
+    pub fn endpoint_index(&self) -> EndpointIndex<'_> {
+        let mut by_label: HashMap<(&str, &str, &str), Vec<&Workload>> = HashMap::new();
+        for (key, workload) in &self.workloads {
+            for (k, v) in &workload.meta.labels {
+                by_label
+                    .entry((key.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(workload);
+            }
+        }
+        EndpointIndex {
+            model: self,
+            by_label,
+        }
     }
 
     /// The services whose selector picks `workload`.
@@ -190,5 +208,42 @@ mod tests {
         assert_eq!(normalize_host("articles"), "articles");
         assert_eq!(normalize_host("[fd00::1]:80"), "fd00::1");
         assert_eq!(normalize_host("fd00::1"), "fd00::1");
+    }
+}
+
+/// Workloads by (namespace, label key, label value), in key order within each list. See
+/// [`Model::endpoint_index`].
+#[derive(Debug)]
+pub struct EndpointIndex<'a> {
+    model: &'a Model,
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'a Workload>>,
+}
+
+impl<'a> EndpointIndex<'a> {
+    /// The same answer as [`Model::endpoints_of`], from the index: the shortest list among the
+    /// selector's labels, filtered by the whole selector.
+    pub fn endpoints_of(&self, service: &ObjectKey) -> Vec<&'a Workload> {
+        let Some(svc) = self.model.services.get(service) else {
+            return Vec::new();
+        };
+        let shortest = svc
+            .spec
+            .selector
+            .iter()
+            .map(|(k, v)| {
+                self.by_label
+                    .get(&(service.namespace.as_str(), k.as_str(), v.as_str()))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+            })
+            .min_by_key(|list| list.len());
+        let Some(candidates) = shortest else {
+            return Vec::new();
+        };
+        candidates
+            .iter()
+            .copied()
+            .filter(|w| selector_matches(&svc.spec.selector, &w.meta.labels))
+            .collect()
     }
 }

@@ -27,7 +27,7 @@ mod yaml;
 
 pub use error::{ErrorKind, ValidationError, ValidationErrors};
 pub use load::{load_dir, load_files, yaml_files};
-pub use mesh::{Model, selector_matches};
+pub use mesh::{EndpointIndex, Model, selector_matches};
 pub use parse::parse_file;
 pub use resources::*;
 

@@ -1206,6 +1206,15 @@ fn endpoints_of_selects_within_the_namespace() {
             .is_empty()
     );
     assert!(m.endpoints_of(&ObjectKey::new("demo", "nope")).is_empty());
+    // The index gives the same answers for every service.
+    let index = m.endpoint_index();
+    for key in m.services.keys().chain([&ObjectKey::new("demo", "nope")]) {
+        assert_eq!(
+            names(&index.endpoints_of(key), |w: &Workload| &w.meta),
+            names(&m.endpoints_of(key), |w: &Workload| &w.meta),
+            "{key}"
+        );
+    }
     let services = m.services_of(&ObjectKey::new("demo", "articles-2"));
     assert_eq!(
         names(&services, |s: &Service| &s.meta),

@@ -1,0 +1,89 @@
+//! The proxy's admin server (port 15020): `/live`, `/ready` (once the first complete
+//! configuration arrived), `/config` (the applied configuration and the discovery client's state,
+//! JSON) and `/metrics` (Prometheus).
+//!
+//! It runs beside the data path and never blocks it: every answer reads a snapshot.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::discovery::DiscoveryHandle;
+use crate::metrics::Metrics;
+use crate::serve::{self, Drain};
+
+pub struct Admin {
+    pub discovery: Arc<DiscoveryHandle>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+        serve::accept_loop(listener, drain, move |stream, _client, _drain| {
+            let admin = self.clone();
+            async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(&req)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        })
+        .await;
+    }
+
+    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        }
+        match req.uri().path() {
+            "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" => {
+                if self.discovery.is_ready() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for the first configuration from the control plane\n",
+                    )
+                }
+            }
+            "/config" => {
+                let body = serde_json::json!({
+                    "discovery": self.discovery.stats(),
+                    "config": &*self.discovery.config(),
+                });
+                match serde_json::to_vec_pretty(&body) {
+                    Ok(json) => respond(StatusCode::OK, "application/json", json.into()),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+                }
+            }
+            "/metrics" => respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics.encode().into(),
+            ),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    respond(status, "text/plain; charset=utf-8", body.to_owned().into())
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}

@@ -1,0 +1,413 @@
+//! Serving connections: the accept loop, draining on shutdown, HTTP connection serving, and the
+//! request-forwarding details the inbound and outbound sides share (authority, URI forms,
+//! upgrades, error answers).
+//!
+//! Draining: a [`DrainTrigger`] stops every accept loop, asks every HTTP connection to finish
+//! (HTTP/2 GOAWAY, HTTP/1 close after the response in flight) and waits for connections to end,
+//! up to a deadline. This module must never drop a request in flight before that deadline.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::balance::{Balancers, InFlight};
+use crate::config::ConfigStore;
+use crate::metrics::Metrics;
+use crate::pool::{self, Body, BoxError, Upstreams};
+
+/// The largest request head (request line and headers) accepted from a client, on either HTTP
+/// version; beyond it the client gets 431. The sidecar-to-sidecar hop allows the same, so what
+/// the outbound side accepts the inbound side accepts too.
+pub const MAX_HEAD_BYTES: usize = 64 << 10;
+/// An HTTP/1 client must send its request head within this time.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every connection handler needs.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Arc<ConfigStore>,
+    pub balancers: Arc<Balancers>,
+    pub upstreams: Arc<Upstreams>,
+    pub metrics: Arc<Metrics>,
+    /// How long protocol detection waits for a client's first bytes.
+    pub detect_timeout: Duration,
+    /// The inbound listener's port: never a destination the proxy forwards to.
+    pub inbound_port: u16,
+}
+
+/// The listening side of draining: connections watch it.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    signal: watch::Receiver<bool>,
+    tracker: TaskTracker,
+}
+
+impl Drain {
+    /// Resolves once draining has started.
+    pub async fn signaled(&mut self) {
+        let _ = self.signal.wait_for(|draining| *draining).await;
+    }
+}
+
+/// The triggering side of draining.
+#[derive(Debug)]
+pub struct DrainTrigger {
+    signal: watch::Sender<bool>,
+    tracker: TaskTracker,
+}
+
+impl DrainTrigger {
+    pub fn new() -> (DrainTrigger, Drain) {
+        let (signal, rx) = watch::channel(false);
+        let tracker = TaskTracker::new();
+        (
+            DrainTrigger {
+                signal,
+                tracker: tracker.clone(),
+            },
+            Drain {
+                signal: rx,
+                tracker,
+            },
+        )
+    }
+
+    /// Starts draining and waits for every connection to end, at most `deadline`. Returns
+    /// whether they all ended in time.
+    pub async fn drain(self, deadline: Duration) -> bool {
+        let _ = self.signal.send(true);
+        self.tracker.close();
+        tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+}
+
+/// Accepts connections until draining starts, running `handle` for each in a tracked task.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, mut drain: Drain, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr, Drain) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, client)) => {
+                    drain.tracker.spawn(handle(stream, client, drain.clone()));
+                }
+                Err(e) => {
+                    // Out of descriptors or a transient error: back off briefly, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = drain.signaled() => return,
+        }
+    }
+}
+
+/// Serves HTTP/1 or HTTP/2 on `stream`, answering each request with `handler`, until the
+/// client goes away or draining finishes the connection gracefully.
+pub async fn serve_http<F, Fut>(stream: TcpStream, http2: bool, mut drain: Drain, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let io = TokioIo::new(stream);
+    let service = service_fn(move |req| {
+        let answer = handler(req);
+        async move { Ok::<_, Infallible>(answer.await) }
+    });
+    if http2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .max_header_list_size(MAX_HEAD_BYTES as u32 + 4096)
+            .serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            served = conn.as_mut() => log_end(served),
+            _ = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                log_end(conn.await);
+            }
+        }
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            served = conn.as_mut() => log_end(served),
+            _ = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                log_end(conn.await);
+            }
+        }
+    }
+}
+
+fn log_end(served: Result<(), hyper::Error>) {
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Copies both ways until both sides are done, passing half-closes through. Returns the bytes
+/// sent to the client and received from it.
+pub async fn copy_bidirectional(mut client: TcpStream, mut upstream: TcpStream) -> (u64, u64) {
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((from_client, to_client)) => (to_client, from_client),
+        Err(e) => {
+            tracing::debug!(error = %e, "opaque connection ended with an error");
+            (0, 0)
+        }
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`).
+pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks || req.version() == http::Version::HTTP_2 {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+/// Joins the client's and the upstream's upgraded connections once both are ready.
+pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
+        }
+    });
+}
+
+/// The authority a request is addressed to: the URI's, else the `Host` header.
+pub fn authority(parts: &Parts) -> Option<String> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
+/// [`authority`] of a whole request.
+pub fn request_authority<B>(req: &Request<B>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
+/// `http://<authority><path?query>`, as an HTTP/2 client sends it (`:authority` kept).
+pub fn absolute_uri(authority: &str, uri: &Uri) -> Uri {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .unwrap_or_else(|_| uri.clone())
+}
+
+/// The path and query alone, as an HTTP/1.1 request line carries them.
+pub fn origin_form(uri: &Uri) -> Uri {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    path.parse().unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// Sets `Host` from `authority` unless the request has one.
+pub fn set_host<B>(req: &mut Request<B>, authority: &str) {
+    if !req.headers().contains_key(header::HOST)
+        && let Ok(value) = HeaderValue::from_str(authority)
+    {
+        req.headers_mut().insert(header::HOST, value);
+    }
+}
+
+/// Whether a request certainly carries no body, so it can be sent again as it is.
+pub fn has_no_body(parts: &Parts) -> bool {
+    let declared_empty = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .is_none_or(|v| v.as_bytes() == b"0")
+        && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+    declared_empty
+        && matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::TRACE
+        )
+}
+
+/// Runs `send` with an optional deadline.
+pub async fn with_timeout<T>(
+    timeout: Option<Duration>,
+    send: impl Future<Output = T>,
+) -> Result<T, tokio::time::error::Elapsed> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, send).await,
+        None => Ok(send.await),
+    }
+}
+
+/// An answer of the proxy's own, naming the reason in `keel-error`.
+pub fn error_response(status: StatusCode, reason: &'static str) -> Response<Body> {
+    let mut response = Response::new(pool::full(format!("{reason}\n")));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert("keel-error", HeaderValue::from_static(reason));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Whether a request's headers exceed [`MAX_HEAD_BYTES`] (counted as HTTP/2 does: name, value
+/// and 32 bytes of overhead each).
+pub fn head_too_large(headers: &http::HeaderMap) -> bool {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum::<usize>()
+        > MAX_HEAD_BYTES
+}
+
+/// Answers a client that sent something other than HTTP to an HTTP port with a 400, then
+/// closes.
+pub async fn refuse_not_http(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nkeel-error: not-http\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 9\r\nconnection: close\r\n\r\nnot-http\n";
+    let _ = stream.write_all(ANSWER).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Keeps `in_flight` alive until the response body has been sent (or dropped).
+pub fn track(response: Response<Body>, in_flight: InFlight) -> Response<Body> {
+    response.map(|body| {
+        http_body_util::BodyExt::boxed_unsync(Tracked {
+            inner: body,
+            _in_flight: in_flight,
+        })
+    })
+}
+
+struct Tracked {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_forms() {
+        let uri: Uri = "http://a.b:80/x?y=1".parse().expect("uri");
+        assert_eq!(origin_form(&uri), "/x?y=1");
+        assert_eq!(
+            absolute_uri("svc.ns", &"/p".parse().expect("uri")),
+            "http://svc.ns/p"
+        );
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        let req = Request::builder()
+            .header(header::CONNECTION, "keep-alive, Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .expect("req");
+        assert_eq!(upgrade_protocol(&req).expect("upgrade"), "websocket");
+        let plain = Request::builder()
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .expect("req");
+        assert!(upgrade_protocol(&plain).is_none());
+    }
+
+    #[test]
+    fn bodiless_requests() {
+        let (get, _) = Request::get("/").body(()).expect("req").into_parts();
+        assert!(has_no_body(&get));
+        let (post, _) = Request::post("/").body(()).expect("req").into_parts();
+        assert!(!has_no_body(&post));
+        let (chunked, _) = Request::get("/")
+            .header(header::TRANSFER_ENCODING, "chunked")
+            .body(())
+            .expect("req")
+            .into_parts();
+        assert!(!has_no_body(&chunked));
+    }
+
+    #[test]
+    fn errors_name_their_reason() {
+        let r = error_response(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["keel-error"], "no-endpoints");
+    }
+}
