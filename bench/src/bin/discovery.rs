@@ -40,6 +40,9 @@ struct Args {
     /// Also write the report here (markdown).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Write the control plane's log (at info level) to this file.
+    #[arg(long)]
+    control_plane_log: Option<PathBuf>,
 }
 
 fn workload_file(service: usize, endpoints: usize, moved: Option<u8>) -> String {
@@ -211,8 +214,18 @@ async fn main() -> anyhow::Result<()> {
         .arg("--admin-addr")
         .arg(admin.to_string())
         .arg("--log")
-        .arg("warn")
-        .stdout(Stdio::null())
+        .arg(if args.control_plane_log.is_some() {
+            "info"
+        } else {
+            "warn"
+        })
+        .stdout(match &args.control_plane_log {
+            Some(path) => Stdio::from(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            ),
+            None => Stdio::null(),
+        })
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let cp = ControlPlaneProcess(child);

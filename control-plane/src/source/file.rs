@@ -103,10 +103,19 @@ impl DirectoryLoader {
     /// Reads and validates the whole directory, then publishes or rejects it.
     pub async fn reload(self: &Arc<Self>, store: &Store) {
         let loader = self.clone();
-        match tokio::task::spawn_blocking(move || loader.load()).await {
+        let started = std::time::Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || loader.load()).await;
+        let load_time = started.elapsed();
+        match loaded {
             Ok(Ok(model)) => {
                 let version = store.publish(model);
-                tracing::debug!(dir = %self.dir.display(), version, "loaded mesh directory");
+                tracing::info!(
+                    dir = %self.dir.display(),
+                    version,
+                    load_ms = load_time.as_secs_f64() * 1000.0,
+                    publish_ms = (started.elapsed() - load_time).as_secs_f64() * 1000.0,
+                    "loaded mesh directory"
+                );
             }
             Ok(Err(errors)) => store.reject(errors),
             Err(join) => store.reject(ValidationErrors::single(
