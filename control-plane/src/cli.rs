@@ -49,6 +49,9 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "human")]
         output: Output,
     },
+    /// Run the local mesh: one network namespace per workload with keel-proxy and the demo app,
+    /// traffic from the frontend, and a per-route summary. Needs root.
+    Demo(Box<crate::demo::DemoArgs>),
     /// Show the control plane's configuration state and its connected proxies.
     Status {
         #[arg(long, env = "KEEL_ADMIN", default_value = "http://127.0.0.1:15014")]
@@ -71,6 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             control_plane,
             output,
         } => status(&control_plane, output).await,
+        Command::Demo(args) => crate::demo::run(*args).await,
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod demo;
 pub mod discovery;
 pub mod model;
 pub mod server;

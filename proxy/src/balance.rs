@@ -246,8 +246,10 @@ impl Balancer {
                 let at = self.next.fetch_add(1, Ordering::Relaxed);
                 pool.schedule[at % pool.schedule.len()] as usize
             }
+            // Envoy's weighted least request: (active + 1) / weight, so weights count even when
+            // nothing is in flight.
             (LoadBalancer::LeastRequest, _) => p2c(&pool.endpoints, |e| {
-                f64::from(e.in_flight()) / f64::from(e.endpoint.weight.max(1))
+                f64::from(e.in_flight() + 1) / f64::from(e.endpoint.weight.max(1))
             }),
             (LoadBalancer::PeakEwma, _) => p2c(&pool.endpoints, EndpointState::ewma_cost),
             // Random, and hashing balancers for a request that has no hash key.
@@ -490,6 +492,20 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(last_octet(&b.pick(None, None).expect("pick")), 2);
         }
+    }
+
+    #[test]
+    fn least_request_honours_weights_when_idle() {
+        let b = balancer(
+            LoadBalancer::LeastRequest,
+            &[endpoint(1, 1), endpoint(2, 3)],
+        );
+        let mut counts = [0usize; 3];
+        for _ in 0..4000 {
+            counts[last_octet(&b.pick(None, None).expect("pick")) as usize] += 1;
+        }
+        // With two endpoints P2C compares both every time: the heavier one always wins a tie.
+        assert!(counts[2] > counts[1] * 2, "{counts:?}");
     }
 
     #[test]

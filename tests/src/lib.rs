@@ -5,6 +5,8 @@
 //! plane into the cases a well-behaved proxy never produces; the benchmark uses it to simulate
 //! many proxies cheaply.
 
+pub mod netns;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,0 +1,432 @@
+//! Pods as network namespaces for tests: a fresh network per test, pods with a real sidecar
+//! (`keel-proxy init` then `keel-proxy run` as uid 1337), and sockets opened inside a pod from the
+//! test process itself, so that servers and clients need no binaries of their own.
+//!
+//! The namespace plumbing is `keel_control_plane::demo::netns`, shared with `keelctl demo`; this
+//! module adds what only tests need: names and subnets that never collide between tests running
+//! in parallel (in one process or several), the removal of what a killed test process left behind,
+//! and [`require_root`], which every root test calls first so that it prints `SKIP: <reason>`
+//! instead of passing silently:
+//!
+//! ```text
+//! #[tokio::test]
+//! async fn needs_namespaces() -> anyhow::Result<()> {
+//!     keel_tests::skip_unless_root!();
+//!     let net = keel_tests::netns::TestNetwork::create()?;
+//!     ...
+//! }
+//! ```
+//!
+//! It must never remove a network that a live process owns, never use an address already present
+//! on the host, and never run a command in the host namespace other than `ip`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Deref;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use ipnet::Ipv4Net;
+
+pub use keel_control_plane::demo::metrics::{Labels, Metrics, Sample, scrape};
+pub use keel_control_plane::demo::netns::{
+    DEFAULT_SERVICE_RANGE, NetnsError, Network, NetworkBuilder, PROXY_UID, Pod, Process,
+    list_networks, remove_network,
+};
+
+/// Tools the root tests run.
+const TOOLS: [&str; 4] = ["ip", "iptables", "setpriv", "curl"];
+/// Serializes subnet choice and network creation between test processes.
+const LOCK_FILE: &str = "/run/keel-tests-netns.lock";
+/// Test networks take a /24 of 10.250.0.0/16.
+const POOL: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 0);
+/// Width of the base-36 pid at the start of a test network's suffix (36^5 > Linux's pid_max).
+const PID_WIDTH: usize = 5;
+/// Width of the base-36 counter after it.
+const COUNTER_WIDTH: usize = 2;
+/// The sidecars' admin port.
+pub const ADMIN_PORT: u16 = 15020;
+
+/// Why the root tests cannot run here (not root, or a tool missing), or `None` when they can.
+pub fn require_root() -> Option<String> {
+    keel_control_plane::demo::netns::missing_requirements(&TOOLS)
+}
+
+/// Returns `Ok(())` from the calling test after printing `SKIP: <reason>` to stderr when
+/// [`require_root`] gives a reason.
+#[macro_export]
+macro_rules! skip_unless_root {
+    () => {
+        if let Some(why) = $crate::netns::require_root() {
+            eprintln!("SKIP: {why}");
+            return Ok(());
+        }
+    };
+}
+
+fn base36(mut n: u64, width: usize) -> String {
+    let mut digits = vec![b'0'; width];
+    for slot in digits.iter_mut().rev() {
+        let digit = (n % 36) as u8;
+        *slot = if digit < 10 {
+            b'0' + digit
+        } else {
+            b'a' + digit - 10
+        };
+        n /= 36;
+    }
+    String::from_utf8_lossy(&digits).into_owned()
+}
+
+fn parse_base36(s: &str) -> Option<u64> {
+    u64::from_str_radix(s, 36).ok()
+}
+
+/// The pid that created a test network, from its suffix.
+fn owner_of(suffix: &str) -> Option<u32> {
+    if suffix.len() != PID_WIDTH + COUNTER_WIDTH {
+        return None;
+    }
+    parse_base36(&suffix[..PID_WIDTH]).and_then(|pid| u32::try_from(pid).ok())
+}
+
+/// Removes test networks whose creator is gone: any with a dead pid, and (once per process, before
+/// it creates its first) any with this process's own pid, left by an earlier process that had it.
+fn remove_stale_networks() -> anyhow::Result<()> {
+    static OWN_PID_SWEPT: Once = Once::new();
+    let me = std::process::id();
+    let mut sweep_own = false;
+    OWN_PID_SWEPT.call_once(|| sweep_own = true);
+    for suffix in list_networks()? {
+        let Some(pid) = owner_of(&suffix) else {
+            continue;
+        };
+        let stale = if pid == me {
+            sweep_own
+        } else {
+            !Path::new("/proc").join(pid.to_string()).exists()
+        };
+        if stale {
+            remove_network(&suffix)
+                .with_context(|| format!("removing the stale test network {suffix}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// An exclusive `flock` on [`LOCK_FILE`], released on drop.
+struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    fn take() -> anyhow::Result<Lock> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK_FILE)
+            .with_context(|| format!("opening {LOCK_FILE}"))?;
+        // SAFETY: flock on a descriptor we own; it blocks until the lock is ours.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error()).context("locking the test network registry");
+        }
+        Ok(Lock { _file: file })
+    }
+}
+
+/// A [`Network`] for one test: its own suffix (`<pid><counter>` in base 36) and its own /24 of
+/// 10.250.0.0/16, free on the host when it was taken. Dereferences to the [`Network`].
+#[derive(Debug)]
+pub struct TestNetwork {
+    network: Network,
+}
+
+impl Deref for TestNetwork {
+    type Target = Network;
+    fn deref(&self) -> &Network {
+        &self.network
+    }
+}
+
+impl TestNetwork {
+    /// Creates the network, routing 10.96.0.0/16 (service VIPs) from its pods via the gateway.
+    pub fn create() -> anyhow::Result<TestNetwork> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+        ensure!(
+            u64::from(count) < 36u64.pow(COUNTER_WIDTH as u32),
+            "one test process created too many networks"
+        );
+        let pid = std::process::id();
+        let suffix = format!(
+            "{}{}",
+            base36(u64::from(pid), PID_WIDTH),
+            base36(u64::from(count), COUNTER_WIDTH)
+        );
+        let _lock = Lock::take()?;
+        remove_stale_networks()?;
+        let taken: Vec<Ipv4Net> = keel_control_plane::demo::netns::host_addresses()?
+            .into_iter()
+            .map(|(_, net)| net)
+            .collect();
+        let start = (pid as usize).wrapping_add(count as usize);
+        let subnet = (0..256)
+            .map(|i| {
+                let third = ((start + i) % 256) as u8;
+                let [a, b, _, _] = POOL.octets();
+                Ipv4Net::new(Ipv4Addr::new(a, b, third, 0), 24).map(|n| n.trunc())
+            })
+            .filter_map(Result::ok)
+            .find(|candidate| {
+                taken
+                    .iter()
+                    .all(|t| !t.contains(&candidate.network()) && !candidate.contains(&t.network()))
+            })
+            .context("every /24 of 10.250.0.0/16 is in use on this host")?;
+        let network = Network::builder(suffix, subnet).create()?;
+        Ok(TestNetwork { network })
+    }
+
+    /// The subnet's address number `n` (the gateway is 1).
+    pub fn host(&self, n: u8) -> Ipv4Addr {
+        let [a, b, c, _] = self.subnet().network().octets();
+        Ipv4Addr::new(a, b, c, n)
+    }
+
+    /// Creates pod `name` at `ip` with a sidecar: `keel-proxy init` (as root, in the pod), then
+    /// `keel-proxy run` as uid 1337. Does not wait for it to be ready.
+    pub fn add_meshed_pod(
+        &self,
+        name: &str,
+        ip: Ipv4Addr,
+        sidecar: &Sidecar<'_>,
+    ) -> anyhow::Result<MeshedPod> {
+        let proxy_bin = self.stage_executable(&proxy_binary()?)?;
+        let pod = self.add_pod(name, ip)?;
+        let init = pod.exec([proxy_bin.as_os_str(), "init".as_ref()])?;
+        ensure!(
+            init.status.success(),
+            "keel-proxy init in {name} failed ({}): {}",
+            init.status,
+            String::from_utf8_lossy(&init.stderr).trim()
+        );
+        let mut run = pod.proxy_command(&proxy_bin);
+        for (variable, _) in std::env::vars_os() {
+            if variable.to_string_lossy().starts_with("KEEL_") {
+                run.env_remove(variable);
+            }
+        }
+        run.args(["run", "--control-plane"])
+            .arg(format!("http://{}", sidecar.control_plane))
+            .args(["--workload", sidecar.workload])
+            .args(["--namespace", sidecar.namespace])
+            .args(["--service-account", sidecar.service_account])
+            .arg("--pod-ip")
+            .arg(ip.to_string())
+            .args(["--region", "local", "--zone", sidecar.zone])
+            .env("KEEL_LOG", sidecar.log);
+        let proxy = pod.spawn_command("proxy", run)?;
+        Ok(MeshedPod { proxy, pod })
+    }
+}
+
+/// How a pod's sidecar describes itself to the control plane.
+#[derive(Debug, Clone, Copy)]
+pub struct Sidecar<'a> {
+    /// The control plane's discovery address (on the network's gateway).
+    pub control_plane: SocketAddr,
+    pub workload: &'a str,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    pub zone: &'a str,
+    /// The proxy's log filter (`KEEL_LOG`).
+    pub log: &'a str,
+}
+
+/// `keel-proxy`, built by cargo next to the test binaries (`target/<profile>/keel-proxy`).
+pub fn proxy_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the test binary")?;
+    // target/<profile>/deps/<test> -> target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test binary is not in target/<profile>/deps")?;
+    let proxy = profile_dir.join("keel-proxy");
+    if proxy.is_file() {
+        Ok(proxy)
+    } else {
+        bail!(
+            "{} does not exist: build it with `cargo build -p keel-proxy` (`cargo test \
+             --workspace` builds it too)",
+            proxy.display()
+        )
+    }
+}
+
+/// A pod running a sidecar. Fields drop in order: the proxy, then the pod.
+#[derive(Debug)]
+pub struct MeshedPod {
+    pub proxy: Process,
+    pub pod: Pod,
+}
+
+impl Deref for MeshedPod {
+    type Target = Pod;
+    fn deref(&self) -> &Pod {
+        &self.pod
+    }
+}
+
+impl MeshedPod {
+    /// The sidecar's admin address (`/ready`, `/metrics`), reachable from the host.
+    pub fn admin(&self) -> SocketAddr {
+        SocketAddr::from((self.pod.ip(), ADMIN_PORT))
+    }
+
+    /// Waits for `GET /ready` to answer 200; fails at once if the proxy exits.
+    pub async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
+        let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let url: http::Uri = format!("http://{}/ready", self.admin()).parse()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.proxy.exited() {
+                bail!(
+                    "the sidecar of {} exited ({status}):\n{}",
+                    self.pod.name(),
+                    self.proxy.log_tail(40)
+                );
+            }
+            let answer = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.request(
+                    http::Request::get(url.clone())
+                        .body(Empty::<Bytes>::new())
+                        .context("building GET /ready")?,
+                ),
+            )
+            .await;
+            if let Ok(Ok(response)) = answer
+                && response.status() == http::StatusCode::OK
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the sidecar of {} is not ready after {within:?}:\n{}",
+                    self.pod.name(),
+                    self.proxy.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The sidecar's metrics now.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        scrape(self.admin())
+            .await
+            .with_context(|| format!("scraping the sidecar of {}", self.pod.name()))
+    }
+
+    /// The last lines of the sidecar's log, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- {} ({}):\n{}",
+            self.proxy.label(),
+            self.proxy.log_path().display(),
+            self.proxy.log_tail(40)
+        )
+    }
+}
+
+/// Runs `f` on a new thread that has entered the network namespace at `netns` (a file under
+/// /run/netns); sockets it creates live in that namespace for good, whichever thread uses them
+/// afterwards.
+pub fn in_netns<R, F>(netns: &Path, f: F) -> anyhow::Result<R>
+where
+    R: Send + 'static,
+    F: FnOnce() -> io::Result<R> + Send + 'static,
+{
+    let path = netns.to_path_buf();
+    std::thread::spawn(move || {
+        let netns = File::open(&path)?;
+        // SAFETY: setns changes only this thread's network namespace; the descriptor is open
+        // for the duration of the call. The thread ends after `f`.
+        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("the thread entering {} panicked", netns.display()))?
+    .with_context(|| format!("inside {}", netns.display()))
+}
+
+/// [`in_netns`] for a pod.
+pub fn in_pod<R, F>(pod: &Pod, f: F) -> anyhow::Result<R>
+where
+    R: Send + 'static,
+    F: FnOnce() -> io::Result<R> + Send + 'static,
+{
+    in_netns(&pod.netns_path(), f)
+}
+
+/// A listener bound to `addr` inside `pod` (call within a tokio runtime).
+pub fn listen(pod: &Pod, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = in_pod(pod, move || {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })
+    .with_context(|| format!("listening on {addr} in {}", pod.name()))?;
+    Ok(tokio::net::TcpListener::from_std(listener)?)
+}
+
+/// A connection to `addr` opened inside the namespace at `netns` by root, so redirected through
+/// the pod's sidecar when it has one. Takes a path rather than a [`Pod`] so that connectors
+/// (tonic's, hyper's) can own what they need.
+pub async fn connect_from(netns: &Path, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
+    let socket = in_netns(netns, tokio::net::TcpSocket::new_v4)?;
+    let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
+        .await
+        .map_err(|_| anyhow!("connecting to {addr} from {}: timed out", netns.display()))?
+        .with_context(|| format!("connecting to {addr} from {}", netns.display()))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// [`connect_from`] a pod.
+pub async fn connect(pod: &Pod, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
+    connect_from(&pod.netns_path(), addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffixes_encode_their_owner() {
+        let suffix = format!(
+            "{}{}",
+            base36(4_194_303, PID_WIDTH),
+            base36(35, COUNTER_WIDTH)
+        );
+        assert_eq!(suffix.len(), 7);
+        assert_eq!(owner_of(&suffix), Some(4_194_303));
+        assert_eq!(owner_of("demo"), None);
+        assert_eq!(base36(0, 2), "00");
+        assert_eq!(base36(36, 2), "10");
+    }
+}
