@@ -69,7 +69,8 @@ impl DirectoryLoader {
     pub fn load(&self) -> Result<Model, ValidationErrors> {
         let files = model::yaml_files(&self.dir)?;
         let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
-        parsed.retain(|path, _| files.contains(path));
+        let present: std::collections::HashSet<&PathBuf> = files.iter().collect();
+        parsed.retain(|path, _| present.contains(path));
         let mut resources = Vec::new();
         let mut errors = Vec::new();
         for path in files {

@@ -1,0 +1,130 @@
+//! The benchmark's mesh: four pods on one /24 and two services, and the YAML the control plane
+//! serves for them.
+//!
+//! | pod | address | runs | used by |
+//! | --- | --- | --- | --- |
+//! | `client` | .2 | `wrk`, the load generator | direct |
+//! | `client-mesh` | .3 | `wrk`, the load generator, a sidecar | one hop, sidecar pair |
+//! | `server` | .4 | nginx, no sidecar (`meshed: false`) | direct, one hop |
+//! | `server-mesh` | .5 | nginx, a sidecar | sidecar pair |
+//!
+//! Service `plain` (VIP 10.96.91.1:80) selects `server`; service `meshed` (VIP 10.96.91.2:80)
+//! selects `server-mesh`; both forward to port 8080.
+
+use std::net::Ipv4Addr;
+
+use anyhow::ensure;
+use ipnet::Ipv4Net;
+
+/// The mesh namespace of every resource.
+pub const NAMESPACE: &str = "bench";
+/// Where nginx listens in the server pods.
+pub const APP_PORT: u16 = 8080;
+/// The services' port (on their VIPs).
+pub const SERVICE_PORT: u16 = 80;
+/// The control plane's discovery port, on the network's gateway.
+pub const DISCOVERY_PORT: u16 = 15010;
+/// The sidecars' admin port.
+pub const ADMIN_PORT: u16 = 15020;
+/// VIP of service `plain` (inside 10.96.0.0/16, which pods route via the gateway).
+pub const PLAIN_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 91, 1);
+/// VIP of service `meshed`.
+pub const MESHED_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 91, 2);
+
+/// The addresses of the benchmark's network.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub client: Ipv4Addr,
+    pub client_mesh: Ipv4Addr,
+    pub server: Ipv4Addr,
+    pub server_mesh: Ipv4Addr,
+}
+
+impl Layout {
+    /// Addresses .1 (the gateway) to .5 of `subnet`.
+    pub fn new(subnet: Ipv4Net) -> anyhow::Result<Layout> {
+        let subnet = subnet.trunc();
+        ensure!(
+            subnet.prefix_len() <= 29,
+            "the subnet {subnet} is too small: it needs a gateway and four pods (at most /29)"
+        );
+        ensure!(
+            !subnet.contains(&PLAIN_VIP) && !subnet.contains(&MESHED_VIP),
+            "the subnet {subnet} contains the service VIPs {PLAIN_VIP} and {MESHED_VIP}"
+        );
+        let host = |n: u32| Ipv4Addr::from(u32::from(subnet.network()) + n);
+        Ok(Layout {
+            subnet,
+            gateway: host(1),
+            client: host(2),
+            client_mesh: host(3),
+            server: host(4),
+            server_mesh: host(5),
+        })
+    }
+
+    /// The mesh YAML the control plane serves.
+    pub fn mesh_yaml(&self) -> String {
+        let service = |name: &str, vip: Ipv4Addr| {
+            format!(
+                "apiVersion: keel.dev/v1alpha1
+kind: Service
+metadata: {{name: {name}, namespace: {NAMESPACE}}}
+spec:
+  vips: [{vip}]
+  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: {APP_PORT}, protocol: HTTP}}]
+  selector: {{app: {name}}}
+---
+"
+            )
+        };
+        let workload = |name: &str, app: &str, ip: Ipv4Addr, meshed: bool| {
+            format!(
+                "apiVersion: keel.dev/v1alpha1
+kind: Workload
+metadata: {{name: {name}, namespace: {NAMESPACE}, labels: {{app: {app}}}}}
+spec: {{addresses: [{ip}], meshed: {meshed}}}
+---
+"
+            )
+        };
+        [
+            "# Written by the data-plane benchmark (bench/src/dataplane/mesh.rs).\n".to_owned(),
+            service("plain", PLAIN_VIP),
+            service("meshed", MESHED_VIP),
+            workload("client-mesh", "client", self.client_mesh, true),
+            workload("server", "plain", self.server, false),
+            workload("server-mesh", "meshed", self.server_mesh, true),
+        ]
+        .concat()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_yaml() {
+        let layout = Layout::new("10.91.0.0/24".parse().unwrap()).unwrap();
+        assert_eq!(layout.gateway, Ipv4Addr::new(10, 91, 0, 1));
+        assert_eq!(layout.server_mesh, Ipv4Addr::new(10, 91, 0, 5));
+        let yaml = layout.mesh_yaml();
+        assert!(yaml.contains("spec: {addresses: [10.91.0.4], meshed: false}"));
+        assert!(yaml.contains("vips: [10.96.91.2]"));
+        assert!(Layout::new("10.91.0.0/30".parse().unwrap()).is_err());
+        assert!(Layout::new("10.96.0.0/16".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_control_plane_accepts_the_mesh() {
+        let layout = Layout::new("10.91.0.0/24".parse().unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mesh.yaml"), layout.mesh_yaml()).unwrap();
+        let (model, _) = keel_control_plane::model::load_dir(dir.path())
+            .unwrap_or_else(|errors| panic!("invalid mesh: {errors}"));
+        assert_eq!(model.services.len(), 2);
+    }
+}

@@ -1,0 +1,13 @@
+//! keel's benchmark harness: what the benchmark binaries in `src/bin` share.
+//!
+//! - [`dataplane`]: the data-plane benchmark (direct, one hop, sidecar pair) and its report;
+//! - [`openloop`]: the open-loop load generator (`openloop` binary);
+//! - [`wrk`]: running `wrk` and reading its report;
+//! - [`procfs`]: a measured process's CPU time and memory;
+//! - [`summary`]: the median and spread of a figure over runs.
+
+pub mod dataplane;
+pub mod openloop;
+pub mod procfs;
+pub mod summary;
+pub mod wrk;
