@@ -152,12 +152,16 @@ impl Upstreams {
             .map_err(|source| UpstreamError::Request { addr, source })?;
         let keep_alive = !connection_close(response.headers());
         let (parts, body) = response.into_parts();
-        let body = ReturnToPool {
+        let mut body = ReturnToPool {
             inner: body,
             sender: keep_alive.then_some(sender),
             pool: Arc::downgrade(self),
             addr,
         };
+        if body.inner.is_end_stream() {
+            // No body to read (204, 304, HEAD, content-length: 0): nobody will poll it.
+            body.release();
+        }
         Ok(Response::from_parts(
             parts,
             body.map_err(BoxError::from).boxed_unsync(),
@@ -255,6 +259,9 @@ impl HttpBody for ReturnToPool {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.release(),
+            // A reader that trusts `is_end_stream` (hyper's server does) stops polling after the
+            // last frame and never sees `None`: release as soon as the body is complete.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
             Poll::Ready(Some(Err(_))) => self.sender = None,
             _ => {}
         }
@@ -377,8 +384,14 @@ mod tests {
                 .send_h1(addr, Duration::from_secs(1), req)
                 .await
                 .expect("response");
-            let body = resp.into_body().collect().await.expect("body").to_bytes();
-            assert_eq!(&body[..], b"hello");
+            // Read as hyper's server does: stop at `is_end_stream`, never waiting for `None`.
+            let mut body = resp.into_body();
+            let mut read = Vec::new();
+            while !body.is_end_stream() {
+                let frame = body.frame().await.expect("frame").expect("data");
+                read.extend_from_slice(&frame.into_data().expect("data"));
+            }
+            assert_eq!(&read[..], b"hello");
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
