@@ -6,6 +6,12 @@
 //! | `GET /ready` | 200 once a valid mesh configuration has been loaded, else 503 |
 //! | `GET /status` | JSON: snapshot version, source state (with the rejected state's errors), connected proxies |
 //! | `POST /apply?name=FILE` | body: mesh YAML. 200 with what changed, 422 with validation errors |
+//! | `GET /ca` | JSON: the CA's roots, which signs, and each proxy's newest certificate |
+//! | `GET /ca/bundle.pem` | the trust bundle, PEM (what `keel-proxy --ca-root-file` takes) |
+//! | `POST /ca/roots` | adds a root that does not sign yet: generated, or the JSON body's `cert_pem` and `key_pem` |
+//! | `POST /ca/roots/ID/sign` | root ID signs from now on; 409 until every connected proxy trusts it |
+//! | `DELETE /ca/roots/ID` | removes root ID; 409 while it signs or a connected proxy's certificate chains to it |
+//! | `POST /tokens` | JSON `{"namespace", "workload"}`: the workload's bootstrap token |
 //!
 //! The admin API never takes part in the data path; it reads the store and the proxy registry.
 
@@ -23,6 +29,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::discovery::{ProxyRegistry, ProxyStatus, resources};
+use crate::identity::{BootstrapTokens, CaError, CertificateAuthority, rotation};
 use crate::source::apply::{self, ApplyError};
 use crate::source::file::DirectoryLoader;
 use crate::store::{SourceStatus, Store};
@@ -48,6 +55,8 @@ pub struct Admin {
     /// The watched directory, when the source is the file source (`apply` needs it).
     directory: Option<Arc<DirectoryLoader>>,
     apply_lock: Arc<tokio::sync::Mutex<()>>,
+    ca: Option<Arc<CertificateAuthority>>,
+    tokens: Option<Arc<BootstrapTokens>>,
 }
 
 impl Admin {
@@ -61,7 +70,20 @@ impl Admin {
             registry,
             directory,
             apply_lock: Arc::default(),
+            ca: None,
+            tokens: None,
         }
+    }
+
+    /// Serves the CA's endpoints and, with bootstrap tokens, `POST /tokens`.
+    pub fn with_identity(
+        mut self,
+        ca: Option<Arc<CertificateAuthority>>,
+        tokens: Option<Arc<BootstrapTokens>>,
+    ) -> Admin {
+        self.ca = ca;
+        self.tokens = tokens;
+        self
     }
 
     pub fn status(&self) -> Status {
@@ -122,7 +144,9 @@ impl Admin {
             }
             (&Method::GET, "/status") => json(StatusCode::OK, &self.status()),
             (&Method::POST, "/apply") => self.apply(req, peer).await,
-            (_, "/live" | "/ready" | "/status" | "/apply") => {
+            (_, path) if path == "/ca" || path.starts_with("/ca/") => self.ca(req, peer).await,
+            (&Method::POST, "/tokens") => self.token(req).await,
+            (_, "/live" | "/ready" | "/status" | "/apply" | "/tokens") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -192,6 +216,141 @@ impl Admin {
                 &format!("apply failed: {e}\n"),
             ),
         }
+    }
+}
+
+/// The body of `POST /ca/roots` when it imports a root.
+#[derive(serde::Deserialize)]
+struct ImportRoot {
+    cert_pem: String,
+    key_pem: String,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenRequest {
+    namespace: String,
+    workload: String,
+}
+
+/// A small JSON body (at most 1 MiB), parsed.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<Option<T>, Response<Full<Bytes>>> {
+    let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => {
+            return Err(text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("reading the body failed (at most 1 MiB): {e}\n"),
+            ));
+        }
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&body).map(Some).map_err(|e| {
+        text(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid JSON body: {e}\n"),
+        )
+    })
+}
+
+fn ca_error(e: CaError) -> Response<Full<Bytes>> {
+    let status = match e {
+        CaError::NoSuchRoot(_) => StatusCode::NOT_FOUND,
+        CaError::RemovingSigningRoot(_) => StatusCode::CONFLICT,
+        CaError::BadRoot { .. } => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    text(status, &format!("{e}\n"))
+}
+
+impl Admin {
+    async fn ca(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let Some(ca) = self.ca.clone() else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "this control plane runs no certificate authority\n",
+            );
+        };
+        let path = req.uri().path().to_owned();
+        let root = path
+            .strip_prefix("/ca/roots/")
+            .map(|rest| rest.trim_end_matches("/sign").to_owned());
+        match (req.method().clone(), path.as_str(), root) {
+            (Method::GET, "/ca", _) => json(StatusCode::OK, &ca.status()),
+            (Method::GET, "/ca/bundle.pem", _) => respond(
+                StatusCode::OK,
+                "application/x-pem-file",
+                crate::identity::ca::bundle_pem(&ca.bundle()).into(),
+            ),
+            (Method::POST, "/ca/roots", _) => {
+                let import = match json_body::<ImportRoot>(req).await {
+                    Ok(import) => import,
+                    Err(answer) => return answer,
+                };
+                let pem = import
+                    .as_ref()
+                    .map(|i| (i.cert_pem.as_str(), i.key_pem.as_str()));
+                match ca.add_root(pem) {
+                    Ok(id) => {
+                        tracing::info!(%peer, root = %id, "root added through the admin API");
+                        json(StatusCode::OK, &serde_json::json!({ "id": id }))
+                    }
+                    Err(e) => ca_error(e),
+                }
+            }
+            (Method::POST, p, Some(id)) if p.ends_with("/sign") => {
+                if let Err(e) = rotation::may_sign(&self.store, &self.registry, &id) {
+                    return text(StatusCode::CONFLICT, &format!("{e}\n"));
+                }
+                match ca.use_root(&id) {
+                    Ok(()) => json(StatusCode::OK, &serde_json::json!({ "signing": id })),
+                    Err(e) => ca_error(e),
+                }
+            }
+            (Method::DELETE, _, Some(id)) => {
+                if let Err(e) = rotation::may_remove(&ca, &self.registry, &id) {
+                    return text(StatusCode::CONFLICT, &format!("{e}\n"));
+                }
+                match ca.remove_root(&id) {
+                    Ok(()) => json(StatusCode::OK, &serde_json::json!({ "removed": id })),
+                    Err(e) => ca_error(e),
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    async fn token(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let Some(tokens) = self.tokens.clone() else {
+            return text(
+                StatusCode::CONFLICT,
+                "this control plane does not use bootstrap tokens\n",
+            );
+        };
+        let asked = match json_body::<TokenRequest>(req).await {
+            Ok(Some(asked)) => asked,
+            Ok(None) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "the body must name the namespace and the workload\n",
+                );
+            }
+            Err(answer) => return answer,
+        };
+        let key = crate::model::ObjectKey::new(&asked.namespace, &asked.workload);
+        if !self.store.current().model.workloads.contains_key(&key) {
+            return text(
+                StatusCode::NOT_FOUND,
+                &format!("workload {key} is not in the mesh\n"),
+            );
+        }
+        json(
+            StatusCode::OK,
+            &serde_json::json!({ "token": tokens.mint(&asked.namespace, &asked.workload) }),
+        )
     }
 }
 

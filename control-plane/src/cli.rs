@@ -59,6 +59,57 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "human")]
         output: Output,
     },
+    /// The mesh's certificate authority: its roots, and their rotation.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+        #[arg(
+            long,
+            env = "KEEL_ADMIN",
+            default_value = "http://127.0.0.1:15014",
+            global = true
+        )]
+        control_plane: String,
+    },
+    /// Print a workload's bootstrap token (its proof of identity in the local mesh), for
+    /// `keel-proxy run --identity-token-file`.
+    Token {
+        /// The workload's name.
+        workload: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(long, env = "KEEL_ADMIN", default_value = "http://127.0.0.1:15014")]
+        control_plane: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// The roots, which one signs, and the root of each proxy's newest certificate.
+    Status {
+        #[arg(short, long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Print the trust bundle (PEM), for `keel-proxy run --ca-root-file`.
+    Bundle,
+    /// Add a root that does not sign yet: generated, or imported from PEM files.
+    AddRoot {
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+    },
+    /// Make a root sign new certificates; refused until every connected proxy trusts it.
+    UseRoot { id: String },
+    /// Remove a root; refused while it signs or a connected proxy's certificate chains to it.
+    RemoveRoot { id: String },
+    /// Rotate to a new root with no failed request: add it, wait until every proxy trusts it,
+    /// make it sign, wait until every proxy renewed, remove the old root(s).
+    Rotate {
+        /// How long to wait for proxies at each step.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// Runs a parsed command line; returns the exit status.
@@ -75,7 +126,205 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             output,
         } => status(&control_plane, output).await,
         Command::Demo(args) => crate::demo::run(*args).await,
+        Command::Ca {
+            command,
+            control_plane,
+        } => ca(command, &control_plane).await,
+        Command::Token {
+            workload,
+            namespace,
+            control_plane,
+        } => token(&workload, &namespace, &control_plane).await,
     }
+}
+
+fn admin_url(control_plane: &str, path: &str) -> String {
+    format!("{}{path}", control_plane.trim_end_matches('/'))
+}
+
+/// A request whose answer must be a success; returns its body.
+async fn expect_ok(method: http::Method, url: &str, body: Bytes) -> anyhow::Result<Bytes> {
+    let (code, answer) = request(method, url, body).await?;
+    if !code.is_success() {
+        bail!("{code}: {}", String::from_utf8_lossy(&answer).trim());
+    }
+    Ok(answer)
+}
+
+async fn token(workload: &str, namespace: &str, control_plane: &str) -> anyhow::Result<i32> {
+    let body = serde_json::json!({ "namespace": namespace, "workload": workload });
+    let answer = expect_ok(
+        http::Method::POST,
+        &admin_url(control_plane, "/tokens"),
+        body.to_string().into(),
+    )
+    .await?;
+    let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+    println!("{}", answer["token"].as_str().unwrap_or_default());
+    Ok(0)
+}
+
+async fn ca(command: CaCommand, control_plane: &str) -> anyhow::Result<i32> {
+    let url = |path: &str| admin_url(control_plane, path);
+    match command {
+        CaCommand::Status { output } => {
+            let body = expect_ok(http::Method::GET, &url("/ca"), Bytes::new()).await?;
+            match output {
+                Output::Json => println!("{}", String::from_utf8_lossy(&body)),
+                Output::Human => {
+                    let status: serde_json::Value = serde_json::from_slice(&body)?;
+                    print!("{}", render_ca(&status));
+                }
+            }
+        }
+        CaCommand::Bundle => {
+            let body = expect_ok(http::Method::GET, &url("/ca/bundle.pem"), Bytes::new()).await?;
+            print!("{}", String::from_utf8_lossy(&body));
+        }
+        CaCommand::AddRoot { cert, key } => {
+            let body = match cert.zip(key) {
+                Some((cert, key)) => serde_json::json!({
+                    "cert_pem": std::fs::read_to_string(&cert)
+                        .with_context(|| format!("reading {}", cert.display()))?,
+                    "key_pem": std::fs::read_to_string(&key)
+                        .with_context(|| format!("reading {}", key.display()))?,
+                })
+                .to_string(),
+                None => String::new(),
+            };
+            let answer = expect_ok(http::Method::POST, &url("/ca/roots"), body.into()).await?;
+            let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+            println!(
+                "root {} added (trusted, not signing)",
+                answer["id"].as_str().unwrap_or("?")
+            );
+        }
+        CaCommand::UseRoot { id } => {
+            expect_ok(
+                http::Method::POST,
+                &url(&format!("/ca/roots/{id}/sign")),
+                Bytes::new(),
+            )
+            .await?;
+            println!("root {id} signs new certificates");
+        }
+        CaCommand::RemoveRoot { id } => {
+            expect_ok(
+                http::Method::DELETE,
+                &url(&format!("/ca/roots/{id}")),
+                Bytes::new(),
+            )
+            .await?;
+            println!("root {id} removed");
+        }
+        CaCommand::Rotate { timeout } => rotate(control_plane, timeout).await?,
+    }
+    Ok(0)
+}
+
+/// Repeats `step` (a request answered 409 while proxies catch up) until it succeeds.
+async fn until_accepted(
+    what: &str,
+    method: http::Method,
+    url: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let (code, answer) = request(method.clone(), url, Bytes::new()).await?;
+        if code.is_success() {
+            return Ok(());
+        }
+        let reason = String::from_utf8_lossy(&answer).trim().to_owned();
+        if code != http::StatusCode::CONFLICT {
+            bail!("{what}: {code}: {reason}");
+        }
+        if reason != last {
+            println!("  waiting: {reason}");
+            last = reason;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{what}: still refused after {timeout:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn rotate(control_plane: &str, timeout: Duration) -> anyhow::Result<()> {
+    let url = |path: &str| admin_url(control_plane, path);
+    let status = expect_ok(http::Method::GET, &url("/ca"), Bytes::new()).await?;
+    let status: serde_json::Value = serde_json::from_slice(&status)?;
+    let old: Vec<String> = status["roots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["id"].as_str().map(str::to_owned))
+        .collect();
+    let answer = expect_ok(http::Method::POST, &url("/ca/roots"), Bytes::new()).await?;
+    let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+    let new = answer["id"]
+        .as_str()
+        .context("the control plane named no new root")?
+        .to_owned();
+    println!("1/3 root {new} added; waiting for every proxy to trust it");
+    until_accepted(
+        "making the new root sign",
+        http::Method::POST,
+        &url(&format!("/ca/roots/{new}/sign")),
+        timeout,
+    )
+    .await?;
+    println!("2/3 root {new} signs; waiting for every proxy to renew");
+    for id in old.iter().filter(|id| **id != new) {
+        until_accepted(
+            &format!("removing root {id}"),
+            http::Method::DELETE,
+            &url(&format!("/ca/roots/{id}")),
+            timeout,
+        )
+        .await?;
+        println!("3/3 root {id} removed");
+    }
+    println!("rotated to root {new}");
+    Ok(())
+}
+
+/// The human form of `GET /ca`.
+fn render_ca(s: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Workload certificates live {}s.\n\n{:<18} {:<8} {:<26} SUBJECT",
+        s["workload_ttl_seconds"], "ROOT", "SIGNS", "EXPIRES"
+    );
+    for r in s["roots"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<18} {:<8} {:<26} {}",
+            r["id"].as_str().unwrap_or("?"),
+            if r["signing"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            r["not_after"].as_str().unwrap_or("?"),
+            r["subject"].as_str().unwrap_or("")
+        );
+    }
+    let issued = s["issued"].as_object().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\nProxies with a valid certificate: {}", issued.len());
+    for (node, cert) in issued {
+        let _ = writeln!(
+            out,
+            "  {node:<32} {:<48} root {} until {}",
+            cert["identity"].as_str().unwrap_or("?"),
+            cert["root"].as_str().unwrap_or("?"),
+            cert["not_after"].as_str().unwrap_or("?")
+        );
+    }
+    out
 }
 
 fn validate(paths: &[PathBuf], output: Output) -> i32 {

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod demo;
 pub mod discovery;
+pub mod identity;
 pub mod model;
 pub mod server;
 pub mod source;

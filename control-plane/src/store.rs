@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::discovery::resources::{self, TypeUrl, VersionedResource};
+use crate::identity::TrustBundle;
 use crate::model::{Model, ValidationErrors};
 
 /// How many deltas a snapshot remembers. A stream that fell further behind compares its whole
@@ -41,6 +42,8 @@ pub struct Delta {
 pub struct Snapshot {
     pub version: u64,
     pub model: Arc<Model>,
+    /// The CA's roots, which every proxy's MeshConfig carries (empty without a CA).
+    pub trust: Arc<TrustBundle>,
     /// Resources that every proxy sees the same way (services, endpoints, routes, traffic
     /// policies), encoded once.
     pub shared: BTreeMap<TypeUrl, TypeSet>,
@@ -50,13 +53,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn build(version: u64, model: Arc<Model>, previous: Option<&Snapshot>) -> Snapshot {
+    fn build(
+        version: u64,
+        model: Arc<Model>,
+        trust: Arc<TrustBundle>,
+        previous: Option<&Snapshot>,
+    ) -> Snapshot {
         let mut shared = BTreeMap::new();
         let mut delta = Delta {
             to: version,
             touched: BTreeMap::new(),
         };
-        for (type_url, fresh) in resources::shared_resources(&model) {
+        for (type_url, fresh) in resources::shared_resources(&model, !trust.anchors.is_empty()) {
             let old = previous.and_then(|p| p.shared.get(&type_url));
             let mut set = BTreeMap::new();
             let mut touched = BTreeSet::new();
@@ -91,6 +99,7 @@ impl Snapshot {
         Snapshot {
             version,
             model,
+            trust,
             shared,
             deltas,
             created: SystemTime::now(),
@@ -142,15 +151,19 @@ pub struct SourceStatus {
 pub struct Store {
     snapshots: watch::Sender<Arc<Snapshot>>,
     status: Mutex<SourceStatus>,
+    /// Root id -> the first snapshot version whose trust bundle holds it, for roots still in
+    /// the bundle: a proxy that acknowledged a MeshConfig at least that new trusts the root.
+    anchor_since: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Store {
     /// A store serving `model` (often empty, until a source loads the real one).
     pub fn new(model: Model) -> Arc<Store> {
-        let first = Snapshot::build(1, Arc::new(model), None);
+        let first = Snapshot::build(1, Arc::new(model), Arc::default(), None);
         Arc::new(Store {
             snapshots: watch::Sender::new(Arc::new(first)),
             status: Mutex::new(SourceStatus::default()),
+            anchor_since: Mutex::default(),
         })
     }
 
@@ -173,7 +186,12 @@ impl Store {
                 version = current.version;
                 return false;
             }
-            let next = Snapshot::build(current.version + 1, Arc::new(model), Some(current));
+            let next = Snapshot::build(
+                current.version + 1,
+                Arc::new(model),
+                current.trust.clone(),
+                Some(current),
+            );
             version = next.version;
             tracing::info!(version, changes = ?summary(&next), "published mesh snapshot");
             *current = Arc::new(next);
@@ -184,6 +202,43 @@ impl Store {
         status.rejected = None;
         status.rejected_at = None;
         version
+    }
+
+    /// Publishes a new trust bundle (the CA's roots changed) as the next snapshot, if it differs.
+    /// Returns the version now served.
+    pub fn set_trust(&self, trust: Arc<TrustBundle>) -> u64 {
+        let mut version = 0;
+        self.snapshots.send_if_modified(|current| {
+            if *current.trust == *trust {
+                version = current.version;
+                return false;
+            }
+            let next = Snapshot::build(
+                current.version + 1,
+                current.model.clone(),
+                trust,
+                Some(current),
+            );
+            version = next.version;
+            tracing::info!(version, "published a new trust bundle");
+            let mut since = self.anchor_since.lock().unwrap_or_else(|e| e.into_inner());
+            since.retain(|id, _| next.trust.anchors.iter().any(|a| &a.id == id));
+            for anchor in &next.trust.anchors {
+                since.entry(anchor.id.clone()).or_insert(version);
+            }
+            *current = Arc::new(next);
+            true
+        });
+        version
+    }
+
+    /// The first snapshot version whose trust bundle holds root `id`, while it still does.
+    pub fn anchor_since(&self, id: &str) -> Option<u64> {
+        self.anchor_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
     }
 
     /// Records that the source's newest state was rejected; the current snapshot stays.

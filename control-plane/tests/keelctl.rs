@@ -34,6 +34,7 @@ async fn control_plane(dir: &Path) -> (ControlPlane, String) {
         config_dir: dir.to_path_buf(),
         discovery_addr: any,
         admin_addr: any,
+        identity: None,
     })
     .await
     .expect("control plane starts");

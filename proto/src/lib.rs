@@ -1,7 +1,9 @@
 //! The contract between keel's control plane and its proxies: the `Discovery`
 //! stream (xDS-style, incremental, ACK/NACK) and the `Identity` service.
 //!
-//! Generated code only; behaviour lives in the crates that use these types.
+//! Generated code, plus the one piece of the contract both sides must parse alike: SPIFFE IDs.
+
+pub mod spiffe;
 
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic)]

@@ -371,6 +371,7 @@ impl Mesh {
             config_dir: mesh_dir,
             discovery_addr,
             admin_addr: args.admin_addr,
+            identity: None,
         })
         .await
         .with_context(|| {

@@ -16,6 +16,7 @@ use keel_proto::v1::{self as pb, type_url};
 use prost::Message;
 use prost_types::Any;
 
+use crate::identity::TrustBundle;
 use crate::model::{self, Model, ObjectKey};
 
 /// A resource type's URL; always one of [`ALL_TYPES`].
@@ -72,8 +73,9 @@ pub fn short_name(type_url: &str) -> &'static str {
 
 type Built = BTreeMap<String, VersionedResource>;
 
-/// The resources every proxy sees alike.
-pub fn shared_resources(model: &Model) -> Vec<(TypeUrl, Built)> {
+/// The resources every proxy sees alike. `mtls` says whether the control plane runs a CA, so
+/// that proxies have certificates and originate mTLS to meshed endpoints.
+pub fn shared_resources(model: &Model, mtls: bool) -> Vec<(TypeUrl, Built)> {
     let mut services = Built::new();
     let mut endpoints = Built::new();
     let mut routes = Built::new();
@@ -87,7 +89,7 @@ pub fn shared_resources(model: &Model) -> Vec<(TypeUrl, Built)> {
         );
         endpoints.insert(
             name.clone(),
-            VersionedResource::new(type_url::ENDPOINTS, &endpoints_of(model, &index, key)),
+            VersionedResource::new(type_url::ENDPOINTS, &endpoints_of(model, &index, key, mtls)),
         );
         routes.insert(
             name.clone(),
@@ -113,9 +115,19 @@ pub fn shared_resources(model: &Model) -> Vec<(TypeUrl, Built)> {
 /// The resources that depend on the proxy's own workload.
 pub fn node_resources(
     model: &Model,
+    trust: &TrustBundle,
     node: &NodeInfo,
 ) -> BTreeMap<TypeUrl, Arc<BTreeMap<String, Arc<VersionedResource>>>> {
     let mesh = pb::MeshConfig {
+        trust_anchors: trust
+            .anchors
+            .iter()
+            .map(|a| pb::TrustAnchor {
+                id: a.id.clone(),
+                certificate: a.der.to_vec(),
+                signing: a.signing,
+            })
+            .collect(),
         trust_domain: model.mesh.trust_domain.clone(),
         mtls_mode: mtls_mode(model.mtls_mode_for(&node.workload)) as i32,
         outbound_traffic_policy: match model.mesh.outbound_traffic_policy {
@@ -189,7 +201,12 @@ fn service_of(service: &model::Service) -> pb::Service {
     }
 }
 
-fn endpoints_of(model: &Model, index: &model::EndpointIndex<'_>, key: &ObjectKey) -> pb::Endpoints {
+fn endpoints_of(
+    model: &Model,
+    index: &model::EndpointIndex<'_>,
+    key: &ObjectKey,
+    mtls: bool,
+) -> pb::Endpoints {
     let endpoints = index
         .endpoints_of(key)
         .into_iter()
@@ -206,6 +223,7 @@ fn endpoints_of(model: &Model, index: &model::EndpointIndex<'_>, key: &ObjectKey
                 ready: w.spec.ready,
                 workload: w.meta.key().to_string(),
                 meshed: w.spec.meshed,
+                mtls: mtls && model.mtls_mode_for(&w.meta.key()) != model::MtlsMode::Disable,
             })
         })
         .collect();

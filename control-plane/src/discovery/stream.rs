@@ -308,7 +308,7 @@ pub(super) async fn serve(
     tracing::info!(stream = id, node = %node.id, ?peer, "proxy connected");
     let mut stream = ProxyStream {
         id,
-        own: resources::node_resources(&snapshot.model, &node),
+        own: resources::node_resources(&snapshot.model, &snapshot.trust, &node),
         node,
         registry,
         snapshot,
@@ -362,7 +362,7 @@ impl ProxyStream {
                         return Err("the store is gone".to_owned());
                     }
                     self.snapshot = snapshots.borrow_and_update().clone();
-                    self.own = resources::node_resources(&self.snapshot.model, &self.node);
+                    self.own = resources::node_resources(&self.snapshot.model, &self.snapshot.trust, &self.node);
                 },
             }
         }

@@ -1,0 +1,922 @@
+//! The mesh's certificate authority: its roots, the signing of workload certificates
+//! (X.509-SVIDs), and the rotation of roots.
+//!
+//! Roots are ECDSA P-256 self-signed CA certificates that sign leaves directly (path length 0).
+//! They are generated on first start, or imported from files, and persisted in the CA directory
+//! (`roots/<id>/cert.pem`, `roots/<id>/key.pem` readable by the owner only, and `state.json`
+//! naming the roots in order and the one that signs), so a restarted control plane keeps its
+//! identity and every issued certificate stays valid.
+//!
+//! Rotation is three steps, each safe on its own (see [`CertificateAuthority::add_root`],
+//! [`CertificateAuthority::use_root`], [`CertificateAuthority::remove_root`]): a new root is
+//! first only *trusted* (it joins the bundle every proxy receives), then it *signs* (proxies whose
+//! certificate chains to another root renew at once), and the old root is removed once no
+//! connected proxy's certificate chains to it. The checks that need to know what proxies hold are
+//! the admin API's; this module keeps the facts (which root signed each proxy's newest
+//! certificate) and refuses only what is wrong in itself (removing the signing root).
+//!
+//! Every leaf follows the X.509-SVID rules: exactly one URI SAN (the SPIFFE ID), an empty
+//! subject, cA=false, a critical KeyUsage of digitalSignature only, EKU serverAuth and
+//! clientAuth. The CA never signs anything a CSR asks for beyond its public key: the identity
+//! comes from the caller's proof, the rest from here. It must never write a key where others can
+//! read it, and never lose the last persisted state on a failed write.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use keel_proto::spiffe::SpiffeId;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// How long a generated root is valid.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Leaves are valid from a little before they are signed, for clocks slightly behind ours.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// The shortest workload certificate lifetime the CA accepts as a setting.
+pub const MIN_WORKLOAD_TTL: Duration = Duration::from_secs(10);
+/// The default workload certificate lifetime (Istio's and Linkerd's).
+pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("CA directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("CA directory {path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{what}: {reason}")]
+    BadRoot { what: String, reason: String },
+    #[error("the certificate signing request is invalid: {0}")]
+    BadCsr(String),
+    #[error("no root with id {0}")]
+    NoSuchRoot(String),
+    #[error(
+        "root {0} signs new certificates; make another root sign first (`keelctl ca use-root`)"
+    )]
+    RemovingSigningRoot(String),
+    #[error("signing failed: {0}")]
+    Sign(#[from] rcgen::Error),
+    #[error("workload certificate lifetime {0:?} is below the minimum of {MIN_WORKLOAD_TTL:?}")]
+    TtlTooShort(Duration),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A root as the bundle carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Anchor {
+    pub id: String,
+    #[serde(skip)]
+    pub der: CertificateDer<'static>,
+    pub signing: bool,
+}
+
+/// The roots every peer certificate may chain to, as proxies receive them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct TrustBundle {
+    pub anchors: Vec<Anchor>,
+}
+
+impl TrustBundle {
+    pub fn signing(&self) -> Option<&Anchor> {
+        self.anchors.iter().find(|a| a.signing)
+    }
+}
+
+struct Root {
+    id: String,
+    der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    not_after: SystemTime,
+}
+
+/// The newest certificate signed for one proxy.
+#[derive(Debug, Clone, Serialize)]
+pub struct Issued {
+    pub identity: String,
+    pub root: String,
+    #[serde(with = "crate::admin::rfc3339")]
+    pub not_after: SystemTime,
+}
+
+/// A root, for status.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootStatus {
+    pub id: String,
+    pub signing: bool,
+    #[serde(with = "crate::admin::rfc3339")]
+    pub not_after: SystemTime,
+    pub subject: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CaStatus {
+    pub roots: Vec<RootStatus>,
+    pub workload_ttl_seconds: u64,
+    /// Node id -> its newest certificate, for proxies whose certificate is still valid.
+    pub issued: std::collections::BTreeMap<String, Issued>,
+}
+
+/// A signed workload certificate.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub bundle: TrustBundle,
+    pub not_after: SystemTime,
+    pub signed_by: String,
+}
+
+struct State {
+    roots: Vec<Root>,
+    signing: String,
+    /// Node id -> newest certificate; pruned of expired entries as it grows.
+    issued: HashMap<String, Issued>,
+}
+
+impl State {
+    fn signing_root(&self) -> &Root {
+        // `signing` always names one of `roots`: every change keeps that true.
+        self.roots
+            .iter()
+            .find(|r| r.id == self.signing)
+            .unwrap_or(&self.roots[0])
+    }
+
+    fn bundle(&self) -> TrustBundle {
+        TrustBundle {
+            anchors: self
+                .roots
+                .iter()
+                .map(|r| Anchor {
+                    id: r.id.clone(),
+                    der: r.der.clone(),
+                    signing: r.id == self.signing,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistedState {
+    roots: Vec<String>,
+    signing: String,
+}
+
+/// Where the CA keeps its roots.
+#[derive(Debug, Clone)]
+pub enum CaStorage {
+    /// A directory: created if missing, a root generated on first start (or imported from
+    /// `import`, a certificate and key in PEM, when given and the directory has no root yet).
+    Directory {
+        dir: PathBuf,
+        import: Option<(PathBuf, PathBuf)>,
+    },
+    /// In memory only: a fresh root per process (tests and throwaway meshes).
+    Memory,
+}
+
+/// The certificate authority.
+pub struct CertificateAuthority {
+    dir: Option<PathBuf>,
+    state: Mutex<State>,
+    bundle: watch::Sender<Arc<TrustBundle>>,
+    workload_ttl: Duration,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("dir", &self.dir)
+            .field("workload_ttl", &self.workload_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The id of a root: the first 8 bytes of its certificate's SHA-256, in hex.
+pub fn root_id(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn generate_root() -> Result<(CertificateDer<'static>, KeyPair), CaError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "keel");
+    name.push(DnType::CommonName, "keel mesh root CA");
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    params.not_before = (now - CLOCK_SKEW).into();
+    params.not_after = (now + ROOT_LIFETIME).into();
+    params.serial_number = Some(random_serial());
+    let cert = params.self_signed(&key)?;
+    Ok((cert.der().clone(), key))
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = rand::random::<[u8; 16]>();
+    // Positive and without a leading zero byte, as RFC 5280 wants serials.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// Checks that `der` is a CA certificate that `key` belongs to, and makes a root of it.
+fn root_from(der: CertificateDer<'static>, key: KeyPair, what: &str) -> Result<Root, CaError> {
+    let bad = |reason: String| CaError::BadRoot {
+        what: what.to_owned(),
+        reason,
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    if !is_ca {
+        return Err(bad(
+            "the certificate is not a CA (basicConstraints cA=false)".into(),
+        ));
+    }
+    if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+        return Err(bad("the key does not belong to the certificate".into()));
+    }
+    let not_after = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+    if not_after <= SystemTime::now() {
+        return Err(bad("the certificate has expired".into()));
+    }
+    let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| bad(e.to_string()))?;
+    Ok(Root {
+        id: root_id(&der),
+        der,
+        issuer,
+        not_after,
+    })
+}
+
+fn read_root(cert_path: &Path, key_path: &Path) -> Result<Root, CaError> {
+    let cert_pem = fs::read(cert_path).map_err(io_err(cert_path))?;
+    let key_pem = fs::read_to_string(key_path).map_err(io_err(key_path))?;
+    let der = CertificateDer::from_pem_slice(&cert_pem).map_err(|e| CaError::BadRoot {
+        what: cert_path.display().to_string(),
+        reason: format!("no PEM certificate: {e}"),
+    })?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadRoot {
+        what: key_path.display().to_string(),
+        reason: format!("no usable PEM private key: {e}"),
+    })?;
+    root_from(der, key, &cert_path.display().to_string())
+}
+
+/// Writes `contents` to `path` through a temporary file and a rename, so a crash leaves either
+/// the old file or the new one. `private` files are readable by the owner only.
+fn write_atomically(path: &Path, contents: &[u8], private: bool) -> Result<(), CaError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io_err(path))?;
+    }
+    tmp.write_all(contents).map_err(io_err(path))?;
+    tmp.as_file().sync_all().map_err(io_err(path))?;
+    tmp.persist(path).map_err(|e| CaError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+fn pem_of(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+/// PEM of the bundle's certificates, one after another (what `--ca-root-file` takes).
+pub fn bundle_pem(bundle: &TrustBundle) -> String {
+    bundle.anchors.iter().map(|a| pem_of(&a.der)).collect()
+}
+
+impl CertificateAuthority {
+    /// Opens (or creates) the CA. `workload_ttl` is the lifetime of workload certificates.
+    pub fn open(
+        storage: CaStorage,
+        workload_ttl: Duration,
+    ) -> Result<CertificateAuthority, CaError> {
+        if workload_ttl < MIN_WORKLOAD_TTL {
+            return Err(CaError::TtlTooShort(workload_ttl));
+        }
+        let (dir, roots, signing) = match storage {
+            CaStorage::Memory => {
+                let (der, key) = generate_root()?;
+                let root = root_from(der, key, "generated root")?;
+                let signing = root.id.clone();
+                (None, vec![root], signing)
+            }
+            CaStorage::Directory { dir, import } => {
+                let (roots, signing) = Self::load_or_create(&dir, import)?;
+                (Some(dir), roots, signing)
+            }
+        };
+        let state = State {
+            roots,
+            signing,
+            issued: HashMap::new(),
+        };
+        let bundle = watch::Sender::new(Arc::new(state.bundle()));
+        Ok(CertificateAuthority {
+            dir,
+            state: Mutex::new(state),
+            bundle,
+            workload_ttl,
+        })
+    }
+
+    fn load_or_create(
+        dir: &Path,
+        import: Option<(PathBuf, PathBuf)>,
+    ) -> Result<(Vec<Root>, String), CaError> {
+        let state_path = dir.join("state.json");
+        if state_path.exists() {
+            let text = fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+            let persisted: PersistedState =
+                serde_json::from_str(&text).map_err(|e| CaError::Corrupt {
+                    path: state_path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let mut roots = Vec::new();
+            for id in &persisted.roots {
+                let root_dir = dir.join("roots").join(id);
+                let root = read_root(&root_dir.join("cert.pem"), &root_dir.join("key.pem"))?;
+                if root.id != *id {
+                    return Err(CaError::Corrupt {
+                        path: root_dir,
+                        reason: format!("holds root {}, not {id}", root.id),
+                    });
+                }
+                roots.push(root);
+            }
+            if !roots.iter().any(|r| r.id == persisted.signing) {
+                return Err(CaError::Corrupt {
+                    path: state_path,
+                    reason: format!(
+                        "the signing root {} is not among the roots",
+                        persisted.signing
+                    ),
+                });
+            }
+            tracing::info!(dir = %dir.display(), roots = roots.len(), signing = %persisted.signing, "CA loaded");
+            return Ok((roots, persisted.signing));
+        }
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let root = match import {
+            Some((cert, key)) => read_root(&cert, &key)?,
+            None => {
+                let (der, key) = generate_root()?;
+                root_from(der, key, "generated root")?
+            }
+        };
+        Self::persist_root(dir, &root)?;
+        let signing = root.id.clone();
+        Self::persist_state(dir, std::slice::from_ref(&signing), &signing)?;
+        let roots = vec![root];
+        tracing::info!(dir = %dir.display(), root = %signing, "CA created");
+        Ok((roots, signing))
+    }
+
+    fn persist_root(dir: &Path, root: &Root) -> Result<(), CaError> {
+        let root_dir = dir.join("roots").join(&root.id);
+        fs::create_dir_all(&root_dir).map_err(io_err(&root_dir))?;
+        write_atomically(
+            &root_dir.join("key.pem"),
+            root.issuer.key().serialize_pem().as_bytes(),
+            true,
+        )?;
+        write_atomically(
+            &root_dir.join("cert.pem"),
+            pem_of(&root.der).as_bytes(),
+            false,
+        )
+    }
+
+    fn persist_state(dir: &Path, roots: &[String], signing: &str) -> Result<(), CaError> {
+        let state = PersistedState {
+            roots: roots.to_vec(),
+            signing: signing.to_owned(),
+        };
+        let json = serde_json::to_vec_pretty(&state).map_err(|e| CaError::Corrupt {
+            path: dir.join("state.json"),
+            reason: e.to_string(),
+        })?;
+        write_atomically(&dir.join("state.json"), &json, false)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Persists the roots `ids` with `signing` (and `new_root`'s files first), before the caller
+    /// changes the state in memory: a failed write changes nothing.
+    fn persist(
+        &self,
+        ids: &[String],
+        signing: &str,
+        new_root: Option<&Root>,
+    ) -> Result<(), CaError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        if let Some(root) = new_root {
+            Self::persist_root(dir, root)?;
+        }
+        Self::persist_state(dir, ids, signing)
+    }
+
+    fn publish(&self, state: MutexGuard<'_, State>) {
+        let bundle = Arc::new(state.bundle());
+        drop(state);
+        self.bundle.send_replace(bundle);
+    }
+
+    /// Adds a root to the bundle without letting it sign: generated, or from a PEM certificate
+    /// and key. Returns its id. Adding a root that is already there changes nothing.
+    pub fn add_root(&self, pem: Option<(&str, &str)>) -> Result<String, CaError> {
+        let root = match pem {
+            Some((cert_pem, key_pem)) => {
+                let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
+                    CaError::BadRoot {
+                        what: "the certificate".into(),
+                        reason: format!("no PEM certificate: {e}"),
+                    }
+                })?;
+                let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::BadRoot {
+                    what: "the key".into(),
+                    reason: format!("no usable PEM private key: {e}"),
+                })?;
+                root_from(der, key, "the imported root")?
+            }
+            None => {
+                let (der, key) = generate_root()?;
+                root_from(der, key, "generated root")?
+            }
+        };
+        let id = root.id.clone();
+        let mut state = self.lock();
+        if state.roots.iter().any(|r| r.id == id) {
+            return Ok(id);
+        }
+        let mut ids: Vec<String> = state.roots.iter().map(|r| r.id.clone()).collect();
+        ids.push(id.clone());
+        self.persist(&ids, &state.signing, Some(&root))?;
+        state.roots.push(root);
+        self.publish(state);
+        tracing::info!(root = %id, "root added to the trust bundle");
+        Ok(id)
+    }
+
+    /// Makes root `id` sign new certificates.
+    pub fn use_root(&self, id: &str) -> Result<(), CaError> {
+        let mut state = self.lock();
+        if !state.roots.iter().any(|r| r.id == id) {
+            return Err(CaError::NoSuchRoot(id.to_owned()));
+        }
+        let ids: Vec<String> = state.roots.iter().map(|r| r.id.clone()).collect();
+        self.persist(&ids, id, None)?;
+        state.signing = id.to_owned();
+        self.publish(state);
+        tracing::info!(root = %id, "root now signs workload certificates");
+        Ok(())
+    }
+
+    /// Removes root `id` from the bundle. The signing root cannot be removed.
+    pub fn remove_root(&self, id: &str) -> Result<(), CaError> {
+        let mut state = self.lock();
+        if state.signing == id {
+            return Err(CaError::RemovingSigningRoot(id.to_owned()));
+        }
+        if !state.roots.iter().any(|r| r.id == id) {
+            return Err(CaError::NoSuchRoot(id.to_owned()));
+        }
+        let ids: Vec<String> = state
+            .roots
+            .iter()
+            .map(|r| r.id.clone())
+            .filter(|r| r != id)
+            .collect();
+        self.persist(&ids, &state.signing, None)?;
+        state.roots.retain(|r| r.id != id);
+        self.publish(state);
+        tracing::info!(root = %id, "root removed from the trust bundle");
+        Ok(())
+    }
+
+    /// The current trust bundle.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.borrow().clone()
+    }
+
+    /// A receiver that sees every new trust bundle.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<TrustBundle>> {
+        self.bundle.subscribe()
+    }
+
+    pub fn workload_ttl(&self) -> Duration {
+        self.workload_ttl
+    }
+
+    /// The proxies whose newest certificate is still valid and chains to `root`.
+    pub fn holders_of(&self, root: &str) -> Vec<String> {
+        let now = SystemTime::now();
+        let mut holders: Vec<String> = self
+            .lock()
+            .issued
+            .iter()
+            .filter(|(_, i)| i.root == root && i.not_after > now)
+            .map(|(node, _)| node.clone())
+            .collect();
+        holders.sort();
+        holders
+    }
+
+    pub fn status(&self) -> CaStatus {
+        let now = SystemTime::now();
+        let state = self.lock();
+        CaStatus {
+            roots: state
+                .roots
+                .iter()
+                .map(|r| RootStatus {
+                    id: r.id.clone(),
+                    signing: r.id == state.signing,
+                    not_after: r.not_after,
+                    subject: x509_parser::parse_x509_certificate(&r.der)
+                        .map(|(_, c)| c.subject().to_string())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            workload_ttl_seconds: self.workload_ttl.as_secs(),
+            issued: state
+                .issued
+                .iter()
+                .filter(|(_, i)| i.not_after > now)
+                .map(|(n, i)| (n.clone(), i.clone()))
+                .collect(),
+        }
+    }
+
+    /// Signs a workload certificate for `identity`, whose proof the caller has checked, over the
+    /// public key of `csr` (DER). The CSR must be well formed, correctly self-signed, and for an
+    /// ECDSA P-256 key; nothing else in it is used.
+    pub fn sign_workload(
+        &self,
+        csr: &[u8],
+        identity: &SpiffeId,
+        node_id: &str,
+    ) -> Result<Signed, CaError> {
+        let request = check_csr(csr)?;
+        let now = SystemTime::now();
+        let not_after = now + self.workload_ttl;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            identity
+                .to_string()
+                .try_into()
+                .map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let mut state = self.lock();
+        let root = state.signing_root();
+        let cert = params.signed_by(&request.public_key, &root.issuer)?;
+        let signed_by = root.id.clone();
+        let bundle = state.bundle();
+        if !node_id.is_empty() {
+            if state.issued.len() > 4096 {
+                state.issued.retain(|_, i| i.not_after > now);
+            }
+            state.issued.insert(
+                node_id.to_owned(),
+                Issued {
+                    identity: identity.to_string(),
+                    root: signed_by.clone(),
+                    not_after,
+                },
+            );
+        }
+        Ok(Signed {
+            chain: vec![cert.der().clone()],
+            bundle,
+            not_after,
+            signed_by,
+        })
+    }
+
+    /// A serving certificate for the control plane itself: DNS names and IP addresses,
+    /// serverAuth only, with a key made here. Returns the chain, the key and the expiry.
+    pub fn sign_server(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<CertificateDer<'static>>, KeyPair, SystemTime), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let now = SystemTime::now();
+        let not_after = now + self.workload_ttl;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let mut sans = Vec::with_capacity(names.len());
+        for name in names {
+            match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => sans.push(SanType::IpAddress(ip)),
+                Err(_) => sans.push(SanType::DnsName(name.clone().try_into()?)),
+            }
+        }
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let state = self.lock();
+        let cert = params.signed_by(&key, &state.signing_root().issuer)?;
+        Ok((vec![cert.der().clone()], key, not_after))
+    }
+}
+
+/// Parses and checks a CSR: a valid self-signature over an ECDSA P-256 public key.
+fn check_csr(csr: &[u8]) -> Result<CertificateSigningRequestParams, CaError> {
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(csr)
+        .map_err(|e| CaError::BadCsr(format!("not a PKCS#10 request: {e}")))?;
+    let spki = &parsed.certification_request_info.subject_pki;
+    let is_p256 = spki.algorithm.algorithm == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        && spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .is_some_and(|curve| curve == x509_parser::oid_registry::OID_EC_P256);
+    if !is_p256 {
+        return Err(CaError::BadCsr(
+            "the key must be ECDSA P-256 (as X.509-SVIDs are issued)".into(),
+        ));
+    }
+    parsed
+        .verify_signature()
+        .map_err(|_| CaError::BadCsr("its signature does not verify".into()))?;
+    // rcgen re-parses it for the public key; extensions it does not know are irrelevant since
+    // none are copied, so only the key is taken from its answer.
+    match CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr)) {
+        Ok(request) => Ok(request),
+        Err(rcgen::Error::UnsupportedExtension) => Err(CaError::BadCsr(
+            "it requests an extension keel does not sign; send only the SPIFFE ID SAN".into(),
+        )),
+        Err(e) => Err(CaError::BadCsr(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+    fn csr_for(key: &KeyPair, san: &str) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(san.try_into().expect("uri"))];
+        params.serialize_request(key).expect("csr").der().to_vec()
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().expect("spiffe id")
+    }
+
+    fn memory_ca() -> CertificateAuthority {
+        CertificateAuthority::open(CaStorage::Memory, Duration::from_secs(3600)).expect("ca")
+    }
+
+    #[test]
+    fn workload_certificates_are_x509_svids() {
+        let ca = memory_ca();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let identity = id("spiffe://keel.local/ns/demo/sa/articles");
+        // The CSR may ask for anything; only its key is used.
+        let csr = csr_for(&key, "spiffe://evil.example/ns/kube-system/sa/admin");
+        let signed = ca
+            .sign_workload(&csr, &identity, "articles-1.demo")
+            .expect("signed");
+        assert_eq!(signed.chain.len(), 1);
+        assert_eq!(signed.signed_by, ca.bundle().anchors[0].id);
+        let (_, cert) = x509_parser::parse_x509_certificate(&signed.chain[0]).expect("parse");
+        assert!(
+            cert.subject().iter().next().is_none(),
+            "subject must be empty"
+        );
+        assert_eq!(
+            cert.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        );
+        let mut uris = Vec::new();
+        let mut saw = (false, false, false, false);
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        match name {
+                            GeneralName::URI(u) => uris.push(u.to_string()),
+                            other => panic!("unexpected SAN {other:?}"),
+                        }
+                    }
+                }
+                ParsedExtension::BasicConstraints(bc) => {
+                    assert!(!bc.ca);
+                    saw.0 = true;
+                }
+                ParsedExtension::KeyUsage(ku) => {
+                    assert!(ext.critical, "KeyUsage must be critical");
+                    assert!(ku.digital_signature());
+                    assert!(!ku.key_cert_sign() && !ku.crl_sign());
+                    saw.1 = true;
+                }
+                ParsedExtension::ExtendedKeyUsage(eku) => {
+                    assert!(eku.server_auth && eku.client_auth);
+                    saw.2 = true;
+                }
+                ParsedExtension::AuthorityKeyIdentifier(_) => saw.3 = true,
+                _ => {}
+            }
+        }
+        assert_eq!(uris, vec![identity.to_string()]);
+        assert_eq!(saw, (true, true, true, true));
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(lifetime, 3600 + CLOCK_SKEW.as_secs() as i64);
+        assert_eq!(
+            ca.holders_of(&signed.signed_by),
+            vec!["articles-1.demo".to_owned()]
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_a_reason() {
+        let ca = memory_ca();
+        let identity = id("spiffe://keel.local/ns/demo/sa/a");
+        let err = ca
+            .sign_workload(b"not der", &identity, "n")
+            .expect_err("garbage");
+        assert!(err.to_string().contains("not a PKCS#10 request"), "{err}");
+
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key");
+        let err = ca
+            .sign_workload(&csr_for(&p384, &identity.to_string()), &identity, "n")
+            .expect_err("p384");
+        assert!(err.to_string().contains("ECDSA P-256"), "{err}");
+
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut csr = csr_for(&key, &identity.to_string());
+        let last = csr.len() - 1;
+        csr[last] ^= 0x01;
+        let err = ca
+            .sign_workload(&csr, &identity, "n")
+            .expect_err("tampered");
+        assert!(err.to_string().contains("does not verify"), "{err}");
+    }
+
+    #[test]
+    fn the_root_persists_and_rotates() {
+        let dir = tempfile::tempdir().expect("dir");
+        let storage = CaStorage::Directory {
+            dir: dir.path().join("ca"),
+            import: None,
+        };
+        let ttl = Duration::from_secs(600);
+        let first = CertificateAuthority::open(storage.clone(), ttl).expect("ca");
+        let root1 = first.bundle().anchors[0].id.clone();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let key = dir.path().join("ca/roots").join(&root1).join("key.pem");
+            let mode = fs::metadata(&key).expect("key").permissions().mode();
+            assert_eq!(mode & 0o077, 0, "the root key must be private");
+        }
+        let root2 = first.add_root(None).expect("add");
+        let bundle = first.bundle();
+        assert_eq!(bundle.anchors.len(), 2);
+        assert_eq!(bundle.signing().expect("signing").id, root1);
+        assert!(matches!(
+            first.remove_root(&root1),
+            Err(CaError::RemovingSigningRoot(_))
+        ));
+        first.use_root(&root2).expect("use");
+        drop(first);
+
+        let reopened = CertificateAuthority::open(storage.clone(), ttl).expect("reopen");
+        let bundle = reopened.bundle();
+        assert_eq!(
+            bundle
+                .anchors
+                .iter()
+                .map(|a| a.id.as_str())
+                .collect::<Vec<_>>(),
+            [root1.as_str(), root2.as_str()]
+        );
+        assert_eq!(bundle.signing().expect("signing").id, root2);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let identity = id("spiffe://keel.local/ns/demo/sa/a");
+        let signed = reopened
+            .sign_workload(&csr_for(&key, &identity.to_string()), &identity, "n")
+            .expect("sign");
+        assert_eq!(signed.signed_by, root2);
+        reopened.remove_root(&root1).expect("remove");
+        assert!(matches!(
+            reopened.remove_root(&root1),
+            Err(CaError::NoSuchRoot(_))
+        ));
+        drop(reopened);
+        let last = CertificateAuthority::open(storage, ttl).expect("reopen");
+        assert_eq!(last.bundle().anchors.len(), 1);
+        assert_eq!(last.bundle().anchors[0].id, root2);
+    }
+
+    #[test]
+    fn a_root_can_be_imported_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (der, key) = generate_root().expect("root");
+        let cert_path = dir.path().join("root.pem");
+        let key_path = dir.path().join("root-key.pem");
+        fs::write(&cert_path, pem_of(&der)).expect("write");
+        fs::write(&key_path, key.serialize_pem()).expect("write");
+        let ca = CertificateAuthority::open(
+            CaStorage::Directory {
+                dir: dir.path().join("ca"),
+                import: Some((cert_path.clone(), key_path)),
+            },
+            Duration::from_secs(600),
+        )
+        .expect("import");
+        assert_eq!(ca.bundle().anchors[0].id, root_id(&der));
+
+        // A key that is not the certificate's.
+        let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let err = ca
+            .add_root(Some((&pem_of(&der), &other.serialize_pem())))
+            .expect_err("mismatch");
+        assert!(err.to_string().contains("does not belong"), "{err}");
+        // A leaf is not a CA.
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let leaf = CertificateParams::new(vec!["x.example".to_owned()])
+            .expect("params")
+            .self_signed(&leaf_key)
+            .expect("leaf");
+        let err = ca
+            .add_root(Some((&leaf.pem(), &leaf_key.serialize_pem())))
+            .expect_err("leaf");
+        assert!(err.to_string().contains("not a CA"), "{err}");
+        let err = ca
+            .add_root(Some(("garbage", "garbage")))
+            .expect_err("garbage");
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+        assert!(matches!(
+            CertificateAuthority::open(CaStorage::Memory, Duration::from_secs(1)),
+            Err(CaError::TtlTooShort(_))
+        ));
+    }
+}
