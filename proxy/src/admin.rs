@@ -1,6 +1,7 @@
 //! The proxy's admin server (port 15020): `/live`, `/ready` (once the first complete
-//! configuration arrived), `/config` (the applied configuration and the discovery client's state,
-//! JSON) and `/metrics` (Prometheus).
+//! configuration arrived and, with an identity, the first certificate), `/config` (the applied
+//! configuration, the discovery client's state and the certificate's, JSON) and `/metrics`
+//! (Prometheus).
 //!
 //! It runs beside the data path and never blocks it: every answer reads a snapshot.
 
@@ -17,10 +18,14 @@ use tokio::net::TcpListener;
 use crate::discovery::DiscoveryHandle;
 use crate::metrics::Metrics;
 use crate::serve::{self, Drain};
+use crate::tls::MeshTls;
+use crate::tls::certify::CertStatus;
 
 pub struct Admin {
     pub discovery: Arc<DiscoveryHandle>,
     pub metrics: Arc<Metrics>,
+    /// The proxy's identity and its certificate task's state, when it has one.
+    pub identity: Option<(Arc<MeshTls>, Arc<std::sync::Mutex<CertStatus>>)>,
 }
 
 impl Admin {
@@ -47,18 +52,32 @@ impl Admin {
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" => {
-                if self.discovery.is_ready() {
-                    text(StatusCode::OK, "ready\n")
-                } else {
+                let certified = self
+                    .identity
+                    .as_ref()
+                    .is_none_or(|(tls, _)| tls.credentials().is_some());
+                if !self.discovery.is_ready() {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "waiting for the first configuration from the control plane\n",
                     )
+                } else if !certified {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for the workload certificate\n",
+                    )
+                } else {
+                    text(StatusCode::OK, "ready\n")
                 }
             }
             "/config" => {
+                let certificate = self
+                    .identity
+                    .as_ref()
+                    .map(|(_, status)| status.lock().unwrap_or_else(|e| e.into_inner()).clone());
                 let body = serde_json::json!({
                     "discovery": self.discovery.stats(),
+                    "certificate": certificate,
                     "config": &*self.discovery.config(),
                 });
                 match serde_json::to_vec_pretty(&body) {

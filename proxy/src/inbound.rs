@@ -6,8 +6,15 @@
 //! `keel-orig-proto`; they are sent to the app as HTTP/1.1. Other HTTP/2 (gRPC) stays HTTP/2,
 //! HTTP/1 stays HTTP/1, and anything else is copied as opaque TCP.
 //!
-//! Authorization of the peer happens here once identities exist (mTLS); this module must never
-//! forward to anything but the local app.
+//! mTLS: a TLS ClientHello whose server name is this proxy's identity name is mesh traffic; the
+//! proxy terminates it, requiring a client certificate from the mesh (see [`crate::tls`]), and
+//! the ALPN says what flows inside (HTTP/2, HTTP/1.1 or opaque TCP). The peer's SPIFFE ID
+//! reaches the app in `keel-client-id` (a value a client sends itself is always removed). Other
+//! TLS is the application's own and is passed through as opaque TCP. Under STRICT mTLS,
+//! everything that is not mesh mTLS is refused and counted.
+//!
+//! This module must never forward to anything but the local app, and never pass on a
+//! `keel-client-id` it did not verify.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -15,17 +22,26 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
+use keel_proto::spiffe::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::config::MtlsMode;
 use crate::detect;
-use crate::metrics::{ConnProtocol, Direction, RequestLabels};
+use crate::metrics::{ConnProtocol, Direction, Refusal, RequestLabels};
 use crate::outbound::ORIG_PROTO;
 use crate::pool::{self, Body};
 use crate::serve::{self, Drain, Shared};
+use crate::tls::Carried;
 use crate::transparent;
 
 /// How long connecting to the local app may take; it is on the same host.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The header that tells the app who the (verified) client is.
+pub const CLIENT_ID: &str = "keel-client-id";
+/// How much of a ClientHello the proxy reads to find its server name.
+const MAX_CLIENT_HELLO: usize = 16 << 10;
+/// How long a peer may take to complete the mTLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the inbound listener until drained.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, drain: Drain) {
@@ -57,6 +73,22 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
             return;
         }
     };
+    let strict = shared.config.current().mesh().mtls_mode == MtlsMode::Strict;
+    if protocol == detect::Protocol::Tls {
+        match mesh_client_hello(&stream, &shared).await {
+            Hello::Mesh => return mesh(shared, stream, client, app, drain).await,
+            Hello::Foreign if strict => {
+                tracing::debug!(%client, "TLS that is not mesh mTLS refused (STRICT)");
+                shared.metrics.refused(Refusal::foreign_tls);
+                return;
+            }
+            Hello::Foreign => {}
+        }
+    } else if strict {
+        tracing::debug!(%client, ?protocol, "plaintext refused (STRICT mTLS)");
+        shared.metrics.refused(Refusal::plaintext);
+        return;
+    }
     match protocol {
         detect::Protocol::Http1 | detect::Protocol::Http2 => {
             let http2 = protocol == detect::Protocol::Http2;
@@ -67,6 +99,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
                 shared: shared.clone(),
                 app,
                 client,
+                peer: None,
             };
             serve::serve_http(stream, http2, drain, move |req| {
                 let handler = handler.clone();
@@ -77,15 +110,135 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
         detect::Protocol::Tls | detect::Protocol::Opaque => {
             let label = ConnProtocol::from(protocol);
             let _conn = shared.metrics.connection(Direction::inbound, label);
-            match pool::connect(app, APP_CONNECT_TIMEOUT).await {
-                Ok(upstream) => {
-                    let (sent, received) = serve::copy_bidirectional(stream, upstream).await;
-                    shared
-                        .metrics
-                        .bytes(Direction::inbound, label, sent, received);
-                }
-                Err(e) => tracing::debug!(%app, error = %e, "local app unreachable"),
+            to_app(&shared, stream, app, label).await;
+        }
+    }
+}
+
+/// Copies a connection to the app at `app`, both ways.
+async fn to_app<S>(shared: &Shared, stream: S, app: SocketAddr, label: ConnProtocol)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match pool::connect(app, APP_CONNECT_TIMEOUT).await {
+        Ok(upstream) => {
+            let (sent, received) = serve::copy_bidirectional(stream, upstream).await;
+            shared
+                .metrics
+                .bytes(Direction::inbound, label, sent, received);
+        }
+        Err(e) => tracing::debug!(%app, error = %e, "local app unreachable"),
+    }
+}
+
+/// What a TLS ClientHello is for.
+enum Hello {
+    /// Mesh mTLS for this proxy: its server name is this proxy's identity name.
+    Mesh,
+    /// Anything else: the application's own TLS, or not TLS after all.
+    Foreign,
+}
+
+/// Reads (without consuming) the ClientHello on `stream` and tells whether it is mesh mTLS for
+/// this proxy. Bounded in size and by the detection timeout.
+async fn mesh_client_hello(stream: &TcpStream, shared: &Shared) -> Hello {
+    let Some(tls) = &shared.tls else {
+        return Hello::Foreign;
+    };
+    let deadline = tokio::time::Instant::now() + shared.detect_timeout;
+    let mut buf = vec![0u8; MAX_CLIENT_HELLO];
+    let mut seen = 0;
+    loop {
+        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return Hello::Foreign,
+        };
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut bytes = &buf[..peeked];
+        if acceptor.read_tls(&mut bytes).is_err() {
+            return Hello::Foreign;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let ours = accepted.client_hello().server_name() == Some(tls.server_name());
+                return if ours { Hello::Mesh } else { Hello::Foreign };
             }
+            Ok(None) if peeked < MAX_CLIENT_HELLO && peeked > 0 => {
+                // The ClientHello spans more segments than have arrived.
+                if peeked == seen {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                seen = peeked;
+            }
+            _ => return Hello::Foreign,
+        }
+    }
+}
+
+/// Terminates mesh mTLS and serves what it carries.
+async fn mesh(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    client: SocketAddr,
+    app: SocketAddr,
+    drain: Drain,
+) {
+    let Some(config) = shared.tls.as_ref().and_then(|t| t.server_config()) else {
+        tracing::debug!(%client, "mesh mTLS before this proxy has a certificate; refused");
+        shared.metrics.refused(Refusal::no_identity);
+        return;
+    };
+    let accepted = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(stream),
+    )
+    .await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%client, error = %e, "mTLS handshake refused");
+            shared.metrics.refused(Refusal::handshake);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%client, "mTLS handshake timed out");
+            shared.metrics.refused(Refusal::handshake);
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    // The verifier accepted exactly one SPIFFE ID of the trust domain; read it back.
+    let peer = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| crate::tls::identity_of(leaf).ok())
+        .map(Arc::new);
+    let Some(peer) = peer else {
+        shared.metrics.refused(Refusal::handshake);
+        return;
+    };
+    let carried = Carried::from_alpn(session.alpn_protocol());
+    let _conn = shared
+        .metrics
+        .connection(Direction::inbound, ConnProtocol::mtls);
+    match carried {
+        Some(Carried::Http2 | Carried::Http1) => {
+            let handler = HttpInbound {
+                shared: shared.clone(),
+                app,
+                client,
+                peer: Some(peer),
+            };
+            let http2 = carried == Some(Carried::Http2);
+            serve::serve_http(tls, http2, drain, move |req| {
+                let handler = handler.clone();
+                async move { handler.request(req).await }
+            })
+            .await;
+        }
+        Some(Carried::Opaque) => to_app(&shared, tls, app, ConnProtocol::mtls).await,
+        None => {
+            tracing::debug!(%client, %peer, "mTLS without an agreed protocol (ALPN); closing");
         }
     }
 }
@@ -95,6 +248,8 @@ struct HttpInbound {
     shared: Arc<Shared>,
     app: SocketAddr,
     client: SocketAddr,
+    /// The verified identity of the client's sidecar, over mTLS.
+    peer: Option<Arc<SpiffeId>>,
 }
 
 impl HttpInbound {
@@ -109,6 +264,12 @@ impl HttpInbound {
             error: String::new(),
         };
         let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some();
+        req.headers_mut().remove(CLIENT_ID);
+        if let Some(peer) = &self.peer
+            && let Ok(value) = HeaderValue::from_str(&peer.to_string())
+        {
+            req.headers_mut().insert(CLIENT_ID, value);
+        }
         let upgrade = serve::upgrade_protocol(&req);
         let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let as_http1 = downgrade || req.version() != Version::HTTP_2;
@@ -131,13 +292,13 @@ impl HttpInbound {
             *out.uri_mut() = serve::origin_form(out.uri());
             self.shared
                 .upstreams
-                .send_h1(self.app, APP_CONNECT_TIMEOUT, out)
+                .send_h1(self.app, None, APP_CONNECT_TIMEOUT, out)
                 .await
         } else {
             *out.uri_mut() = serve::absolute_uri(&authority, out.uri());
             self.shared
                 .upstreams
-                .send_h2(self.app, APP_CONNECT_TIMEOUT, out)
+                .send_h2(self.app, None, APP_CONNECT_TIMEOUT, out)
                 .await
         };
         match sent {

@@ -13,4 +13,5 @@ pub mod outbound;
 pub mod pool;
 pub mod run;
 pub mod serve;
+pub mod tls;
 pub mod transparent;

@@ -26,7 +26,29 @@ pub enum ConnProtocol {
     http1,
     http2,
     tcp,
+    /// TLS the proxy does not terminate (the application's own).
     tls,
+    /// mTLS between sidecars, terminated by the inbound side.
+    mtls,
+}
+
+/// Why the inbound side refused a connection.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Refusal {
+    /// Plaintext under STRICT mTLS.
+    plaintext,
+    /// TLS that is not mesh mTLS for this proxy, under STRICT.
+    foreign_tls,
+    /// The mTLS handshake failed (unknown CA, expired, wrong identity, no client certificate).
+    handshake,
+    /// Mesh mTLS arrived but the proxy has no certificate yet.
+    no_identity,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub reason: Refusal,
 }
 
 impl From<crate::detect::Protocol> for ConnProtocol {
@@ -80,6 +102,7 @@ pub struct Metrics {
     active: Family<ConnLabels, Gauge>,
     sent: Family<ConnLabels, Counter>,
     received: Family<ConnLabels, Counter>,
+    refused: Family<RefusalLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -135,6 +158,12 @@ impl Default for Metrics {
             "Bytes received from clients of opaque TCP connections",
             received.clone(),
         );
+        let refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "inbound_refused_connections",
+            "Inbound connections refused by the mTLS mode or a failed mTLS handshake",
+            refused.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -144,6 +173,7 @@ impl Default for Metrics {
             active,
             sent,
             received,
+            refused,
         }
     }
 }
@@ -193,6 +223,10 @@ impl Metrics {
             })
             .observe(latency.as_secs_f64());
         self.requests.get_or_create(&labels).inc();
+    }
+
+    pub fn refused(&self, reason: Refusal) {
+        self.refused.get_or_create(&RefusalLabels { reason }).inc();
     }
 
     /// The OpenMetrics text of every metric.

@@ -28,7 +28,9 @@ use crate::detect;
 use crate::metrics::{ConnProtocol, Direction, RequestLabels};
 use crate::pool::{self, Body};
 use crate::serve::{self, Drain, Shared};
+use crate::tls::Carried;
 use crate::transparent;
+use tokio_util::either::Either;
 
 /// How long a connection to a destination outside the mesh may take to open.
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,7 +143,12 @@ async fn opaque(
                     break;
                 };
                 let addr = endpoint.socket_addr(&port);
-                match pool::connect(addr, timeout).await {
+                let peer = endpoint.endpoint.mtls_peer();
+                match shared
+                    .upstreams
+                    .connect(addr, peer, Carried::Opaque, timeout)
+                    .await
+                {
                     Ok(s) => {
                         connected = Some((s, Some(endpoint.start())));
                         break;
@@ -159,7 +166,7 @@ async fn opaque(
             return;
         }
         None => match pool::connect(orig, PASSTHROUGH_CONNECT_TIMEOUT).await {
-            Ok(s) => Some((s, None)),
+            Ok(s) => Some((Either::Left(s), None)),
             Err(e) => {
                 tracing::debug!(%orig, error = %e, "passthrough connect failed");
                 None
@@ -257,13 +264,21 @@ impl HttpOutbound {
                 }
                 *out.version_mut() = Version::HTTP_2;
                 *out.uri_mut() = serve::absolute_uri(&authority, out.uri());
-                let send = self.shared.upstreams.send_h2(addr, connect_timeout, out);
+                let peer = endpoint.endpoint.mtls_peer();
+                let send = self
+                    .shared
+                    .upstreams
+                    .send_h2(addr, peer, connect_timeout, out);
                 serve::with_timeout(dest.timeout, send).await
             } else {
                 *out.version_mut() = Version::HTTP_11;
                 serve::set_host(&mut out, &authority);
                 *out.uri_mut() = serve::origin_form(out.uri());
-                let send = self.shared.upstreams.send_h1(addr, connect_timeout, out);
+                let peer = endpoint.endpoint.mtls_peer();
+                let send = self
+                    .shared
+                    .upstreams
+                    .send_h1(addr, peer, connect_timeout, out);
                 serve::with_timeout(dest.timeout, send).await
             };
             match sent {
@@ -374,7 +389,7 @@ impl HttpOutbound {
         match self
             .shared
             .upstreams
-            .send_h1(self.orig, PASSTHROUGH_CONNECT_TIMEOUT, out)
+            .send_h1(self.orig, None, PASSTHROUGH_CONNECT_TIMEOUT, out)
             .await
         {
             Ok(response) => {

@@ -6,8 +6,13 @@
 //! response body has been read to the end, and is dropped otherwise. Bodies are streamed, never
 //! buffered whole.
 //!
-//! This module must never send a request on a connection that is not ready for it, and never
-//! report a failure as a connect failure (safe to retry elsewhere) once the request was sent.
+//! Connections to another sidecar that expects mTLS are TLS from the first byte, checked against
+//! the identity the endpoint must prove (see [`crate::tls`]), and pooled per address *and*
+//! identity, so a connection is never reused for a peer it was not verified for.
+//!
+//! This module must never send a request on a connection that is not ready for it, never report
+//! a failure as a connect failure (safe to retry elsewhere) once the request was sent, and never
+//! fall back to plaintext for a peer that expects mTLS.
 
 use std::collections::HashMap;
 use std::io;
@@ -24,7 +29,18 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use keel_proto::spiffe::SpiffeId;
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
+
+use crate::tls::{Carried, MeshConnectError, MeshTls};
+
+/// A connection to an upstream: plain TCP, or mTLS to another sidecar.
+pub type UpstreamIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Who an upstream connection goes to: an address, and the identity to expect there when the
+/// connection is mTLS.
+pub type PeerKey = (SocketAddr, Option<Arc<SpiffeId>>);
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -58,6 +74,14 @@ pub enum UpstreamError {
     },
     #[error("connect to {addr} timed out after {timeout:?}")]
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("mTLS to {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: MeshConnectError,
+    },
+    #[error("{addr} expects mTLS but this proxy runs without an identity")]
+    NoIdentity { addr: SocketAddr },
     #[error("handshake with {addr} failed: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -96,8 +120,10 @@ type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 /// Pooled upstream connections.
 #[derive(Default)]
 pub struct Upstreams {
-    idle_h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
-    h2: Mutex<HashMap<SocketAddr, H2Slot>>,
+    idle_h1: Mutex<HashMap<PeerKey, Vec<http1::SendRequest<Body>>>>,
+    h2: Mutex<HashMap<PeerKey, H2Slot>>,
+    /// The proxy's mTLS state, when it has an identity.
+    tls: Option<Arc<MeshTls>>,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -111,52 +137,76 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Upstreams {
-    pub fn new() -> Arc<Upstreams> {
-        Arc::new(Upstreams::default())
+    pub fn new(tls: Option<Arc<MeshTls>>) -> Arc<Upstreams> {
+        Arc::new(Upstreams {
+            tls,
+            ..Upstreams::default()
+        })
     }
 
-    /// Sends an HTTP/1.1 request to `addr` on an idle pooled connection or a new one. The
-    /// request's URI must be in origin form with its `Host` header set.
+    /// Opens a connection to `addr`: mTLS carrying `carried` when `peer` is the identity to
+    /// expect there, plain TCP otherwise.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        peer: Option<&Arc<SpiffeId>>,
+        carried: Carried,
+        timeout: Duration,
+    ) -> Result<UpstreamIo, UpstreamError> {
+        let tcp = connect(addr, timeout).await?;
+        let Some(peer) = peer else {
+            return Ok(Either::Left(tcp));
+        };
+        let tls = self
+            .tls
+            .as_ref()
+            .ok_or(UpstreamError::NoIdentity { addr })?;
+        let handshake = tls.connect(tcp, peer, carried);
+        match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(stream)) => Ok(Either::Right(stream)),
+            Ok(Err(source)) => Err(UpstreamError::Tls { addr, source }),
+            Err(_) => Err(UpstreamError::ConnectTimeout { addr, timeout }),
+        }
+    }
+
+    /// Sends an HTTP/1.1 request to `addr` (over mTLS when `peer` is set) on an idle pooled
+    /// connection or a new one. The request's URI must be in origin form with its `Host` header
+    /// set. A request that a pooled connection could not take (it was closing) goes once more on
+    /// a new connection: it was never written, so this is safe whatever its method or body.
     pub async fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
+        peer: Option<&Arc<SpiffeId>>,
         connect_timeout: Duration,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let mut sender = loop {
-            let idle = lock(&self.idle_h1).get_mut(&addr).and_then(Vec::pop);
-            match idle {
-                Some(mut sender) => {
-                    if !sender.is_closed() && sender.ready().await.is_ok() {
-                        break sender;
-                    }
+        let key: PeerKey = (addr, peer.cloned());
+        let mut sender = self.h1_sender(&key, connect_timeout, false).await?;
+        let response = match sender.try_send_request(req).await {
+            Ok(response) => response,
+            Err(mut unsent) => match unsent.take_message() {
+                Some(req) => {
+                    sender = self.h1_sender(&key, connect_timeout, true).await?;
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|source| UpstreamError::Request { addr, source })?
                 }
                 None => {
-                    let stream = connect(addr, connect_timeout).await?;
-                    let (sender, conn) = http1::Builder::new()
-                        .handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.with_upgrades().await {
-                            tracing::debug!(%addr, error = %e, "upstream HTTP/1 connection ended");
-                        }
+                    return Err(UpstreamError::Request {
+                        addr,
+                        source: unsent.into_error(),
                     });
-                    break sender;
                 }
-            }
+            },
         };
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|source| UpstreamError::Request { addr, source })?;
         let keep_alive = !connection_close(response.headers());
         let (parts, body) = response.into_parts();
         let mut body = ReturnToPool {
             inner: body,
             sender: keep_alive.then_some(sender),
             pool: Arc::downgrade(self),
-            addr,
+            key,
         };
         if body.inner.is_end_stream() {
             // No body to read (204, 304, HEAD, content-length: 0): nobody will poll it.
@@ -168,21 +218,100 @@ impl Upstreams {
         ))
     }
 
-    /// Sends a request on the multiplexed HTTP/2 connection to `addr`, opening it if needed.
-    /// The request's URI carries the authority the upstream should see.
+    /// A ready HTTP/1 connection to `key`: an idle pooled one unless `fresh`, else a new one.
+    async fn h1_sender(
+        &self,
+        key: &PeerKey,
+        connect_timeout: Duration,
+        fresh: bool,
+    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let addr = key.0;
+        if !fresh {
+            loop {
+                // The pool's lock is released before waiting on the connection.
+                let idle = lock(&self.idle_h1).get_mut(key).and_then(Vec::pop);
+                let Some(mut sender) = idle else {
+                    break;
+                };
+                if !sender.is_closed() && sender.ready().await.is_ok() {
+                    return Ok(sender);
+                }
+            }
+        }
+        let stream = self
+            .connect(addr, key.1.as_ref(), Carried::Http1, connect_timeout)
+            .await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%addr, error = %e, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends a request on the multiplexed HTTP/2 connection to `addr` (mTLS when `peer` is
+    /// set), opening it if needed. The request's URI carries the authority the upstream should
+    /// see. A request the connection could not take (it was going away) goes once more on a new
+    /// connection, as in [`Upstreams::send_h1`].
     pub async fn send_h2(
         &self,
         addr: SocketAddr,
+        peer: Option<&Arc<SpiffeId>>,
         connect_timeout: Duration,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let slot = lock(&self.h2).entry(addr).or_default().clone();
+        let slot = lock(&self.h2)
+            .entry((addr, peer.cloned()))
+            .or_default()
+            .clone();
+        let mut sender = self
+            .h2_sender(&slot, addr, peer, connect_timeout, false)
+            .await?;
+        let response = match sender.try_send_request(req).await {
+            Ok(response) => response,
+            Err(mut unsent) => match unsent.take_message() {
+                Some(req) => {
+                    let mut sender = self
+                        .h2_sender(&slot, addr, peer, connect_timeout, true)
+                        .await?;
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|source| UpstreamError::Request { addr, source })?
+                }
+                None => {
+                    return Err(UpstreamError::Request {
+                        addr,
+                        source: unsent.into_error(),
+                    });
+                }
+            },
+        };
+        Ok(response.map(incoming))
+    }
+
+    /// The connection held in `slot`, ready for a request; a new one if there is none, it is
+    /// closed, or `fresh` is asked.
+    async fn h2_sender(
+        &self,
+        slot: &H2Slot,
+        addr: SocketAddr,
+        peer: Option<&Arc<SpiffeId>>,
+        connect_timeout: Duration,
+        fresh: bool,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
         let mut sender = {
             let mut held = slot.lock().await;
             match held.as_ref() {
-                Some(sender) if !sender.is_closed() => sender.clone(),
+                Some(sender) if !fresh && !sender.is_closed() => sender.clone(),
                 _ => {
-                    let stream = connect(addr, connect_timeout).await?;
+                    let stream = self
+                        .connect(addr, peer, Carried::Http2, connect_timeout)
+                        .await?;
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(hyper_util::rt::TokioTimer::new())
                         .keep_alive_interval(Duration::from_secs(30))
@@ -205,19 +334,15 @@ impl Upstreams {
             .ready()
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|source| UpstreamError::Request { addr, source })?;
-        Ok(response.map(incoming))
+        Ok(sender)
     }
 
-    fn give_back(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
+    fn give_back(&self, key: PeerKey, sender: http1::SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
         let mut idle = lock(&self.idle_h1);
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
             list.push(sender);
         }
@@ -245,7 +370,7 @@ struct ReturnToPool {
     inner: Incoming,
     sender: Option<http1::SendRequest<Body>>,
     pool: Weak<Upstreams>,
-    addr: SocketAddr,
+    key: PeerKey,
 }
 
 impl HttpBody for ReturnToPool {
@@ -280,7 +405,7 @@ impl HttpBody for ReturnToPool {
 impl ReturnToPool {
     fn release(&mut self) {
         if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
-            pool.give_back(self.addr, sender);
+            pool.give_back(self.key.clone(), sender);
         }
     }
 }
@@ -373,7 +498,7 @@ mod tests {
                 });
             }
         });
-        let pool = Upstreams::new();
+        let pool = Upstreams::new(None);
         for _ in 0..5 {
             let req = Request::builder()
                 .uri("/")
@@ -381,7 +506,7 @@ mod tests {
                 .body(empty())
                 .expect("request");
             let resp = pool
-                .send_h1(addr, Duration::from_secs(1), req)
+                .send_h1(addr, None, Duration::from_secs(1), req)
                 .await
                 .expect("response");
             // Read as hyper's server does: stop at `is_end_stream`, never waiting for `None`.

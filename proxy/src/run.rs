@@ -7,11 +7,15 @@
 //! the first configuration arrives, `/ready` says so and outbound traffic is passed through.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use keel_proto::spiffe::SpiffeId;
 use keel_proto::v1::{Locality, Node};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpListener;
 
 use crate::admin::Admin;
@@ -21,6 +25,9 @@ use crate::discovery::{self, DiscoveryClientConfig};
 use crate::metrics::Metrics;
 use crate::pool::Upstreams;
 use crate::serve::{DrainTrigger, Shared};
+use crate::tls::MeshTls;
+use crate::tls::certify::{self, CertifyConfig};
+use crate::tls::control_plane::{ControlPlane, ControlPlaneTls};
 use crate::{inbound, outbound};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -35,6 +42,10 @@ pub struct RunArgs {
     pub namespace: String,
     #[arg(long, env = "KEEL_SERVICE_ACCOUNT", default_value = "default")]
     pub service_account: String,
+    /// The mesh's SPIFFE trust domain: the proxy's identity is
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+    #[arg(long, env = "KEEL_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
     /// The pod's IP addresses (repeatable, or comma-separated).
     #[arg(long, env = "KEEL_POD_IP", value_delimiter = ',')]
     pub pod_ip: Vec<IpAddr>,
@@ -60,6 +71,21 @@ pub struct RunArgs {
     /// Worker threads for the data path; 1 runs everything on one thread.
     #[arg(long, env = "KEEL_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
+    /// The root certificate(s), PEM, to check the control plane with over https:// (until
+    /// discovery delivers the mesh's trust bundle). Required for https://.
+    #[arg(long, env = "KEEL_CA_ROOT_FILE")]
+    pub ca_root_file: Option<PathBuf>,
+    /// The name the control plane's certificate must carry.
+    #[arg(
+        long,
+        env = "KEEL_CONTROL_PLANE_NAME",
+        default_value = "keel-control-plane.keel-system.svc"
+    )]
+    pub control_plane_name: String,
+    /// The proof of identity sent for certificates: a bootstrap token (`keelctl token`) or, in
+    /// Kubernetes, a projected ServiceAccount token with audience `keel`. Read anew each time.
+    #[arg(long, env = "KEEL_IDENTITY_TOKEN_FILE")]
+    pub identity_token_file: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -102,13 +128,50 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         proxy_version: discovery::PROXY_VERSION.to_owned(),
     };
     let store = Arc::new(ConfigStore::new(Arc::new(Config::empty(&args.namespace))));
+    let secure = args.control_plane.starts_with("https://");
+    let control_plane_tls = match (&args.ca_root_file, secure) {
+        (Some(path), true) => {
+            let roots = CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("reading the CA roots in {}", path.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("parsing the CA roots in {}", path.display()))?;
+            Some(Arc::new(
+                ControlPlaneTls::new(&args.control_plane_name, roots)
+                    .with_context(|| format!("the CA roots in {}", path.display()))?,
+            ))
+        }
+        (None, true) => anyhow::bail!(
+            "--control-plane {} is https:// but no --ca-root-file says how to check it",
+            args.control_plane
+        ),
+        (_, false) => None,
+    };
+    let mut discovery_config = DiscoveryClientConfig::new(args.control_plane.clone(), node.clone());
+    discovery_config.tls = control_plane_tls.clone();
     let discovery = Arc::new(
-        discovery::spawn(
-            DiscoveryClientConfig::new(args.control_plane.clone(), node),
-            store.clone(),
-        )
-        .context("starting the discovery client")?,
+        discovery::spawn(discovery_config, store.clone())
+            .context("starting the discovery client")?,
     );
+
+    // With TLS to the control plane the proxy has an identity: a certificate for its service
+    // account, renewed in the background.
+    let identity = match control_plane_tls {
+        Some(tls) => {
+            let me = SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
+                .context("the proxy's identity (--trust-domain, --namespace, --service-account)")?;
+            let mesh_tls = MeshTls::new(me.clone());
+            let control_plane =
+                ControlPlane::new(&args.control_plane, Some(tls), Duration::from_secs(5))?;
+            let (task, status) = certify::spawn(
+                CertifyConfig::new(me, node.id.clone(), args.identity_token_file.clone()),
+                control_plane,
+                mesh_tls.clone(),
+                store.subscribe(),
+            );
+            Some((mesh_tls, status, task))
+        }
+        None => None,
+    };
 
     let balancers = Arc::new(Balancers::default());
     let mut configs = store.subscribe();
@@ -129,10 +192,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         config: store,
         balancers,
-        upstreams: Upstreams::new(),
+        upstreams: Upstreams::new(identity.as_ref().map(|(tls, _, _)| tls.clone())),
         metrics: metrics.clone(),
         detect_timeout: args.detect_timeout,
         inbound_port: args.inbound_addr.port(),
+        tls: identity.as_ref().map(|(tls, _, _)| tls.clone()),
     });
     let (trigger, drain) = DrainTrigger::new();
     tokio::spawn(outbound::serve(
@@ -144,6 +208,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let admin = Arc::new(Admin {
         discovery: discovery.clone(),
         metrics,
+        identity: identity
+            .as_ref()
+            .map(|(tls, status, _)| (tls.clone(), status.clone())),
     });
     let admin_task = tokio::spawn(admin.serve(admin_listener, drain));
     tracing::info!(
@@ -167,6 +234,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     }
     admin_task.abort();
     balancer_updates.abort();
+    if let Some((_, _, task)) = identity {
+        task.abort();
+    }
     if let Ok(discovery) = Arc::try_unwrap(discovery) {
         discovery.shutdown().await;
     }

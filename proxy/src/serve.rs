@@ -20,6 +20,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -47,6 +48,8 @@ pub struct Shared {
     pub detect_timeout: Duration,
     /// The inbound listener's port: never a destination the proxy forwards to.
     pub inbound_port: u16,
+    /// The proxy's mTLS state, when it has an identity.
+    pub tls: Option<Arc<crate::tls::MeshTls>>,
 }
 
 /// The listening side of draining: connections watch it.
@@ -122,8 +125,9 @@ where
 
 /// Serves HTTP/1 or HTTP/2 on `stream`, answering each request with `handler`, until the
 /// client goes away or draining finishes the connection gracefully.
-pub async fn serve_http<F, Fut>(stream: TcpStream, http2: bool, mut drain: Drain, handler: F)
+pub async fn serve_http<S, F, Fut>(stream: S, http2: bool, mut drain: Drain, handler: F)
 where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -172,7 +176,11 @@ fn log_end(served: Result<(), hyper::Error>) {
 
 /// Copies both ways until both sides are done, passing half-closes through. Returns the bytes
 /// sent to the client and received from it.
-pub async fn copy_bidirectional(mut client: TcpStream, mut upstream: TcpStream) -> (u64, u64) {
+pub async fn copy_bidirectional<A, B>(mut client: A, mut upstream: B) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((from_client, to_client)) => (to_client, from_client),
         Err(e) => {

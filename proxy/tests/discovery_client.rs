@@ -96,6 +96,7 @@ async fn control_plane(dir: &Path, discovery_addr: SocketAddr) -> ControlPlane {
         config_dir: dir.to_path_buf(),
         discovery_addr,
         admin_addr: "127.0.0.1:0".parse().expect("addr"),
+        identity: None,
     })
     .await
     .expect("control plane starts")

@@ -48,7 +48,7 @@ pub use resources::{
     GrpcCode, HashOn, HeaderMatch, LoadBalancer, Locality, LocalityFailover, LocalityPattern,
     MeshSettings, MtlsMode, Operation, OutboundTrafficPolicy, OutlierDetection, Protocol, RetryOn,
     RetryPolicy, Route, RouteMatch, RouteTable, Service, ServicePort, Source, StringMatcher,
-    StringPattern, SuccessRateEjection, TrafficPolicy, WeightedDestination,
+    StringPattern, SuccessRateEjection, TrafficPolicy, TrustAnchor, WeightedDestination,
 };
 
 /// The resource types of the discovery stream.

@@ -10,10 +10,12 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Method};
 use ipnet::IpNet;
+use keel_proto::spiffe::SpiffeId;
 use keel_proto::v1 as pb;
 use regex::Regex;
 use serde::{Serialize, Serializer};
@@ -54,6 +56,16 @@ pub(super) mod ser {
 
     pub fn methods<S: Serializer>(v: &[Method], s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(v.iter().map(Method::as_str))
+    }
+
+    pub fn opt_display<T: std::fmt::Display, S: Serializer>(
+        v: &Option<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
     }
 
     pub fn header_name<S: Serializer>(h: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
@@ -243,20 +255,14 @@ fn trust_domain(at: Path<'_>, value: &str) -> Checked<()> {
     }
 }
 
-/// `spiffe://<trust-domain>/<path>`.
-fn spiffe_id(at: Path<'_>, value: &str) -> Checked<()> {
-    let malformed = || {
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+fn spiffe_id(at: Path<'_>, value: &str) -> Checked<SpiffeId> {
+    value.parse().map_err(|_| {
         at.error(Problem::Malformed {
             value: value.to_owned(),
-            expected: "a SPIFFE ID \"spiffe://<trust-domain>/<path>\"",
+            expected: "a SPIFFE ID \"spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>\"",
         })
-    };
-    let rest = value.strip_prefix("spiffe://").ok_or_else(malformed)?;
-    let (domain, path) = rest.split_once('/').ok_or_else(malformed)?;
-    if path.is_empty() || path.split('/').any(str::is_empty) {
-        return Err(malformed());
-    }
-    trust_domain(at, domain).map_err(|_| malformed())
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -286,12 +292,37 @@ pub enum OutboundTrafficPolicy {
     RegistryOnly,
 }
 
+/// A root of the mesh's certificate authority.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct TrustAnchor {
+    pub id: String,
+    /// DER; parsed as an X.509 certificate when received.
+    #[serde(skip)]
+    pub certificate: Arc<[u8]>,
+    pub signing: bool,
+}
+
+impl fmt::Debug for TrustAnchor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustAnchor")
+            .field("id", &self.id)
+            .field(
+                "certificate",
+                &format_args!("{} bytes", self.certificate.len()),
+            )
+            .field("signing", &self.signing)
+            .finish()
+    }
+}
+
 /// Mesh-wide settings as they apply to this proxy (resource name `mesh`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MeshSettings {
     pub trust_domain: String,
     pub mtls_mode: MtlsMode,
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// The trust bundle; empty when the control plane runs no CA.
+    pub trust_anchors: Vec<TrustAnchor>,
 }
 
 impl MeshSettings {
@@ -321,10 +352,33 @@ impl MeshSettings {
             pb::OutboundTrafficPolicy::AllowAny => OutboundTrafficPolicy::AllowAny,
             pb::OutboundTrafficPolicy::RegistryOnly => OutboundTrafficPolicy::RegistryOnly,
         };
+        let mut trust_anchors = Vec::with_capacity(m.trust_anchors.len());
+        let anchors_at = root.field("trust_anchors");
+        for (i, anchor) in m.trust_anchors.into_iter().enumerate() {
+            let at = anchors_at.index(i);
+            non_empty(at.field("id"), &anchor.id)?;
+            if x509_parser::parse_x509_certificate(&anchor.certificate).is_err() {
+                return Err(at.field("certificate").error(Problem::Malformed {
+                    value: format!("{} bytes", anchor.certificate.len()),
+                    expected: "a DER X.509 certificate",
+                }));
+            }
+            trust_anchors.push(TrustAnchor {
+                id: anchor.id,
+                certificate: anchor.certificate.into(),
+                signing: anchor.signing,
+            });
+        }
+        if trust_anchors.iter().filter(|a| a.signing).count() > 1 {
+            return Err(anchors_at.error(Problem::Inconsistent {
+                reason: "more than one anchor is marked as signing",
+            }));
+        }
         Ok(MeshSettings {
             trust_domain: m.trust_domain,
             mtls_mode,
             outbound_traffic_policy,
+            trust_anchors,
         })
     }
 }
@@ -336,6 +390,7 @@ impl Default for MeshSettings {
             trust_domain: Self::DEFAULT_TRUST_DOMAIN.to_owned(),
             mtls_mode: MtlsMode::default(),
             outbound_traffic_policy: OutboundTrafficPolicy::default(),
+            trust_anchors: Vec::new(),
         }
     }
 }
@@ -1017,15 +1072,24 @@ pub struct Endpoint {
     pub weight: u32,
     pub locality: Locality,
     /// The SPIFFE ID its certificate must carry; `None` for endpoints outside the mesh.
-    pub identity: Option<String>,
+    #[serde(serialize_with = "ser::opt_display")]
+    pub identity: Option<Arc<SpiffeId>>,
     pub ready: bool,
     /// `<namespace>/<name>` of the workload, for metrics and status.
     pub workload: String,
-    /// Whether a keel sidecar fronts it (so mTLS can be used).
+    /// Whether a keel sidecar fronts it: requests travel over the HTTP/2 hop between sidecars.
     pub meshed: bool,
+    /// Whether to originate mTLS to it, checking that its certificate names `identity`. Only
+    /// set when `identity` is.
+    pub mtls: bool,
 }
 
 impl Endpoint {
+    /// The identity to expect when the proxy must reach this endpoint over mTLS.
+    pub fn mtls_peer(&self) -> Option<&Arc<SpiffeId>> {
+        self.identity.as_ref().filter(|_| self.mtls)
+    }
+
     /// The address to connect to for a request to `port` of the endpoint's service.
     pub fn socket_addr(&self, port: &ServicePort) -> SocketAddr {
         SocketAddr::new(self.address, self.port.unwrap_or(port.target_port))
@@ -1037,9 +1101,13 @@ impl Endpoint {
         let identity = if e.identity.is_empty() {
             None
         } else {
-            spiffe_id(at.field("identity"), &e.identity)?;
-            Some(e.identity)
+            Some(Arc::new(spiffe_id(at.field("identity"), &e.identity)?))
         };
+        if e.mtls && identity.is_none() {
+            return Err(at.field("identity").error(Problem::Inconsistent {
+                reason: "an endpoint reached with mTLS needs the identity to expect",
+            }));
+        }
         Ok(Endpoint {
             address,
             port,
@@ -1050,6 +1118,7 @@ impl Endpoint {
             ready: e.ready,
             workload: e.workload,
             meshed: e.meshed,
+            mtls: e.mtls,
         })
     }
 }

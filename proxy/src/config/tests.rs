@@ -145,6 +145,7 @@ fn endpoint(address: &str, port: u32) -> pb::Endpoint {
         ready: true,
         workload: "demo/articles-1".to_owned(),
         meshed: true,
+        mtls: true,
     }
 }
 
@@ -190,6 +191,7 @@ fn mesh() -> DiscoveryResponse {
         trust_domain: "cluster.local".to_owned(),
         mtls_mode: pb::MtlsMode::Strict as i32,
         outbound_traffic_policy: pb::OutboundTrafficPolicy::RegistryOnly as i32,
+        trust_anchors: Vec::new(),
     };
     response(
         ResourceKind::MeshConfig,
@@ -839,15 +841,34 @@ fn other_malformed_values_are_rejected() {
         |p| matches!(p, Problem::Duplicate { .. }),
     );
 
-    let mut bad_identity = endpoint("10.0.0.5", 0);
-    bad_identity.identity = "cluster.local/ns/demo/sa/x".to_owned();
-    let e = rejected(&mut b, &endpoints("demo/articles", "2", vec![bad_identity]));
+    for bad in [
+        "cluster.local/ns/demo/sa/x",
+        "spiffe://cluster.local/workload/x",
+        "spiffe://cluster.local/ns/demo/sa/x/y",
+    ] {
+        let mut bad_identity = endpoint("10.0.0.5", 0);
+        bad_identity.identity = bad.to_owned();
+        let e = rejected(&mut b, &endpoints("demo/articles", "2", vec![bad_identity]));
+        assert_invalid(
+            &e,
+            ResourceKind::Endpoints,
+            "demo/articles",
+            "endpoints[0].identity",
+            |p| matches!(p, Problem::Malformed { .. }),
+        );
+    }
+    let mut mtls_without_identity = endpoint("10.0.0.5", 0);
+    mtls_without_identity.identity = String::new();
+    let e = rejected(
+        &mut b,
+        &endpoints("demo/articles", "2", vec![mtls_without_identity]),
+    );
     assert_invalid(
         &e,
         ResourceKind::Endpoints,
         "demo/articles",
         "endpoints[0].identity",
-        |p| matches!(p, Problem::Malformed { .. }),
+        |p| matches!(p, Problem::Inconsistent { .. }),
     );
 
     let e = rejected(
@@ -1524,4 +1545,70 @@ impl WithName for DiscoveryResponse {
         }
         self
     }
+}
+
+#[test]
+fn trust_anchors_must_be_certificates_and_one_signs() {
+    let root = rcgen::CertificateParams::default()
+        .self_signed(&rcgen::KeyPair::generate().expect("key"))
+        .expect("cert");
+    let anchor = |id: &str, certificate: Vec<u8>, signing: bool| pb::TrustAnchor {
+        id: id.to_owned(),
+        certificate,
+        signing,
+    };
+    let version = std::cell::Cell::new(1);
+    let with = |anchors: Vec<pb::TrustAnchor>| {
+        let m = pb::MeshConfig {
+            trust_domain: "cluster.local".to_owned(),
+            trust_anchors: anchors,
+            ..Default::default()
+        };
+        version.set(version.get() + 1);
+        let v = version.get().to_string();
+        response(
+            ResourceKind::MeshConfig,
+            vec![encode(ResourceKind::MeshConfig, "mesh", &v, &m)],
+            &[],
+        )
+    };
+    let mut b = ConfigBuilder::new("demo");
+    let config = applied(
+        &mut b,
+        &with(vec![
+            anchor("a", root.der().to_vec(), true),
+            anchor("b", root.der().to_vec(), false),
+        ]),
+    );
+    let anchors = &config.mesh().trust_anchors;
+    assert_eq!(anchors.len(), 2);
+    assert!(anchors[0].signing && !anchors[1].signing);
+    assert_eq!(&*anchors[0].certificate, root.der().as_ref());
+
+    let e = rejected(&mut b, &with(vec![anchor("a", b"garbage".to_vec(), true)]));
+    assert_invalid(
+        &e,
+        ResourceKind::MeshConfig,
+        "mesh",
+        "trust_anchors[0].certificate",
+        |p| matches!(p, Problem::Malformed { .. }),
+    );
+    let e = rejected(
+        &mut b,
+        &with(vec![
+            anchor("a", root.der().to_vec(), true),
+            anchor("b", root.der().to_vec(), true),
+        ]),
+    );
+    assert_invalid(&e, ResourceKind::MeshConfig, "mesh", "trust_anchors", |p| {
+        matches!(p, Problem::Inconsistent { .. })
+    });
+    let e = rejected(&mut b, &with(vec![anchor("", root.der().to_vec(), true)]));
+    assert_invalid(
+        &e,
+        ResourceKind::MeshConfig,
+        "mesh",
+        "trust_anchors[0].id",
+        |p| matches!(p, Problem::Empty),
+    );
 }

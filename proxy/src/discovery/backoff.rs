@@ -33,31 +33,31 @@ impl Default for BackoffConfig {
 
 /// The delays of one run of consecutive failures.
 #[derive(Debug, Clone)]
-pub(super) struct Backoff {
+pub(crate) struct Backoff {
     config: BackoffConfig,
     failures: u32,
 }
 
 impl Backoff {
-    pub(super) fn new(config: BackoffConfig) -> Backoff {
+    pub(crate) fn new(config: BackoffConfig) -> Backoff {
         Backoff {
             config,
             failures: 0,
         }
     }
 
-    pub(super) fn config(&self) -> &BackoffConfig {
+    pub(crate) fn config(&self) -> &BackoffConfig {
         &self.config
     }
 
     /// The upper bound of the next delay.
-    pub(super) fn ceiling(&self) -> Duration {
+    pub(crate) fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.failures).unwrap_or(u32::MAX);
         self.config.base.saturating_mul(factor).min(self.config.max)
     }
 
     /// The delay before the next attempt; each call counts one more failure.
-    pub(super) fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
         let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
@@ -65,7 +65,7 @@ impl Backoff {
     }
 
     /// The last stream was healthy: start again from `base`.
-    pub(super) fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 }

@@ -26,7 +26,7 @@
 //! This module must never modify the published configuration except with a complete, validated
 //! one, never block the data path, and never give up reconnecting while its handle lives.
 
-mod backoff;
+pub(crate) mod backoff;
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -40,9 +40,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
 use crate::config::{Config, ConfigBuilder, ConfigStore, ResourceKind};
+use crate::tls::control_plane::{ControlPlane, ControlPlaneTls};
 use backoff::Backoff;
 pub use backoff::BackoffConfig;
 
@@ -66,8 +66,10 @@ const REQUEST_QUEUE: usize = 16;
 #[derive(Debug, Clone)]
 pub struct DiscoveryClientConfig {
     /// The control plane's discovery address, e.g. `http://keel-control-plane.keel-system:15010`
-    /// or `10.0.0.5:15010` (plain `host:port` means `http://`).
+    /// or `10.0.0.5:15010` (plain `host:port` means `http://`), or `https://...:15012`.
     pub control_plane: String,
+    /// How to check the control plane over `https://`.
+    pub tls: Option<Arc<ControlPlaneTls>>,
     /// Who the proxy is. `workload` and `namespace` are required; an empty `id` becomes
     /// `<workload>.<namespace>` and an empty `proxy_version` becomes [`PROXY_VERSION`].
     pub node: Node,
@@ -81,6 +83,7 @@ impl DiscoveryClientConfig {
     pub fn new(control_plane: impl Into<String>, node: Node) -> DiscoveryClientConfig {
         DiscoveryClientConfig {
             control_plane: control_plane.into(),
+            tls: None,
             node,
             connect_timeout: Duration::from_secs(5),
             backoff: BackoffConfig::default(),
@@ -92,8 +95,8 @@ impl DiscoveryClientConfig {
 /// Why the discovery client cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("invalid control plane address {address:?}: {reason}")]
-    BadAddress { address: String, reason: String },
+    #[error(transparent)]
+    ControlPlane(#[from] crate::tls::control_plane::ControlPlaneError),
     #[error("invalid node: {field}: {reason}")]
     BadNode { field: &'static str, reason: String },
 }
@@ -219,32 +222,15 @@ pub fn spawn(
     store: Arc<ConfigStore>,
 ) -> Result<DiscoveryHandle, DiscoveryError> {
     let node = checked_node(config.node)?;
-    let address = if config.control_plane.contains("://") {
-        config.control_plane
-    } else {
-        format!("http://{}", config.control_plane)
-    };
-    let endpoint = Endpoint::from_shared(address.clone())
-        .map_err(|e| DiscoveryError::BadAddress {
-            address: address.clone(),
-            reason: error_chain(&e),
-        })?
-        .connect_timeout(config.connect_timeout)
-        .tcp_nodelay(true)
-        .tcp_keepalive(Some(Duration::from_secs(60)))
-        // A control plane that vanished without closing the connection (a partition, a dead
-        // node) is noticed within 40 s instead of after the kernel's TCP timeouts.
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
+    let control_plane =
+        ControlPlane::new(&config.control_plane, config.tls, config.connect_timeout)?;
 
     let (ready_tx, ready) = watch::channel(false);
     let (stop, stopped) = watch::channel(false);
     let shared = Arc::new(Shared::default());
     let client = Client {
         builder: ConfigBuilder::new(node.namespace.clone()),
-        endpoint,
-        address,
+        control_plane,
         node,
         max_message_size: config.max_message_size,
         store: store.clone(),
@@ -313,7 +299,7 @@ fn status_text(status: &tonic::Status) -> String {
 }
 
 /// An error and its sources on one line (tonic's transport errors say little at the top).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
@@ -343,8 +329,7 @@ impl Session {
 /// The client task's state; lives across streams.
 struct Client {
     builder: ConfigBuilder,
-    endpoint: Endpoint,
-    address: String,
+    control_plane: ControlPlane,
     node: Node,
     max_message_size: usize,
     store: Arc<ConfigStore>,
@@ -370,7 +355,7 @@ impl Client {
             }
             let delay = backoff.next_delay();
             tracing::warn!(
-                control_plane = %self.address,
+                control_plane = %self.control_plane.address,
                 %error,
                 retry_in = ?delay,
                 "discovery stream down; serving the last good configuration"
@@ -387,7 +372,7 @@ impl Client {
     /// Runs one stream until it fails.
     async fn stream(&mut self, session: &mut Session) -> Result<Infallible, StreamError> {
         let channel = self
-            .endpoint
+            .control_plane
             .connect()
             .await
             .map_err(|e| StreamError::Connect(error_chain(&e)))?;
@@ -416,7 +401,7 @@ impl Client {
         session.opened = Some(Instant::now());
         bump(&self.shared.streams, 1);
         self.shared.connected.store(true, Ordering::Relaxed);
-        tracing::info!(control_plane = %self.address, node = %self.node.id, "discovery stream open");
+        tracing::info!(control_plane = %self.control_plane.address, node = %self.node.id, "discovery stream open");
 
         loop {
             let response = match responses.message().await {
@@ -535,8 +520,8 @@ mod tests {
         let (ready, _) = watch::channel(false);
         Client {
             builder: ConfigBuilder::new("demo"),
-            endpoint: Endpoint::from_static("http://127.0.0.1:1"),
-            address: "http://127.0.0.1:1".to_owned(),
+            control_plane: ControlPlane::new("http://127.0.0.1:1", None, Duration::from_secs(1))
+                .expect("address"),
             node: node(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             store: Arc::new(ConfigStore::default()),
@@ -585,7 +570,19 @@ mod tests {
     async fn a_bad_address_is_refused_at_start() {
         let config = DiscoveryClientConfig::new("http://[::1", node());
         let result = spawn(config, Arc::new(ConfigStore::default()));
-        assert!(matches!(result, Err(DiscoveryError::BadAddress { .. })));
+        assert!(matches!(result, Err(DiscoveryError::ControlPlane(_))));
+        let config = DiscoveryClientConfig::new("ftp://127.0.0.1:1", node());
+        let result = spawn(config, Arc::new(ConfigStore::default()));
+        assert!(matches!(result, Err(DiscoveryError::ControlPlane(_))));
+        // TLS without roots to check the control plane with is refused, never downgraded.
+        let config = DiscoveryClientConfig::new("https://127.0.0.1:15012", node());
+        let result = spawn(config, Arc::new(ConfigStore::default()));
+        assert!(matches!(
+            result,
+            Err(DiscoveryError::ControlPlane(
+                crate::tls::control_plane::ControlPlaneError::MissingRoots
+            ))
+        ));
     }
 
     #[test]
