@@ -5,6 +5,7 @@
 //! plane into the cases a well-behaved proxy never produces; the benchmark uses it to simulate
 //! many proxies cheaply.
 
+pub mod capture;
 pub mod netns;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ pub async fn start_control_plane(dir: &Path) -> anyhow::Result<ControlPlane> {
         config_dir: dir.to_path_buf(),
         discovery_addr: any,
         admin_addr: any,
+        identity: None,
     })
     .await?)
 }

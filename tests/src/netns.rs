@@ -228,9 +228,22 @@ impl TestNetwork {
                 run.env_remove(variable);
             }
         }
-        run.args(["run", "--control-plane"])
-            .arg(format!("http://{}", sidecar.control_plane))
-            .args(["--workload", sidecar.workload])
+        match &sidecar.identity {
+            Some(identity) => {
+                run.args(["run", "--control-plane"])
+                    .arg(format!("https://{}", identity.secure_addr))
+                    .arg("--ca-root-file")
+                    .arg(identity.root_file)
+                    .arg("--identity-token-file")
+                    .arg(identity.token_file)
+                    .args(["--trust-domain", identity.trust_domain]);
+            }
+            None => {
+                run.args(["run", "--control-plane"])
+                    .arg(format!("http://{}", sidecar.control_plane));
+            }
+        }
+        run.args(["--workload", sidecar.workload])
             .args(["--namespace", sidecar.namespace])
             .args(["--service-account", sidecar.service_account])
             .arg("--pod-ip")
@@ -245,8 +258,12 @@ impl TestNetwork {
 /// How a pod's sidecar describes itself to the control plane.
 #[derive(Debug, Clone, Copy)]
 pub struct Sidecar<'a> {
-    /// The control plane's discovery address (on the network's gateway).
+    /// The control plane's plaintext discovery address (on the network's gateway), used when
+    /// the sidecar has no identity.
     pub control_plane: SocketAddr,
+    /// With an identity, the sidecar talks to the secure port, gets a certificate and speaks
+    /// mTLS to other sidecars.
+    pub identity: Option<SidecarIdentity<'a>>,
     pub workload: &'a str,
     pub namespace: &'a str,
     pub service_account: &'a str,
@@ -255,22 +272,107 @@ pub struct Sidecar<'a> {
     pub log: &'a str,
 }
 
+/// A background task aborted when dropped (servers a test runs inside pods).
+#[derive(Debug)]
+pub struct Task(pub tokio::task::JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl TestNetwork {
+    /// Creates meshed pods whose sidecars get their identity from `control_plane`'s CA: each
+    /// workload's bootstrap token and the CA's roots are staged for the sidecar to read, and the
+    /// sidecar talks to the secure port. Every pod is in `namespace`, runs as the service
+    /// account of its name, in `zone`. Does not wait for the sidecars to be ready.
+    pub fn add_certified_pods(
+        &self,
+        control_plane: &keel_control_plane::ControlPlane,
+        trust_domain: &str,
+        namespace: &str,
+        pods: &[(&str, Ipv4Addr)],
+        zone: &str,
+        log: &str,
+    ) -> anyhow::Result<Vec<MeshedPod>> {
+        let ca = control_plane
+            .ca
+            .as_ref()
+            .context("the control plane runs no CA")?;
+        let tokens = control_plane
+            .tokens
+            .as_ref()
+            .context("the control plane does not use bootstrap tokens")?;
+        let secure_addr = control_plane
+            .secure_addr
+            .context("the control plane has no secure port")?;
+        let root_file = self.stage_file(
+            "roots.pem",
+            keel_control_plane::identity::ca::bundle_pem(&ca.bundle()).as_bytes(),
+            false,
+        )?;
+        let mut meshed = Vec::with_capacity(pods.len());
+        for (name, ip) in pods {
+            let token_file = self.stage_file(
+                &format!("{name}.token"),
+                tokens.mint(namespace, name).as_bytes(),
+                true,
+            )?;
+            let sidecar = Sidecar {
+                control_plane: control_plane.discovery_addr,
+                identity: Some(SidecarIdentity {
+                    secure_addr,
+                    root_file: &root_file,
+                    token_file: &token_file,
+                    trust_domain,
+                }),
+                workload: name,
+                namespace,
+                service_account: name,
+                zone,
+                log,
+            };
+            meshed.push(self.add_meshed_pod(name, *ip, &sidecar)?);
+        }
+        Ok(meshed)
+    }
+}
+
+/// What a sidecar needs for its identity.
+#[derive(Debug, Clone, Copy)]
+pub struct SidecarIdentity<'a> {
+    /// The control plane's secure port.
+    pub secure_addr: SocketAddr,
+    /// The CA's roots, PEM (see [`Network::stage_file`]).
+    pub root_file: &'a Path,
+    /// The workload's bootstrap token, readable by the proxy's user.
+    pub token_file: &'a Path,
+    pub trust_domain: &'a str,
+}
+
 /// `keel-proxy`, built by cargo next to the test binaries (`target/<profile>/keel-proxy`).
 pub fn proxy_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("keel-proxy", "keel-proxy")
+}
+
+/// A binary of the workspace, built by cargo next to the test binaries
+/// (`target/<profile>/<name>`); `package` says how to build it.
+pub fn workspace_binary(name: &str, package: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("finding the test binary")?;
     // target/<profile>/deps/<test> -> target/<profile>
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .context("the test binary is not in target/<profile>/deps")?;
-    let proxy = profile_dir.join("keel-proxy");
-    if proxy.is_file() {
-        Ok(proxy)
+    let binary = profile_dir.join(name);
+    if binary.is_file() {
+        Ok(binary)
     } else {
         bail!(
-            "{} does not exist: build it with `cargo build -p keel-proxy` (`cargo test \
+            "{} does not exist: build it with `cargo build -p {package}` (`cargo test \
              --workspace` builds it too)",
-            proxy.display()
+            binary.display()
         )
     }
 }

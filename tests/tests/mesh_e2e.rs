@@ -31,11 +31,12 @@ use futures::Stream;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use keel_control_plane::server::IdentityConfig;
 use keel_control_plane::{ControlPlane, ControlPlaneConfig};
 use keel_proto::v1::discovery_client::DiscoveryClient;
 use keel_proto::v1::discovery_server::{Discovery, DiscoveryServer};
 use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse};
-use keel_tests::netns::{self, MeshedPod, Metrics, Sidecar, TestNetwork};
+use keel_tests::netns::{self, MeshedPod, Metrics, Task, TestNetwork};
 use keel_tests::skip_unless_root;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
@@ -186,14 +187,6 @@ fn write_atomically(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
 }
 
 /// Aborts a server task when dropped.
-struct Task(JoinHandle<()>);
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// The three pods, their servers and the control plane. Fields drop in order: servers, pods
 /// (sidecars killed, namespaces deleted), control plane, YAML, network.
 struct Fixture {
@@ -218,23 +211,27 @@ impl Fixture {
             "workloads.yaml",
             &workloads([ip_a, ip_b, ip_c], true),
         )?;
+        // The mesh runs as users run it: with a CA, so every hop between sidecars is mTLS.
         let control_plane = ControlPlane::start(ControlPlaneConfig {
             config_dir: dir.path().to_path_buf(),
             discovery_addr: SocketAddr::from((net.gateway(), 0)),
             admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            identity: Some(IdentityConfig::ephemeral(SocketAddr::from((
+                net.gateway(),
+                0,
+            )))),
         })
         .await?;
-        let sidecar = |workload: &'static str| Sidecar {
-            control_plane: control_plane.discovery_addr,
-            workload,
-            namespace: NS,
-            service_account: workload,
-            zone: "zone-a",
-            log: "info",
-        };
-        let mut a = net.add_meshed_pod("a", ip_a, &sidecar("a"))?;
-        let mut b = net.add_meshed_pod("b", ip_b, &sidecar("b"))?;
-        let mut c = net.add_meshed_pod("c", ip_c, &sidecar("c"))?;
+        let pods = net.add_certified_pods(
+            &control_plane,
+            "e2e.local",
+            NS,
+            &[("a", ip_a), ("b", ip_b), ("c", ip_c)],
+            "zone-a",
+            "info",
+        )?;
+        let [mut a, mut b, mut c]: [MeshedPod; 3] =
+            pods.try_into().map_err(|_| anyhow!("three pods"))?;
         let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         let mut servers = Vec::new();
         for pod in [&b, &c] {

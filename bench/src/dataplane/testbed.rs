@@ -68,6 +68,7 @@ impl Testbed {
             config_dir: mesh_dir,
             discovery_addr,
             admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            identity: None,
         })
         .await
         .with_context(|| format!("starting the control plane on {discovery_addr}"))?;

@@ -585,6 +585,31 @@ impl Network {
         Ok(staged)
     }
 
+    /// Writes `contents` to `<workdir>/files/<name>` for the sidecars to read: world-readable
+    /// when `secret` is false, else readable by the proxy's user (uid 1337) only.
+    pub fn stage_file(
+        &self,
+        name: &str,
+        contents: &[u8],
+        secret: bool,
+    ) -> Result<PathBuf, NetnsError> {
+        let dir = self.workdir.path().join("files");
+        fs::create_dir_all(&dir)
+            .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)))
+            .map_err(io_error(format!("preparing {}", dir.display())))?;
+        let path = dir.join(name);
+        let written = fs::write(&path, contents).and_then(|()| {
+            if secret {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+                std::os::unix::fs::chown(&path, Some(PROXY_UID), Some(PROXY_UID))
+            } else {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
+            }
+        });
+        written.map_err(io_error(format!("writing {}", path.display())))?;
+        Ok(path)
+    }
+
     /// Creates pod `name` (namespace `keel-<suffix>-<name>`) with address `ip` on the bridge:
     /// `lo` up, `eth0` with `ip`, the default route and the routed ranges via the gateway.
     pub fn add_pod(&self, name: &str, ip: Ipv4Addr) -> Result<Pod, NetnsError> {
