@@ -25,6 +25,7 @@ use std::io::{self, Write as _};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
@@ -39,7 +40,9 @@ use self::metrics::Metrics;
 use self::netns::{Network, Pod, Process};
 use self::plan::{MeshPlan, PodPlan, Role};
 use self::summary::{LoadReport, RouteLabel};
+use crate::identity::CaStorage;
 use crate::model;
+use crate::server::{IdentityConfig, ProofKind};
 use crate::{ControlPlane, ControlPlaneConfig};
 
 /// The demo's network suffix: namespaces `keel-demo-<workload>`, bridge `keel-brdemo`.
@@ -49,6 +52,8 @@ const SUFFIX: &str = "demo";
 const LOCK_FILE: &str = "/run/keel-demo.pid";
 /// Where the sidecars reach the control plane, on the gateway address.
 const DISCOVERY_PORT: u16 = 15010;
+/// The control plane's secure port (discovery and certificates, over TLS) on the gateway.
+const SECURE_PORT: u16 = 15012;
 /// The sidecars' admin port (`/ready`, `/metrics`).
 const PROXY_ADMIN_PORT: u16 = 15020;
 /// How long sidecars get to receive their first configuration.
@@ -95,6 +100,10 @@ pub struct DemoArgs {
     /// Keep the mesh running after the summary, until Ctrl-C.
     #[arg(long)]
     pub hold: bool,
+    /// Lifetime of the sidecars' certificates (they renew at about 70% of it); short values
+    /// show renewal during `--hold`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
 }
 
 /// Runs the demo; returns the exit status (0: every request succeeded).
@@ -367,28 +376,41 @@ impl Mesh {
         let mesh_dir = network.workdir().join("mesh");
         copy_mesh(&args.config_dir, &mesh_dir)?;
         let discovery_addr = SocketAddr::from((plan.gateway, DISCOVERY_PORT));
+        let secure_addr = SocketAddr::from((plan.gateway, SECURE_PORT));
+        // A CA of the demo's own, in the network's work directory: removed with it.
+        let identity = IdentityConfig {
+            storage: CaStorage::Directory {
+                dir: network.workdir().join("ca"),
+                import: None,
+            },
+            workload_ttl: args.cert_ttl,
+            secure_addr,
+            extra_names: Vec::new(),
+            proof: ProofKind::BootstrapToken,
+        };
         let control_plane = ControlPlane::start(ControlPlaneConfig {
             config_dir: mesh_dir,
             discovery_addr,
             admin_addr: args.admin_addr,
-            identity: None,
+            identity: Some(identity),
         })
         .await
         .with_context(|| {
             format!(
-                "starting the control plane (is another one using {} or {}? --admin-addr picks \
-                 another admin address)",
-                discovery_addr, args.admin_addr
+                "starting the control plane (is another one using {discovery_addr}, \
+                 {secure_addr} or {}? --admin-addr picks another admin address)",
+                args.admin_addr
             )
         })?;
         println!(
-            "keel demo: {} workloads from {} on {} (control plane {discovery_addr}, admin {}; \
-             `keelctl status` works while the demo runs)",
+            "keel demo: {} workloads from {} on {} (control plane {secure_addr}, admin {}; \
+             `keelctl status` and `keelctl ca status` work while the demo runs)",
             plan.pods.len(),
             args.config_dir.display(),
             plan.subnet,
             control_plane.admin_addr,
         );
+        let sidecar_identity = SidecarIdentity::stage(&network, &control_plane, &model)?;
         let mut mesh = Mesh {
             pods: Vec::new(),
             control_plane,
@@ -398,25 +420,29 @@ impl Mesh {
             plan,
             model,
         };
-        let control_plane_url = format!("http://{discovery_addr}");
         for pod_plan in mesh.plan.pods.clone() {
             let running = start_pod(
                 &mesh.network,
                 &pod_plan,
                 &mesh.bins,
-                &control_plane_url,
+                &sidecar_identity,
                 args,
             )?;
+            let key =
+                crate::model::ObjectKey::new(&pod_plan.workload.namespace, &pod_plan.workload.name);
+            let identity = match mesh.model.workloads.get(&key) {
+                Some(w) if pod_plan.meshed => format!(
+                    "sidecar, {} (mTLS {})",
+                    mesh.model.spiffe_id(w),
+                    mtls_mode_name(mesh.model.mtls_mode_for(&key))
+                ),
+                _ => "no sidecar".to_owned(),
+            };
             println!(
-                "  {:<14} {:<15} {:<9} {}",
+                "  {:<14} {:<15} {:<9} {identity}",
                 pod_plan.name,
                 pod_plan.ip,
                 pod_plan.role.as_str(),
-                if pod_plan.meshed {
-                    "sidecar"
-                } else {
-                    "no sidecar"
-                }
             );
             mesh.pods.push(running);
         }
@@ -490,6 +516,23 @@ async fn drive(args: &DemoArgs, mesh: &Mesh, client: &RunningPod) -> anyhow::Res
          included.\n"
     );
     print!("{}", summary::render_inbound(&inbound));
+    let opened = |protocol: &str| -> f64 {
+        after
+            .values()
+            .map(|m| {
+                m.sum(
+                    "keel_tcp_connections_opened_total",
+                    &[("direction", "inbound"), ("protocol", protocol)],
+                )
+            })
+            .sum()
+    };
+    let mtls = opened("mtls");
+    let plaintext = opened("http1") + opened("http2") + opened("tcp") + opened("tls");
+    println!(
+        "\nConnections the sidecars accepted since they started: {mtls} over mTLS, {plaintext} \
+         in plaintext (from outside the mesh)."
+    );
     let missing: Vec<&str> = mesh
         .pods
         .iter()
@@ -549,11 +592,68 @@ fn clean_env(command: &mut std::process::Command) {
     }
 }
 
+fn mtls_mode_name(mode: crate::model::MtlsMode) -> &'static str {
+    match mode {
+        crate::model::MtlsMode::Strict => "STRICT",
+        crate::model::MtlsMode::Permissive => "PERMISSIVE",
+        crate::model::MtlsMode::Disable => "DISABLE",
+    }
+}
+
+/// What every sidecar needs to get its certificate: the control plane's secure port, the CA's
+/// roots and its workload's bootstrap token, staged where the proxy's user can read them.
+struct SidecarIdentity {
+    control_plane: String,
+    root_file: PathBuf,
+    trust_domain: String,
+    tokens: Arc<crate::identity::BootstrapTokens>,
+}
+
+impl SidecarIdentity {
+    fn stage(
+        network: &Network,
+        control_plane: &ControlPlane,
+        model: &crate::model::Model,
+    ) -> anyhow::Result<SidecarIdentity> {
+        let ca = control_plane
+            .ca
+            .as_ref()
+            .context("the control plane's CA")?;
+        let tokens = control_plane
+            .tokens
+            .clone()
+            .context("the control plane's bootstrap tokens")?;
+        let secure = control_plane.secure_addr.context("the secure port")?;
+        let root_file = network.stage_file(
+            "roots.pem",
+            crate::identity::ca::bundle_pem(&ca.bundle()).as_bytes(),
+            false,
+        )?;
+        Ok(SidecarIdentity {
+            control_plane: format!("https://{secure}"),
+            root_file,
+            trust_domain: model.mesh.trust_domain.clone(),
+            tokens,
+        })
+    }
+
+    /// Stages `namespace/name`'s token; returns its path.
+    fn token_file(
+        &self,
+        network: &Network,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let token = self.tokens.mint(namespace, name);
+        Ok(network.stage_file(&format!("{namespace}.{name}.token"), token.as_bytes(), true)?)
+    }
+}
+
 fn start_pod(
     network: &Network,
     plan: &PodPlan,
     bins: &Binaries,
-    control_plane: &str,
+    identity: &SidecarIdentity,
     args: &DemoArgs,
 ) -> anyhow::Result<RunningPod> {
     let pod = network.add_pod(&plan.name, plan.ip)?;
@@ -575,10 +675,12 @@ fn start_pod(
         let mut run = pod.proxy_command(&bins.proxy);
         clean_env(&mut run);
         let ip = plan.ip.to_string();
+        let token_file =
+            identity.token_file(network, &plan.workload.namespace, &plan.workload.name)?;
         run.args([
             "run",
             "--control-plane",
-            control_plane,
+            &identity.control_plane,
             "--workload",
             &plan.workload.name,
             "--namespace",
@@ -597,6 +699,11 @@ fn start_pod(
                 run.args([flag, value]);
             }
         }
+        run.arg("--ca-root-file")
+            .arg(&identity.root_file)
+            .arg("--identity-token-file")
+            .arg(&token_file)
+            .args(["--trust-domain", &identity.trust_domain]);
         run.env("KEEL_LOG", &args.proxy_log);
         Some(pod.spawn_command("proxy", run)?)
     } else {

@@ -246,3 +246,224 @@ impl Authenticator for TokenReview {
         Box::pin(self.review(token, trust_domain))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    use super::*;
+    use crate::model::Model;
+
+    fn model_with_workload() -> Model {
+        let yaml = "\
+apiVersion: keel.dev/v1alpha1
+kind: Workload
+metadata: {name: articles-1, namespace: demo}
+spec: {serviceAccount: articles, addresses: [10.0.0.3]}
+";
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("w.yaml"), yaml).expect("write");
+        crate::model::load_dir(dir.path()).expect("valid").0
+    }
+
+    #[tokio::test]
+    async fn bootstrap_tokens_prove_their_workload_only() {
+        let store = Store::new(model_with_workload());
+        let tokens = BootstrapTokens::new(&[7u8; 32], store.clone());
+        let token = tokens.mint("demo", "articles-1");
+        let proven = tokens
+            .authenticate(token.as_bytes(), "keel.local")
+            .await
+            .expect("valid token");
+        assert_eq!(
+            proven.identity.to_string(),
+            "spiffe://keel.local/ns/demo/sa/articles"
+        );
+        assert_eq!(proven.workload.as_deref(), Some("demo/articles-1"));
+        // Trailing whitespace from a file is fine.
+        assert!(
+            tokens
+                .authenticate(format!("{token}\n").as_bytes(), "keel.local")
+                .await
+                .is_ok()
+        );
+
+        // Another key's token, a changed name, a changed tag, garbage.
+        let other = BootstrapTokens::new(&[8u8; 32], store.clone());
+        let forged = other.mint("demo", "articles-1");
+        let renamed = token.replace("articles-1", "articles-2");
+        let mut retagged = token.clone();
+        let last = retagged.pop().expect("tag");
+        retagged.push(if last == '0' { '1' } else { '0' });
+        for (what, bad) in [
+            ("another key", forged.as_str()),
+            ("a changed name", renamed.as_str()),
+            ("a changed tag", retagged.as_str()),
+        ] {
+            let err = tokens
+                .authenticate(bad.as_bytes(), "keel.local")
+                .await
+                .expect_err(what);
+            assert!(matches!(err, AuthError::Rejected(_)), "{what}: {err}");
+        }
+        for garbage in [
+            "",
+            "keel1:demo",
+            "nope:a:b:c",
+            "keel1:a:b:zz",
+            "keel1:a:b:c:d",
+        ] {
+            let err = tokens
+                .authenticate(garbage.as_bytes(), "keel.local")
+                .await
+                .expect_err(garbage);
+            assert!(matches!(err, AuthError::Malformed(_)), "{garbage}: {err}");
+        }
+        // A workload that is not in the mesh (any more) proves nothing.
+        let gone = tokens.mint("demo", "articles-9");
+        let err = tokens
+            .authenticate(gone.as_bytes(), "keel.local")
+            .await
+            .expect_err("gone");
+        assert!(err.to_string().contains("not in the mesh"), "{err}");
+    }
+
+    #[test]
+    fn the_token_key_is_made_once_and_kept_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("token-key");
+        let first = BootstrapTokens::key_from_file(&path).expect("created");
+        assert_eq!(first.len(), 32);
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o077, 0);
+        assert_eq!(BootstrapTokens::key_from_file(&path).expect("read"), first);
+        std::fs::write(&path, b"short").expect("write");
+        assert!(BootstrapTokens::key_from_file(&path).is_err());
+    }
+
+    /// An API server that answers TokenReviews from a table: token -> (authenticated, user,
+    /// audiences), and records what it was asked.
+    async fn api_server(
+        answers: Vec<(&'static str, serde_json::Value)>,
+    ) -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = asked.clone();
+        let answers = Arc::new(answers);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (answers, recorded) = (answers.clone(), recorded.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (answers, recorded) = (answers.clone(), recorded.clone());
+                            async move {
+                                assert_eq!(
+                                    req.uri().path(),
+                                    "/apis/authentication.k8s.io/v1/tokenreviews"
+                                );
+                                let body =
+                                    req.into_body().collect().await.expect("body").to_bytes();
+                                let review: serde_json::Value =
+                                    serde_json::from_slice(&body).expect("json");
+                                recorded.lock().expect("lock").push(review.clone());
+                                let token = review["spec"]["token"]
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .to_owned();
+                                let status = answers
+                                .iter()
+                                .find(|(t, _)| *t == token)
+                                .map(|(_, s)| s.clone())
+                                .unwrap_or(serde_json::json!({"authenticated": false, "error": "invalid bearer token"}));
+                                let mut answer = review;
+                                answer["status"] = status;
+                                Ok::<_, Infallible>(
+                                    http::Response::builder()
+                                        .status(201)
+                                        .header("content-type", "application/json")
+                                        .body(Full::new(Bytes::from(answer.to_string())))
+                                        .expect("response"),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (url, asked)
+    }
+
+    #[tokio::test]
+    async fn token_review_maps_service_accounts_to_identities() {
+        let (url, asked) = api_server(vec![
+            (
+                "good",
+                serde_json::json!({"authenticated": true, "audiences": ["keel"],
+                    "user": {"username": "system:serviceaccount:demo:articles"}}),
+            ),
+            (
+                "a-person",
+                serde_json::json!({"authenticated": true, "audiences": ["keel"],
+                    "user": {"username": "alice@example.com"}}),
+            ),
+            (
+                "other-audience",
+                serde_json::json!({"authenticated": true, "audiences": ["vault"],
+                    "user": {"username": "system:serviceaccount:demo:articles"}}),
+            ),
+        ])
+        .await;
+        let config = kube::Config::new(url.parse().expect("url"));
+        let review = TokenReview::new(kube::Client::try_from(config).expect("client"));
+
+        let proven = review
+            .authenticate(b"good\n", "cluster.local")
+            .await
+            .expect("authenticated");
+        assert_eq!(
+            proven.identity.to_string(),
+            "spiffe://cluster.local/ns/demo/sa/articles"
+        );
+        let sent = asked.lock().expect("lock")[0].clone();
+        assert_eq!(sent["spec"]["token"], "good");
+        assert_eq!(sent["spec"]["audiences"], serde_json::json!(["keel"]));
+
+        for (token, expect) in [
+            ("forged", "invalid bearer token"),
+            ("a-person", "is not a ServiceAccount"),
+            ("other-audience", "not for audience keel"),
+        ] {
+            let err = review
+                .authenticate(token.as_bytes(), "cluster.local")
+                .await
+                .expect_err(token);
+            assert!(
+                matches!(err, AuthError::Rejected(_)) && err.to_string().contains(expect),
+                "{token}: {err}"
+            );
+        }
+        // An API server that cannot be reached is not a rejection.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        let unreachable = TokenReview::new(kube::Client::try_from(config).expect("client"));
+        let err = unreachable
+            .authenticate(b"good", "cluster.local")
+            .await
+            .expect_err("unreachable");
+        assert!(matches!(err, AuthError::Unavailable(_)), "{err}");
+    }
+}
