@@ -43,6 +43,7 @@ const TRUST_DOMAIN: &str = "mtls.local";
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const WEB_C_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
 const DEE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
+const PLAIN_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 33);
 const APP_PORT: u16 = 8080;
 /// Generous bounds: a test fails because something never happens, not because the machine is
 /// slow.
@@ -122,8 +123,8 @@ fn uri(s: &str) -> SanType {
 // ---------------------------------------------------------------------------------------------
 // The mesh
 
-fn yaml(ips: &[Ipv4Addr; 4]) -> String {
-    let [a, b, c, d] = ips;
+fn yaml(ips: &[Ipv4Addr; 5]) -> String {
+    let [a, b, c, d, e] = ips;
     format!(
         "\
 apiVersion: keel.dev/v1alpha1
@@ -156,6 +157,14 @@ spec:
   selector: {{app: dee}}
 ---
 apiVersion: keel.dev/v1alpha1
+kind: Service
+metadata: {{name: plain, namespace: {NS}}}
+spec:
+  vips: [{PLAIN_VIP}]
+  ports: [{{name: http, port: 80, targetPort: {APP_PORT}, protocol: HTTP}}]
+  selector: {{app: plain}}
+---
+apiVersion: keel.dev/v1alpha1
 kind: TrafficPolicy
 metadata: {{name: web, namespace: {NS}}}
 spec:
@@ -181,6 +190,11 @@ apiVersion: keel.dev/v1alpha1
 kind: Workload
 metadata: {{name: d, namespace: {NS}, labels: {{app: dee}}}}
 spec: {{serviceAccount: d, addresses: [{d}], meshed: true}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Workload
+metadata: {{name: e, namespace: {NS}, labels: {{app: plain}}}}
+spec: {{serviceAccount: e, addresses: [{e}], meshed: false}}
 "
     )
 }
@@ -192,6 +206,8 @@ struct Fixture {
     b: MeshedPod,
     c: MeshedPod,
     _d: keel_control_plane::demo::netns::Pod,
+    /// A pod without a sidecar, outside mTLS.
+    e: keel_control_plane::demo::netns::Pod,
     /// The certificate d's server presents; bumping the generation closes its connections.
     d_cert: Arc<Mutex<Arc<CertifiedKey>>>,
     d_generation: tokio::sync::watch::Sender<u64>,
@@ -204,7 +220,13 @@ struct Fixture {
 impl Fixture {
     async fn start(workload_ttl: Duration) -> anyhow::Result<Fixture> {
         let net = TestNetwork::create()?;
-        let ips = [net.host(2), net.host(3), net.host(4), net.host(5)];
+        let ips = [
+            net.host(2),
+            net.host(3),
+            net.host(4),
+            net.host(5),
+            net.host(6),
+        ];
         let dir = tempfile::tempdir()?;
         let root = TestCa::new("mtls test mesh root");
         let (cert_path, key_path) = (dir.path().join("root.pem"), dir.path().join("root-key.pem"));
@@ -240,10 +262,12 @@ impl Fixture {
         let [mut a, mut b, mut c]: [MeshedPod; 3] =
             pods.try_into().map_err(|_| anyhow!("three pods"))?;
         let d = net.add_pod("d", ips[3])?;
+        let e = net.add_pod("e", ips[4])?;
         let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, APP_PORT));
         let mut servers = vec![
             Task(tokio::spawn(serve_app(netns::listen(&b, any)?, "b"))),
             Task(tokio::spawn(serve_app(netns::listen(&c, any)?, "c"))),
+            Task(tokio::spawn(serve_app(netns::listen(&e, any)?, "e"))),
         ];
         let d_cert = Arc::new(Mutex::new(Arc::new(root.svid(&id("d").to_string()))));
         let d_generation = tokio::sync::watch::Sender::new(0);
@@ -261,6 +285,7 @@ impl Fixture {
             b,
             c,
             _d: d,
+            e,
             d_cert,
             d_generation,
             control_plane,
@@ -731,6 +756,35 @@ async fn permissive_accepts_plaintext_and_mtls() -> anyhow::Result<()> {
     )
     .await?;
     ensure!(answer.status == 200, "mTLS to c: {}", answer.status);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_endpoint_without_a_sidecar_is_reached_in_plaintext() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start(Duration::from_secs(3600)).await?;
+    let capture = Capture::start(&fx.e, "eth0")?;
+    let visible = marker("to-e");
+    let answer = request_from(
+        &fx.a.netns_path(),
+        vip(PLAIN_VIP),
+        &format!("/{visible}"),
+        &[],
+        "",
+    )
+    .await?;
+    ensure!(
+        answer.status == 200 && answer.body.contains("pod=e client=-"),
+        "a -> plain: {} {}\n{}",
+        answer.status,
+        answer.body,
+        fx.logs()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(
+        capture::contains(&capture.finish()?, visible.as_bytes()),
+        "the request to a workload without a sidecar was not plaintext HTTP/1.1"
+    );
     Ok(())
 }
 
