@@ -13,6 +13,9 @@
 //! TLS is the application's own and is passed through as opaque TCP. Under STRICT mTLS,
 //! everything that is not mesh mTLS is refused and counted.
 //!
+//! Access policies ([`crate::authz`]) are checked per request for HTTP (403 with `keel-error:
+//! forbidden`) and per connection for opaque TCP (closed), against the verified peer.
+//!
 //! This module must never forward to anything but the local app, and never pass on a
 //! `keel-client-id` it did not verify.
 
@@ -26,13 +29,13 @@ use keel_proto::spiffe::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::MtlsMode;
-use crate::detect;
 use crate::metrics::{ConnProtocol, Direction, Refusal, RequestLabels};
 use crate::outbound::ORIG_PROTO;
 use crate::pool::{self, Body};
 use crate::serve::{self, Drain, Shared};
 use crate::tls::Carried;
 use crate::transparent;
+use crate::{authz, detect};
 
 /// How long connecting to the local app may take; it is on the same host.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -110,7 +113,40 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
         detect::Protocol::Tls | detect::Protocol::Opaque => {
             let label = ConnProtocol::from(protocol);
             let _conn = shared.metrics.connection(Direction::inbound, label);
-            to_app(&shared, stream, app, label).await;
+            if authorized_tcp(&shared, None, client, app) {
+                to_app(&shared, stream, app, label).await;
+            }
+        }
+    }
+}
+
+/// Whether the access policies let `peer` at `client` open an opaque connection to `app`'s
+/// port; a refusal is logged and counted.
+fn authorized_tcp(
+    shared: &Shared,
+    peer: Option<&SpiffeId>,
+    client: SocketAddr,
+    app: SocketAddr,
+) -> bool {
+    let config = shared.config.current();
+    let verdict = authz::decide(
+        config.authorization_policies(),
+        &authz::Attempt {
+            peer,
+            source_ip: client.ip(),
+            port: app.port(),
+            http: None,
+        },
+    );
+    for policy in &verdict.audited {
+        tracing::info!(%client, peer = ?peer.map(ToString::to_string), port = app.port(), %policy, "audited connection");
+    }
+    match verdict.denied_by {
+        None => true,
+        Some(reason) => {
+            tracing::debug!(%client, peer = ?peer.map(ToString::to_string), port = app.port(), %reason, "connection denied");
+            shared.metrics.refused(Refusal::denied);
+            false
         }
     }
 }
@@ -236,7 +272,11 @@ async fn mesh(
             })
             .await;
         }
-        Some(Carried::Opaque) => to_app(&shared, tls, app, ConnProtocol::mtls).await,
+        Some(Carried::Opaque) => {
+            if authorized_tcp(&shared, Some(&peer), client, app) {
+                to_app(&shared, tls, app, ConnProtocol::mtls).await;
+            }
+        }
         None => {
             tracing::debug!(%client, %peer, "mTLS without an agreed protocol (ALPN); closing");
         }
@@ -253,6 +293,37 @@ struct HttpInbound {
 }
 
 impl HttpInbound {
+    /// Why the access policies refuse `req`, if they do.
+    fn denied(&self, req: &Request<Incoming>) -> Option<String> {
+        let config = self.shared.config.current();
+        let policies = config.authorization_policies();
+        if policies.is_empty() {
+            return None;
+        }
+        let host = serve::request_authority(req).unwrap_or_default();
+        let host = host
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host.as_str(), |(name, _)| name);
+        let verdict = authz::decide(
+            policies,
+            &authz::Attempt {
+                peer: self.peer.as_deref(),
+                source_ip: self.client.ip(),
+                port: self.app.port(),
+                http: Some(authz::HttpAttempt {
+                    method: req.method(),
+                    path: req.uri().path(),
+                    host,
+                }),
+            },
+        );
+        for policy in &verdict.audited {
+            tracing::info!(client = %self.client, peer = ?self.peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), %policy, "audited request");
+        }
+        verdict.denied_by
+    }
+
     async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let mut labels = RequestLabels {
@@ -263,6 +334,13 @@ impl HttpInbound {
             status: 0,
             error: String::new(),
         };
+        if let Some(reason) = self.denied(&req) {
+            tracing::debug!(client = %self.client, peer = ?self.peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), %reason, "request denied");
+            labels.status = StatusCode::FORBIDDEN.as_u16();
+            labels.error = "forbidden".to_owned();
+            self.shared.metrics.request(labels, started.elapsed());
+            return serve::error_response(StatusCode::FORBIDDEN, "forbidden");
+        }
         let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some();
         req.headers_mut().remove(CLIENT_ID);
         if let Some(peer) = &self.peer

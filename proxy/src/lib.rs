@@ -2,6 +2,7 @@
 //! `main.rs` only parses the command line.
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod detect;

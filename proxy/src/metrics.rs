@@ -44,6 +44,8 @@ pub enum Refusal {
     handshake,
     /// Mesh mTLS arrived but the proxy has no certificate yet.
     no_identity,
+    /// An access policy denied the (opaque TCP) connection.
+    denied,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,7 +163,7 @@ impl Default for Metrics {
         let refused = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "inbound_refused_connections",
-            "Inbound connections refused by the mTLS mode or a failed mTLS handshake",
+            "Inbound connections refused by the mTLS mode, a failed mTLS handshake or an access policy",
             refused.clone(),
         );
         Metrics {

@@ -44,6 +44,7 @@ const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const WEB_C_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
 const DEE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
 const PLAIN_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 33);
+const WEB_B_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 34);
 const APP_PORT: u16 = 8080;
 /// Generous bounds: a test fails because something never happens, not because the machine is
 /// slow.
@@ -150,6 +151,14 @@ spec:
 ---
 apiVersion: keel.dev/v1alpha1
 kind: Service
+metadata: {{name: web-b, namespace: {NS}}}
+spec:
+  vips: [{WEB_B_VIP}]
+  ports: [{{name: http, port: 80, targetPort: {APP_PORT}, protocol: HTTP}}]
+  selector: {{app: web, instance: b}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Service
 metadata: {{name: dee, namespace: {NS}}}
 spec:
   vips: [{DEE_VIP}]
@@ -213,7 +222,7 @@ struct Fixture {
     d_generation: tokio::sync::watch::Sender<u64>,
     control_plane: ControlPlane,
     root: TestCa,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     _net: TestNetwork,
 }
 
@@ -290,7 +299,7 @@ impl Fixture {
             d_generation,
             control_plane,
             root,
-            _dir: dir,
+            dir,
             _net: net,
         })
     }
@@ -836,6 +845,110 @@ async fn the_outbound_side_refuses_a_peer_with_the_wrong_identity() -> anyhow::R
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    Ok(())
+}
+
+/// Polls `check` every 100 ms until it holds, for at most 15 s (a configuration change has to
+/// reach the sidecars first).
+async fn eventually<F, Fut>(what: &str, fx: &Fixture, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: never happened\n{}",
+            fx.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn access_policies_are_enforced_on_the_verified_peer() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start(Duration::from_secs(3600)).await?;
+    let policies = format!(
+        "\
+apiVersion: keel.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: b-only-a, namespace: {NS}}}
+spec:
+  selector: {{matchLabels: {{instance: b}}}}
+  action: ALLOW
+  rules:
+  - from: [{{source: {{principals: [{TRUST_DOMAIN}/ns/{NS}/sa/a]}}}}]
+    to: [{{operation: {{methods: [GET], paths: [/allowed*]}}}}]
+---
+apiVersion: keel.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: c-no-plaintext, namespace: {NS}}}
+spec:
+  selector: {{matchLabels: {{instance: c}}}}
+  action: DENY
+  rules:
+  - from: [{{source: {{notPrincipals: [\"*\"]}}}}]
+"
+    );
+    std::fs::write(fx.dir.path().join("mesh").join("policies.yaml"), policies)?;
+    let from = fx.a.netns_path();
+    let b = vip(WEB_B_VIP);
+    // b: a may GET /allowed*, nothing else, and nobody else may do anything.
+    eventually("the policy denying a's GET /other on b", &fx, || async {
+        let answer = request_from(&from, b, "/other", &[], "").await?;
+        Ok(answer.status == 403)
+    })
+    .await?;
+    let answer = request_from(&from, b, "/other", &[], "").await?;
+    ensure!(
+        answer.headers.get("keel-error").map(|v| v.as_bytes()) == Some(b"forbidden"),
+        "a 403 without keel-error: forbidden"
+    );
+    let answer = request_from(&from, b, "/allowed/1", &[], "").await?;
+    ensure!(
+        answer.status == 200,
+        "a GET /allowed/1 on b: {}",
+        answer.status
+    );
+    let answer = request_from(&from, b, "/allowed/1", &[], "posted").await?;
+    ensure!(
+        answer.status == 403,
+        "a POST /allowed/1 on b: {}",
+        answer.status
+    );
+    let tester = Arc::new(fx.root.svid(&id("tester").to_string()));
+    let answer = mtls_from_host(app(fx.b.ip()), &id("b"), &[fx.root.der()], Some(tester)).await?;
+    ensure!(
+        answer.status == 403,
+        "another identity on b: {}",
+        answer.status
+    );
+
+    // c: plaintext (no identity) is denied, the mesh is not.
+    let c = app(fx.c.ip());
+    eventually("the policy denying plaintext on c", &fx, || async {
+        Ok(plaintext_from_host(c, "/").await?.status == 403)
+    })
+    .await?;
+    let answer = request_from(&from, vip(WEB_C_VIP), "/", &[], "").await?;
+    ensure!(answer.status == 200, "a -> c over mTLS: {}", answer.status);
+    let metrics = fx.b.metrics().await?;
+    ensure!(
+        metrics.sum(
+            "keel_requests_total",
+            &[
+                ("direction", "inbound"),
+                ("status", "403"),
+                ("error", "forbidden")
+            ]
+        ) >= 3.0,
+        "b did not count its denials"
+    );
     Ok(())
 }
 
