@@ -447,6 +447,7 @@ mod tests {
             ready: true,
             workload: format!("demo/w{last}"),
             meshed: true,
+            labels: std::collections::BTreeMap::new(),
         }
     }
 

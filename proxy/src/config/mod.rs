@@ -46,9 +46,9 @@ pub use resources::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationRule, CircuitBreaker, CompiledRegex,
     DistributeRule, Endpoint, Endpoints, FailoverLabel, FailoverRule, FailurePercentageEjection,
     GrpcCode, HashOn, HeaderMatch, LoadBalancer, Locality, LocalityFailover, LocalityPattern,
-    MeshSettings, MtlsMode, Operation, OutboundTrafficPolicy, OutlierDetection, Protocol, RetryOn,
-    RetryPolicy, Route, RouteMatch, RouteTable, Service, ServicePort, Source, StringMatcher,
-    StringPattern, SuccessRateEjection, TrafficPolicy, WeightedDestination,
+    MeshSettings, MtlsMode, Operation, OutboundTrafficPolicy, OutlierDetection, Protocol,
+    RetryBudget, RetryOn, RetryPolicy, Route, RouteMatch, RouteTable, Service, ServicePort, Source,
+    StringMatcher, StringPattern, SuccessRateEjection, TrafficPolicy, WeightedDestination,
 };
 
 /// The resource types of the discovery stream.

@@ -292,6 +292,8 @@ pub struct MeshSettings {
     pub trust_domain: String,
     pub mtls_mode: MtlsMode,
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// The labels of the proxy's own workload, for locality failover by `failover_priority`.
+    pub workload_labels: BTreeMap<String, String>,
 }
 
 impl MeshSettings {
@@ -321,10 +323,15 @@ impl MeshSettings {
             pb::OutboundTrafficPolicy::AllowAny => OutboundTrafficPolicy::AllowAny,
             pb::OutboundTrafficPolicy::RegistryOnly => OutboundTrafficPolicy::RegistryOnly,
         };
+        let labels_at = root.field("workload_labels");
+        for key in m.workload_labels.keys() {
+            non_empty(labels_at, key)?;
+        }
         Ok(MeshSettings {
             trust_domain: m.trust_domain,
             mtls_mode,
             outbound_traffic_policy,
+            workload_labels: m.workload_labels,
         })
     }
 }
@@ -336,6 +343,7 @@ impl Default for MeshSettings {
             trust_domain: Self::DEFAULT_TRUST_DOMAIN.to_owned(),
             mtls_mode: MtlsMode::default(),
             outbound_traffic_policy: OutboundTrafficPolicy::default(),
+            workload_labels: BTreeMap::new(),
         }
     }
 }
@@ -1023,6 +1031,8 @@ pub struct Endpoint {
     pub workload: String,
     /// Whether a keel sidecar fronts it (so mTLS can be used).
     pub meshed: bool,
+    /// The workload's labels, for locality failover by `failover_priority`.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Endpoint {
@@ -1034,6 +1044,10 @@ impl Endpoint {
     fn from_proto(at: Path<'_>, e: pb::Endpoint) -> Checked<Endpoint> {
         let address = unicast_ip(at.field("address"), &e.address)?;
         let port = optional_port(at.field("port"), e.port)?;
+        let labels_at = at.field("labels");
+        for key in e.labels.keys() {
+            non_empty(labels_at, key)?;
+        }
         let identity = if e.identity.is_empty() {
             None
         } else {
@@ -1050,6 +1064,7 @@ impl Endpoint {
             ready: e.ready,
             workload: e.workload,
             meshed: e.meshed,
+            labels: e.labels,
         })
     }
 }
@@ -1264,6 +1279,11 @@ impl LocalityPattern {
         }
     }
 
+    /// A pattern from its text, if it is well formed.
+    pub fn new(value: &str) -> Option<LocalityPattern> {
+        LocalityPattern::parse(Path::Root, value).ok()
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -1395,17 +1415,38 @@ pub struct CircuitBreaker {
     pub max_connections: u32,
     pub max_pending_requests: u32,
     pub max_requests: u32,
+    /// `u32::MAX`: only the [`RetryBudget`] bounds concurrent retries.
     pub max_retries: u32,
 }
 
-/// Envoy's default thresholds.
+/// Envoy's default thresholds for connections and requests; retries are bounded by the retry
+/// budget (as in Istio, whose default for `maxRetries` is unlimited).
 impl Default for CircuitBreaker {
     fn default() -> Self {
         CircuitBreaker {
             max_connections: 1024,
             max_pending_requests: 1024,
             max_requests: 1024,
-            max_retries: 3,
+            max_retries: u32::MAX,
+        }
+    }
+}
+
+/// Retries in flight to a service: at most `percent` of its active requests, and never fewer
+/// than `min_retry_concurrency`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RetryBudget {
+    /// 0..=100.
+    pub percent: u8,
+    pub min_retry_concurrency: u32,
+}
+
+/// Envoy's retry-budget defaults.
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            percent: 20,
+            min_retry_concurrency: 3,
         }
     }
 }
@@ -1420,6 +1461,7 @@ pub struct TrafficPolicy {
     /// `None`: no locality-aware balancing.
     pub locality_failover: Option<LocalityFailover>,
     pub circuit_breaker: CircuitBreaker,
+    pub retry_budget: RetryBudget,
     #[serde(serialize_with = "ser::duration")]
     pub connect_timeout: Duration,
     /// `None`: connections are never closed for idleness.
@@ -1439,6 +1481,7 @@ impl TrafficPolicy {
             outlier_detection: None,
             locality_failover: None,
             circuit_breaker: CircuitBreaker::default(),
+            retry_budget: RetryBudget::default(),
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
         }
@@ -1490,6 +1533,13 @@ impl TrafficPolicy {
                 max_retries: c.max_retries,
             })
             .unwrap_or_default();
+        let retry_budget = match p.retry_budget {
+            None => RetryBudget::default(),
+            Some(b) => RetryBudget {
+                percent: percent(root.field("retry_budget").field("percent"), b.percent)?,
+                min_retry_concurrency: b.min_retry_concurrency,
+            },
+        };
         let connect_timeout = duration_or(
             root.field("connect_timeout"),
             p.connect_timeout,
@@ -1506,6 +1556,7 @@ impl TrafficPolicy {
             outlier_detection,
             locality_failover,
             circuit_breaker,
+            retry_budget,
             connect_timeout,
             idle_timeout,
         })
