@@ -6,6 +6,11 @@
 //! response body has been read to the end, and is dropped otherwise. Bodies are streamed, never
 //! buffered whole.
 //!
+//! A caller may pass [`Connect`] options: the idle timeout closes a connection that carried no
+//! request for that long, and an [`Admission`] (the service's circuit breakers) is asked before a
+//! connection is opened and before a request waits for one; a refusal is
+//! [`UpstreamError::Overflow`], returned at once.
+//!
 //! This module must never send a request on a connection that is not ready for it, and never
 //! report a failure as a connect failure (safe to retry elsewhere) once the request was sent.
 
@@ -13,11 +18,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http::{HeaderMap, Request, Response, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -70,6 +77,12 @@ pub enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    /// A circuit breaker refused a connection to `addr` or a wait for one.
+    #[error("{limit} reached for {addr}")]
+    Overflow {
+        addr: SocketAddr,
+        limit: &'static str,
+    },
 }
 
 impl UpstreamError {
@@ -77,6 +90,125 @@ impl UpstreamError {
     pub fn before_request(&self) -> bool {
         !matches!(self, UpstreamError::Request { .. })
     }
+}
+
+/// A unit of a circuit breaker's limit, given back when dropped.
+pub type Permit = Box<dyn Send + Sync>;
+
+/// Circuit breakers the pool consults; refusals name the limit.
+pub trait Admission: Send + Sync {
+    /// A request must wait for a connection (one being opened, or one with room for another
+    /// stream): a permit for the wait.
+    fn pending(&self) -> Result<Permit, &'static str>;
+    /// A connection is about to be opened: a permit for its lifetime.
+    fn connection(&self) -> Result<Permit, &'static str>;
+}
+
+/// How to reach an upstream.
+#[derive(Clone, Copy)]
+pub struct Connect<'a> {
+    pub timeout: Duration,
+    /// A connection that carries no request for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    pub admission: Option<&'a dyn Admission>,
+}
+
+impl Connect<'_> {
+    /// A connect deadline and nothing else.
+    pub fn timeout(timeout: Duration) -> Connect<'static> {
+        Connect {
+            timeout,
+            idle_timeout: None,
+            admission: None,
+        }
+    }
+
+    fn admit(
+        &self,
+        addr: SocketAddr,
+        ask: impl Fn(&dyn Admission) -> Result<Permit, &'static str>,
+    ) -> Result<Option<Permit>, UpstreamError> {
+        match self.admission {
+            None => Ok(None),
+            Some(a) => ask(a)
+                .map(Some)
+                .map_err(|limit| UpstreamError::Overflow { addr, limit }),
+        }
+    }
+}
+
+/// When a connection last carried a request, for its idle timeout.
+#[derive(Debug)]
+struct Activity {
+    epoch: Instant,
+    /// Requests on it now.
+    active: AtomicUsize,
+    /// When it last became idle, in nanoseconds since `epoch`.
+    idle_since: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            active: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+        })
+    }
+
+    fn begin(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn end(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.idle_since.store(now, Ordering::Release);
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Resolves once the connection has carried nothing for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let wait = if self.active.load(Ordering::Acquire) > 0 {
+                timeout
+            } else {
+                let since = Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
+                let idle = self.epoch.elapsed().saturating_sub(since);
+                if idle >= timeout {
+                    return;
+                }
+                timeout - idle
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Runs a connection's task until it ends, or until it has been idle for `idle_timeout`; the
+/// circuit breaker's permit is held as long.
+async fn drive<F, E>(
+    conn: F,
+    addr: SocketAddr,
+    idle_timeout: Option<Duration>,
+    activity: Arc<Activity>,
+    permit: Option<Permit>,
+) where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let ended = match idle_timeout {
+        Some(timeout) => tokio::select! {
+            ended = conn => Some(ended),
+            () = activity.idle_for(timeout) => None,
+        },
+        None => Some(conn.await),
+    };
+    match ended {
+        Some(Err(e)) => tracing::debug!(%addr, error = %e, "upstream connection ended"),
+        Some(Ok(())) => {}
+        None => tracing::debug!(%addr, "upstream connection closed after its idle timeout"),
+    }
+    drop(permit);
 }
 
 /// Opens a TCP connection with a deadline, with Nagle off.
@@ -91,12 +223,15 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, U
     }
 }
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<Body>, Arc<Activity>)>>>;
+
+/// An idle HTTP/1 connection.
+type IdleH1 = (http1::SendRequest<Body>, Arc<Activity>);
 
 /// Pooled upstream connections.
 #[derive(Default)]
 pub struct Upstreams {
-    idle_h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
+    idle_h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
     h2: Mutex<HashMap<SocketAddr, H2Slot>>,
 }
 
@@ -123,38 +258,64 @@ impl Upstreams {
         connect_timeout: Duration,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let mut sender = loop {
+        self.send_h1_with(addr, Connect::timeout(connect_timeout), req)
+            .await
+    }
+
+    /// [`Upstreams::send_h1`] with an idle timeout and circuit breakers for new connections.
+    pub async fn send_h1_with(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        options: Connect<'_>,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let (mut sender, activity) = loop {
             let idle = lock(&self.idle_h1).get_mut(&addr).and_then(Vec::pop);
             match idle {
-                Some(mut sender) => {
+                Some((mut sender, activity)) => {
                     if !sender.is_closed() && sender.ready().await.is_ok() {
-                        break sender;
+                        break (sender, activity);
                     }
                 }
                 None => {
-                    let stream = connect(addr, connect_timeout).await?;
+                    let _pending = options.admit(addr, |a| a.pending())?;
+                    let permit = options.admit(addr, |a| a.connection())?;
+                    let stream = connect(addr, options.timeout).await?;
                     let (sender, conn) = http1::Builder::new()
                         .handshake(TokioIo::new(stream))
                         .await
                         .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.with_upgrades().await {
-                            tracing::debug!(%addr, error = %e, "upstream HTTP/1 connection ended");
-                        }
-                    });
-                    break sender;
+                    let activity = Activity::new();
+                    tokio::spawn(drive(
+                        conn.with_upgrades(),
+                        addr,
+                        options.idle_timeout,
+                        activity.clone(),
+                        permit,
+                    ));
+                    break (sender, activity);
                 }
             }
         };
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|source| UpstreamError::Request { addr, source })?;
+        activity.begin();
+        let response = match sender.send_request(req).await {
+            Ok(response) => response,
+            Err(source) => {
+                activity.end();
+                return Err(UpstreamError::Request { addr, source });
+            }
+        };
         let keep_alive = !connection_close(response.headers());
         let (parts, body) = response.into_parts();
+        let sender = if keep_alive {
+            Some((sender, activity))
+        } else {
+            activity.end();
+            None
+        };
         let mut body = ReturnToPool {
             inner: body,
-            sender: keep_alive.then_some(sender),
+            sender,
             pool: Arc::downgrade(self),
             addr,
         };
@@ -176,13 +337,79 @@ impl Upstreams {
         connect_timeout: Duration,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
+        self.send_h2_with(addr, Connect::timeout(connect_timeout), req)
+            .await
+    }
+
+    /// [`Upstreams::send_h2`] with an idle timeout and circuit breakers for a new connection and
+    /// for requests that must wait for one.
+    pub async fn send_h2_with(
+        &self,
+        addr: SocketAddr,
+        options: Connect<'_>,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
         let slot = lock(&self.h2).entry(addr).or_default().clone();
-        let mut sender = {
+        // A live connection with room for a stream: no waiting, nothing to admit.
+        let ready = slot.try_lock().ok().and_then(|held| match held.as_ref() {
+            Some((sender, activity)) if !sender.is_closed() => {
+                Some((sender.clone(), activity.clone()))
+            }
+            _ => None,
+        });
+        let mut pending = None;
+        let (mut sender, activity) = match ready {
+            Some((mut sender, activity)) => {
+                if sender.ready().now_or_never().is_none() {
+                    // At its concurrent stream limit: this request waits.
+                    pending = options.admit(addr, |a| a.pending())?;
+                }
+                (sender, activity)
+            }
+            None => {
+                pending = options.admit(addr, |a| a.pending())?;
+                self.h2_connection(addr, &slot, options).await?
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        drop(pending);
+        activity.begin();
+        match sender.send_request(req).await {
+            Ok(response) => Ok(response.map(|body| {
+                IdleOnDrop {
+                    inner: body,
+                    activity: Some(activity),
+                }
+                .map_err(BoxError::from)
+                .boxed_unsync()
+            })),
+            Err(source) => {
+                activity.end();
+                Err(UpstreamError::Request { addr, source })
+            }
+        }
+    }
+
+    /// The HTTP/2 connection to `addr`, opened if there is none (one request opens it while the
+    /// others wait for it).
+    async fn h2_connection(
+        &self,
+        addr: SocketAddr,
+        slot: &H2Slot,
+        options: Connect<'_>,
+    ) -> Result<(http2::SendRequest<Body>, Arc<Activity>), UpstreamError> {
+        {
             let mut held = slot.lock().await;
             match held.as_ref() {
-                Some(sender) if !sender.is_closed() => sender.clone(),
+                Some((sender, activity)) if !sender.is_closed() => {
+                    Ok((sender.clone(), activity.clone()))
+                }
                 _ => {
-                    let stream = connect(addr, connect_timeout).await?;
+                    let permit = options.admit(addr, |a| a.connection())?;
+                    let stream = connect(addr, options.timeout).await?;
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(hyper_util::rt::TokioTimer::new())
                         .keep_alive_interval(Duration::from_secs(30))
@@ -191,35 +418,30 @@ impl Upstreams {
                         .handshake(TokioIo::new(stream))
                         .await
                         .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
-                        }
-                    });
-                    *held = Some(sender.clone());
-                    sender
+                    let activity = Activity::new();
+                    tokio::spawn(drive(
+                        conn,
+                        addr,
+                        options.idle_timeout,
+                        activity.clone(),
+                        permit,
+                    ));
+                    *held = Some((sender.clone(), activity.clone()));
+                    Ok((sender, activity))
                 }
             }
-        };
-        sender
-            .ready()
-            .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|source| UpstreamError::Request { addr, source })?;
-        Ok(response.map(incoming))
+        }
     }
 
-    fn give_back(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
+    fn give_back(&self, addr: SocketAddr, (sender, activity): IdleH1) {
+        activity.end();
         if sender.is_closed() {
             return;
         }
         let mut idle = lock(&self.idle_h1);
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
-            list.push(sender);
+            list.push((sender, activity));
         }
     }
 
@@ -240,10 +462,45 @@ fn connection_close(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("close"))
 }
 
+/// An HTTP/2 response body that marks its stream done (for the connection's idle timeout) when
+/// dropped.
+struct IdleOnDrop {
+    inner: Incoming,
+    activity: Option<Arc<Activity>>,
+}
+
+impl HttpBody for IdleOnDrop {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for IdleOnDrop {
+    fn drop(&mut self) {
+        if let Some(activity) = self.activity.take() {
+            activity.end();
+        }
+    }
+}
+
 /// An HTTP/1 response body that returns its connection to the pool once read to the end.
 struct ReturnToPool {
     inner: Incoming,
-    sender: Option<http1::SendRequest<Body>>,
+    sender: Option<IdleH1>,
     pool: Weak<Upstreams>,
     addr: SocketAddr,
 }
@@ -262,7 +519,7 @@ impl HttpBody for ReturnToPool {
             // A reader that trusts `is_end_stream` (hyper's server does) stops polling after the
             // last frame and never sees `None`: release as soon as the body is complete.
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.sender = None,
+            Poll::Ready(Some(Err(_))) => self.discard(),
             _ => {}
         }
         polled
@@ -279,9 +536,25 @@ impl HttpBody for ReturnToPool {
 
 impl ReturnToPool {
     fn release(&mut self) {
-        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
-            pool.give_back(self.addr, sender);
+        match (self.sender.take(), self.pool.upgrade()) {
+            (Some(idle), Some(pool)) => pool.give_back(self.addr, idle),
+            (Some((_, activity)), None) => activity.end(),
+            (None, _) => {}
         }
+    }
+
+    /// Drops the connection rather than pool it.
+    fn discard(&mut self) {
+        if let Some((_, activity)) = self.sender.take() {
+            activity.end();
+        }
+    }
+}
+
+impl Drop for ReturnToPool {
+    fn drop(&mut self) {
+        // Not read to the end: the connection cannot be reused.
+        self.discard();
     }
 }
 

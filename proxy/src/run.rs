@@ -110,7 +110,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         .context("starting the discovery client")?,
     );
 
-    let balancers = Arc::new(Balancers::default());
+    let metrics = Arc::new(Metrics::default());
+    let balancers = Arc::new(Balancers::new(
+        crate::locality::Locality {
+            region: args.region.clone(),
+            zone: args.zone.clone(),
+            subzone: args.subzone.clone(),
+        },
+        metrics.clone(),
+    ));
     let mut configs = store.subscribe();
     let balancer_updates = {
         let balancers = balancers.clone();
@@ -125,7 +133,6 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         })
     };
 
-    let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(Shared {
         config: store,
         balancers,
