@@ -53,6 +53,9 @@ const KEEL_ERROR: &str = "keel-error";
 /// reached the app.
 const APP_UNREACHABLE: &str = "app-unreachable";
 
+/// What an inbound sidecar answers when its app failed after it was sent the request.
+const APP_RESET: &str = "app-reset";
+
 /// Opaque TCP: connection attempts on distinct endpoints before giving up.
 const TCP_CONNECT_ATTEMPTS: usize = 3;
 
@@ -354,23 +357,25 @@ impl HttpOutbound {
             let (failure, last_answer) = match attempt {
                 Attempt::Response(mut response, in_flight) => {
                     let status = response.status();
-                    let unreachable = endpoint.endpoint.meshed
-                        && status == StatusCode::SERVICE_UNAVAILABLE
-                        && response
-                            .headers()
-                            .get(KEEL_ERROR)
-                            .is_some_and(|v| v.as_bytes() == APP_UNREACHABLE.as_bytes());
-                    let outcome = if unreachable {
-                        Outcome::ConnectFailed
-                    } else {
-                        Outcome::Status(status.as_u16())
+                    // A peer sidecar's own answer about its app: the request never reached it
+                    // (unreachable), or the app failed with the request (reset).
+                    let peer_error = endpoint
+                        .endpoint
+                        .meshed
+                        .then(|| response.headers().get(KEEL_ERROR))
+                        .flatten()
+                        .map(|v| v.as_bytes());
+                    let (outcome, failure) = match peer_error {
+                        Some(e) if e == APP_UNREACHABLE.as_bytes() => {
+                            (Outcome::ConnectFailed, Failure::NotSent)
+                        }
+                        Some(e) if e == APP_RESET.as_bytes() => (Outcome::Reset, Failure::Reset),
+                        _ => (
+                            Outcome::Status(status.as_u16()),
+                            Failure::Response(status.as_u16(), response.headers()),
+                        ),
                     };
                     balancer.record(&endpoint, outcome);
-                    let failure = if unreachable {
-                        Failure::NotSent
-                    } else {
-                        Failure::Response(status.as_u16(), response.headers())
-                    };
                     let retry = resilience::retry_condition(policy, failure, idempotent);
                     if retry.is_none() || retries >= policy.attempts {
                         if let Some(on_upgrade) = on_upgrade.take()

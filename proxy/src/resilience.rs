@@ -9,11 +9,15 @@
 //! `max_connections` (and only rejects once `max_pending_requests` is also full), keel answers it
 //! 503 at once: failing fast is the point of a breaker, and keel's pool has no queue.
 //!
-//! **The retry budget** bounds retries in flight to a service to `percent` of its active
-//! requests, never fewer than `min_retry_concurrency` (Envoy's `retry_budget`, defaults 20% and
-//! 3), and to `max_retries` if that is lower. A retry that does not fit is not made: the caller
-//! gets the failure it would have got without retries, and the refusal is counted. Retries can
-//! therefore never multiply an outage's load by more than 1.2 (plus the floor).
+//! **The retry budget** is Linkerd's: over the last `ttl` (10 s), retries to a service may number
+//! `percent` (20%) of its requests plus `min_retries_per_second` (10) per second of the window;
+//! `max_retries` also caps retries in flight at once. A retry that does not fit is not made: the
+//! caller gets the failure it would have got without retries, and the refusal is counted. When
+//! everything fails, retries therefore add at most a fifth (plus the floor) to the load. Envoy's
+//! budget bounds *concurrent* retries to 20% of active requests (at least 3) instead; keel takes
+//! Linkerd's rate form on purpose, because the moment an endpoint or a zone dies under load is a
+//! burst of simultaneous failures that a concurrency bound refuses to retry (with four requests in
+//! flight, the fourth is lost), while a rate bound has the whole window's allowance for it.
 //!
 //! **Retry policy**: a route without one gets [`default_retry_policy`] (Istio's default, in
 //! spirit: two retries, on connect failures and 503). What may be retried depends on what is
@@ -39,10 +43,10 @@
 //! This module must never queue a request, and never hold a lock across an await.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method};
@@ -103,8 +107,7 @@ pub struct ServiceLimits {
     max_pending: AtomicU32,
     max_requests: AtomicU32,
     max_retries: AtomicU32,
-    budget_percent: AtomicU32,
-    budget_floor: AtomicU32,
+    budget: Budget,
     connections: AtomicU32,
     pending: AtomicU32,
     requests: AtomicU32,
@@ -118,8 +121,7 @@ impl Default for ServiceLimits {
             max_pending: AtomicU32::new(0),
             max_requests: AtomicU32::new(0),
             max_retries: AtomicU32::new(0),
-            budget_percent: AtomicU32::new(0),
-            budget_floor: AtomicU32::new(0),
+            budget: Budget::new(),
             connections: AtomicU32::new(0),
             pending: AtomicU32::new(0),
             requests: AtomicU32::new(0),
@@ -155,8 +157,7 @@ impl ServiceLimits {
         set(&self.max_pending, breaker.max_pending_requests);
         set(&self.max_requests, breaker.max_requests);
         set(&self.max_retries, breaker.max_retries);
-        set(&self.budget_percent, u32::from(budget.percent));
-        set(&self.budget_floor, budget.min_retry_concurrency);
+        self.budget.configure(budget);
     }
 
     fn counter(&self, which: Counter) -> &AtomicU32 {
@@ -175,37 +176,29 @@ impl ServiceLimits {
         })
     }
 
-    /// Admits a request to the service: held until its response has been sent on.
+    /// Admits a request to the service: held until its response has been sent on. Each admitted
+    /// request adds to the retry budget.
     pub fn admit_request(self: &Arc<Self>) -> Result<LimitPermit, Limit> {
-        self.permit(Counter::Requests, &self.max_requests)
-            .ok_or(Limit::Requests)
-    }
-
-    /// How many retries may be in flight now: the budget's share of active requests (at least
-    /// its floor), or `max_retries` if lower.
-    pub fn retry_allowance(&self) -> (u32, u32) {
-        let active = u64::from(self.requests.load(Ordering::Relaxed));
-        let percent = u64::from(self.budget_percent.load(Ordering::Relaxed));
-        let floor = self.budget_floor.load(Ordering::Relaxed);
-        let budget = u32::try_from(active * percent / 100)
-            .unwrap_or(u32::MAX)
-            .max(floor);
-        (budget, self.max_retries.load(Ordering::Relaxed))
+        let permit = self
+            .permit(Counter::Requests, &self.max_requests)
+            .ok_or(Limit::Requests)?;
+        self.budget.deposit(Instant::now());
+        Ok(permit)
     }
 
     /// Admits one retry: held until the retried attempt has an outcome.
     pub fn admit_retry(self: &Arc<Self>) -> Result<LimitPermit, RetryDenied> {
-        let (budget, max_retries) = self.retry_allowance();
-        let limit = budget.min(max_retries);
-        if acquire(&self.retries, limit) {
-            Ok(LimitPermit {
-                limits: self.clone(),
-                which: Counter::Retries,
-            })
-        } else if budget <= max_retries {
-            Err(RetryDenied::Budget)
+        self.admit_retry_at(Instant::now())
+    }
+
+    fn admit_retry_at(self: &Arc<Self>, now: Instant) -> Result<LimitPermit, RetryDenied> {
+        let permit = self
+            .permit(Counter::Retries, &self.max_retries)
+            .ok_or(RetryDenied::MaxRetries)?;
+        if self.budget.withdraw(now) {
+            Ok(permit)
         } else {
-            Err(RetryDenied::MaxRetries)
+            Err(RetryDenied::Budget)
         }
     }
 
@@ -217,6 +210,128 @@ impl ServiceLimits {
             self.pending.load(Ordering::Relaxed),
             self.connections.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// Slots per budget window: deposits expire a tenth of the window at a time.
+const BUDGET_SLOTS: usize = 10;
+
+/// Linkerd's retry budget, on atomics: the window (`ttl`) is cut into [`BUDGET_SLOTS`] slots,
+/// each counting the requests and retries of its stretch of time; a slot is reused (reset) when
+/// time comes round to it. Two retries racing for the last unit of budget may both pass: a
+/// budget is a bound on load, not an exact count.
+#[derive(Debug)]
+struct Budget {
+    epoch: Instant,
+    percent: AtomicU32,
+    per_second: AtomicU32,
+    ttl_ms: AtomicU64,
+    slots: [BudgetSlot; BUDGET_SLOTS],
+}
+
+#[derive(Debug, Default)]
+struct BudgetSlot {
+    /// Which stretch of time it counts, plus one (0: none yet).
+    index: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl Budget {
+    fn new() -> Budget {
+        let budget = Budget {
+            epoch: Instant::now(),
+            percent: AtomicU32::new(0),
+            per_second: AtomicU32::new(0),
+            ttl_ms: AtomicU64::new(1),
+            slots: Default::default(),
+        };
+        budget.configure(&RetryBudget::default());
+        budget
+    }
+
+    fn configure(&self, budget: &RetryBudget) {
+        let ttl_ms = u64::try_from(budget.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(BUDGET_SLOTS as u64);
+        self.percent
+            .store(u32::from(budget.percent), Ordering::Relaxed);
+        self.per_second
+            .store(budget.min_retries_per_second, Ordering::Relaxed);
+        if self.ttl_ms.swap(ttl_ms, Ordering::Relaxed) != ttl_ms {
+            // Slots of another length mean nothing now.
+            for slot in &self.slots {
+                slot.index.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The stretch of time `now` falls in.
+    fn index(&self, now: Instant) -> u64 {
+        let slot_ms = (self.ttl_ms.load(Ordering::Relaxed) / BUDGET_SLOTS as u64).max(1);
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+            / slot_ms
+    }
+
+    /// The slot counting `index`, reset if it counted an older stretch.
+    fn slot(&self, index: u64) -> &BudgetSlot {
+        let slot = &self.slots[(index % BUDGET_SLOTS as u64) as usize];
+        let seen = slot.index.load(Ordering::Acquire);
+        if seen != index + 1
+            && slot
+                .index
+                .compare_exchange(seen, index + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            slot.requests.store(0, Ordering::Release);
+            slot.retries.store(0, Ordering::Release);
+        }
+        slot
+    }
+
+    fn deposit(&self, now: Instant) {
+        self.slot(self.index(now))
+            .requests
+            .fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Requests and retries of the window ending at `now`.
+    fn window(&self, now: Instant) -> (u64, u64) {
+        let current = self.index(now) + 1;
+        let oldest = current.saturating_sub(BUDGET_SLOTS as u64 - 1).max(1);
+        self.slots
+            .iter()
+            .filter(|s| {
+                let i = s.index.load(Ordering::Acquire);
+                i >= oldest && i <= current
+            })
+            .fold((0, 0), |(r, w), s| {
+                (
+                    r + s.requests.load(Ordering::Acquire),
+                    w + s.retries.load(Ordering::Acquire),
+                )
+            })
+    }
+
+    /// The retries the window ending at `now` allows in all, and those it spent.
+    fn allowance(&self, now: Instant) -> (u64, u64) {
+        let (requests, retries) = self.window(now);
+        let percent = u64::from(self.percent.load(Ordering::Relaxed));
+        let per_second = u64::from(self.per_second.load(Ordering::Relaxed));
+        let floor = per_second * self.ttl_ms.load(Ordering::Relaxed) / 1000;
+        (requests * percent / 100 + floor, retries)
+    }
+
+    /// Spends one retry if the window allows it.
+    fn withdraw(&self, now: Instant) -> bool {
+        let (allowed, spent) = self.allowance(now);
+        if spent >= allowed {
+            return false;
+        }
+        self.slot(self.index(now))
+            .retries
+            .fetch_add(1, Ordering::AcqRel);
+        true
     }
 }
 
@@ -263,13 +378,18 @@ impl Drop for LimitPermit {
 // ---------------------------------------------------------------------------------------------
 // Retry decisions
 
-/// The policy of routes that have none: two retries, on connect failures (any method) and on 503
-/// (idempotent methods), with Envoy's back-off. `attempts: 0` on a route turns retries off.
+/// The policy of routes that have none: two retries, on connect failures (any method), and on
+/// resets and 503 (idempotent methods), with Envoy's back-off. `attempts: 0` on a route turns
+/// retries off.
 pub fn default_retry_policy() -> &'static RetryPolicy {
     static DEFAULT: LazyLock<RetryPolicy> = LazyLock::new(|| RetryPolicy {
         attempts: 2,
         per_try_timeout: None,
-        retry_on: vec![RetryOn::ConnectFailure, RetryOn::RetriableStatusCodes],
+        retry_on: vec![
+            RetryOn::ConnectFailure,
+            RetryOn::Reset,
+            RetryOn::RetriableStatusCodes,
+        ],
         retriable_status_codes: vec![503],
         retriable_grpc_codes: Vec::new(),
         backoff_base: RetryPolicy::DEFAULT_BACKOFF_BASE,
@@ -547,23 +667,39 @@ mod tests {
     }
 
     #[test]
-    fn retry_budget_is_a_share_of_active_requests_with_a_floor() {
-        let l = limits(CircuitBreaker::default(), RetryBudget::default());
-        // Nothing in flight: the floor of 3.
-        assert_eq!(l.retry_allowance().0, 3);
-        let requests: Vec<_> = (0..10).map(|_| l.admit_request().expect("admit")).collect();
-        // 20% of 10 is 2: still the floor.
-        assert_eq!(l.retry_allowance().0, 3);
-        let more: Vec<_> = (0..90).map(|_| l.admit_request().expect("admit")).collect();
-        // 20% of 100.
-        assert_eq!(l.retry_allowance().0, 20);
-        let retries: Vec<_> = (0..20).map(|_| l.admit_retry().expect("retry")).collect();
-        assert_eq!(l.admit_retry().err(), Some(RetryDenied::Budget));
+    fn retry_budget_is_a_share_of_recent_requests_plus_a_floor() {
+        let budget = |percent, per_second| RetryBudget {
+            percent,
+            min_retries_per_second: per_second,
+            ttl: Duration::from_secs(10),
+        };
+        // 20% of 100 requests, no floor: 20 retries, the 21st refused.
+        let l = limits(CircuitBreaker::default(), budget(20, 0));
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            drop(l.admit_request().expect("admit"));
+        }
+        let retries: Vec<_> = (0..20)
+            .map(|_| l.admit_retry_at(t0).expect("retry"))
+            .collect();
+        assert_eq!(l.admit_retry_at(t0).err(), Some(RetryDenied::Budget));
+        // Spent retries stay spent when they finish: the budget is a rate, not a concurrency.
         drop(retries);
-        drop(more);
-        drop(requests);
-        assert_eq!(l.in_flight(), (0, 0, 0, 0));
-        // max_retries below the budget caps it.
+        assert_eq!(l.admit_retry_at(t0).err(), Some(RetryDenied::Budget));
+        // The deposits expire with the window.
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(l.budget.allowance(later), (0, 0));
+        // The floor: 10 per second over 10 s, with no request at all.
+        let floor = limits(CircuitBreaker::default(), budget(20, 10));
+        let granted = (0..150)
+            .filter(|_| floor.admit_retry_at(t0).is_ok())
+            .count();
+        assert_eq!(granted, 100);
+        // No percent and no floor: no retries.
+        let none = limits(CircuitBreaker::default(), budget(0, 0));
+        drop(none.admit_request().expect("admit"));
+        assert!(none.admit_retry().is_err());
+        // max_retries caps retries in flight whatever the budget.
         let capped = limits(
             CircuitBreaker {
                 max_retries: 1,
@@ -571,17 +707,35 @@ mod tests {
             },
             RetryBudget::default(),
         );
-        let _one = capped.admit_retry().expect("first");
+        let one = capped.admit_retry().expect("first");
         assert_eq!(capped.admit_retry().err(), Some(RetryDenied::MaxRetries));
-        // A zero floor and percent: no retries at all.
-        let none = limits(
+        drop(one);
+        assert!(capped.admit_retry().is_ok());
+        assert_eq!(l.in_flight().0, 0);
+    }
+
+    #[test]
+    fn the_budget_window_slides() {
+        let l = limits(
             CircuitBreaker::default(),
             RetryBudget {
-                percent: 0,
-                min_retry_concurrency: 0,
+                percent: 50,
+                min_retries_per_second: 0,
+                ttl: Duration::from_secs(10),
             },
         );
-        assert!(none.admit_retry().is_err());
+        let t0 = l.budget.epoch;
+        for _ in 0..10 {
+            l.budget.deposit(t0);
+        }
+        for _ in 0..10 {
+            l.budget.deposit(t0 + Duration::from_secs(5));
+        }
+        // Both halves count at 9 s; only the second at 12 s.
+        assert_eq!(l.budget.allowance(t0 + Duration::from_secs(9)), (10, 0));
+        assert_eq!(l.budget.allowance(t0 + Duration::from_secs(12)), (5, 0));
+        assert!(l.budget.withdraw(t0 + Duration::from_secs(12)));
+        assert_eq!(l.budget.allowance(t0 + Duration::from_secs(12)), (5, 1));
     }
 
     #[test]
@@ -619,9 +773,17 @@ mod tests {
         assert!(retry_condition(default, Failure::Response(503, &headers), true).is_some());
         assert!(retry_condition(default, Failure::Response(503, &headers), false).is_none());
         assert!(retry_condition(default, Failure::Response(500, &headers), true).is_none());
-        // Resets and timeouts need reset, 5xx or gateway-error.
-        assert!(retry_condition(default, Failure::Reset, true).is_none());
+        // Resets (idempotent only) by default; timeouts and resets need reset, 5xx or
+        // gateway-error.
+        assert_eq!(
+            retry_condition(default, Failure::Reset, true),
+            Some("reset")
+        );
+        assert!(retry_condition(default, Failure::Reset, false).is_none());
         let mut policy = default.clone();
+        policy.retry_on = vec![RetryOn::ConnectFailure];
+        assert!(retry_condition(&policy, Failure::Reset, true).is_none());
+        assert!(retry_condition(&policy, Failure::Timeout, true).is_none());
         policy.retry_on = vec![RetryOn::GatewayError];
         assert_eq!(
             retry_condition(&policy, Failure::Reset, true),

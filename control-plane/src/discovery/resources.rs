@@ -415,7 +415,8 @@ fn traffic_policy_of(spec: &model::TrafficPolicySpec) -> pb::TrafficPolicy {
         }),
         retry_budget: Some(pb::RetryBudget {
             percent: u32::from(spec.retry_budget.percent),
-            min_retry_concurrency: spec.retry_budget.min_retry_concurrency,
+            min_retries_per_second: spec.retry_budget.min_retries_per_second,
+            ttl: Some(duration(spec.retry_budget.ttl)),
         }),
         connect_timeout: Some(duration(spec.connect_timeout)),
         idle_timeout: Some(duration(spec.idle_timeout)),
@@ -517,7 +518,8 @@ mod tests {
         }
         let policy: pb::TrafficPolicy = decode(&built, type_url::TRAFFIC_POLICY, "demo/reads");
         let budget = policy.retry_budget.expect("a retry budget");
-        assert_eq!((budget.percent, budget.min_retry_concurrency), (20, 3));
+        assert_eq!((budget.percent, budget.min_retries_per_second), (20, 10));
+        assert_eq!(budget.ttl.map(|d| d.seconds), Some(10));
         assert_eq!(
             policy.circuit_breaker.map(|c| c.max_retries),
             Some(u32::MAX)

@@ -1447,16 +1447,18 @@ fn retry_budget(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryBudget> 
     let f = dec.fields(
         field.node,
         field.path(),
-        &["percent", "minRetryConcurrency"],
+        &["percent", "minRetriesPerSecond", "ttl"],
     )?;
     let d = RetryBudget::default();
     let percent = f.get("percent").map(|f| dec.percent(f));
     let floor = f
-        .get("minRetryConcurrency")
+        .get("minRetriesPerSecond")
         .map(|f| dec.integer(f, 0u32, u32::MAX));
+    let ttl = f.get("ttl").map(|f| dec.duration(f));
     Some(RetryBudget {
         percent: or_default(percent, d.percent)?,
-        min_retry_concurrency: or_default(floor, d.min_retry_concurrency)?,
+        min_retries_per_second: or_default(floor, d.min_retries_per_second)?,
+        ttl: or_default(ttl, d.ttl)?,
     })
 }
 

@@ -629,21 +629,24 @@ impl Default for CircuitBreaker {
     }
 }
 
-/// How many retries may be in flight to a service at once: `percent` of its active requests,
-/// and never fewer than `min_retry_concurrency` (Envoy's `retry_budget`; Linkerd bounds retries
-/// the same way, as a ratio of requests). Defaults 20% and 3.
+/// How many retries a service may receive (Linkerd's retry budget): `percent` of the requests
+/// of the last `ttl`, plus `min_retries_per_second` over that window. Defaults 20%, 10 per second
+/// and 10 s: retries add at most a fifth to a failing service's load, and a burst of failures
+/// (an endpoint or a zone dying under load) is still retried in full.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryBudget {
     /// 0..=100.
     pub percent: u8,
-    pub min_retry_concurrency: u32,
+    pub min_retries_per_second: u32,
+    pub ttl: Duration,
 }
 
 impl Default for RetryBudget {
     fn default() -> Self {
         Self {
             percent: 20,
-            min_retry_concurrency: 3,
+            min_retries_per_second: 10,
+            ttl: Duration::from_secs(10),
         }
     }
 }

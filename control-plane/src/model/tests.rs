@@ -693,14 +693,16 @@ spec:
     let policy = &m.traffic_policies[&ObjectKey::new("default", "web")].spec;
     assert_eq!(policy.load_balancer, LoadBalancer::LeastRequest);
     assert_eq!(policy.circuit_breaker, CircuitBreaker::default());
-    // Retries are bounded by the budget (20%, at least 3) rather than by maxRetries.
+    // Retries are bounded by the budget (20% plus 10 per second over 10 s) rather than by
+    // maxRetries.
     assert_eq!(policy.circuit_breaker.max_retries, u32::MAX);
     assert_eq!(
         (
             policy.retry_budget.percent,
-            policy.retry_budget.min_retry_concurrency
+            policy.retry_budget.min_retries_per_second,
+            policy.retry_budget.ttl
         ),
-        (20, 3)
+        (20, 10, Duration::from_secs(10))
     );
     assert_eq!(policy.connect_timeout, Duration::from_secs(5));
     let outlier = policy.outlier_detection.as_ref().unwrap();
@@ -726,7 +728,7 @@ spec:
   localityFailover: {{enabled: true, failoverPriority: [topology.kubernetes.io/region, 'topology.kubernetes.io/zone=zone-a'],
                      distribute: [{{from: 'local/*', to: {{'local/zone-a/*': 80, 'local/zone-b/*': 20}}}}]}}
   circuitBreaker: {{maxConnections: 10, maxRetries: 0}}
-  retryBudget: {{percent: 50, minRetryConcurrency: 1}}
+  retryBudget: {{percent: 50, minRetriesPerSecond: 1, ttl: 30s}}
   connectTimeout: 250ms
   idleTimeout: 1h
 "
@@ -769,7 +771,8 @@ spec:
         p.retry_budget,
         RetryBudget {
             percent: 50,
-            min_retry_concurrency: 1
+            min_retries_per_second: 1,
+            ttl: Duration::from_secs(30),
         }
     );
     assert_eq!(p.connect_timeout, Duration::from_millis(250));
@@ -876,14 +879,16 @@ fn traffic_policy_rules() {
         ErrorKind::InvalidValue,
         "spec.retryBudget.percent",
     );
-    let e = errors(&policy("  retryBudget: {minRetryConcurrency: -1}\n"));
+    let e = errors(&policy("  retryBudget: {minRetriesPerSecond: -1}\n"));
     assert_one(
         &e,
         6,
         38,
         ErrorKind::InvalidValue,
-        "spec.retryBudget.minRetryConcurrency",
+        "spec.retryBudget.minRetriesPerSecond",
     );
+    let e = errors(&policy("  retryBudget: {ttl: 0s}\n"));
+    assert_one(&e, 6, 22, ErrorKind::InvalidValue, "spec.retryBudget.ttl");
     let e = errors(&policy("  retryBudget: {ratio: 0.2}\n"));
     assert_eq!(e.len(), 1, "{}", ValidationErrors(e.clone()));
     assert_eq!(e[0].field, "spec.retryBudget.ratio");

@@ -1415,7 +1415,7 @@ pub struct CircuitBreaker {
     pub max_connections: u32,
     pub max_pending_requests: u32,
     pub max_requests: u32,
-    /// `u32::MAX`: only the [`RetryBudget`] bounds concurrent retries.
+    /// `u32::MAX`: only the [`RetryBudget`] bounds retries.
     pub max_retries: u32,
 }
 
@@ -1432,21 +1432,29 @@ impl Default for CircuitBreaker {
     }
 }
 
-/// Retries in flight to a service: at most `percent` of its active requests, and never fewer
-/// than `min_retry_concurrency`.
+/// Retries to a service: `percent` of its requests of the last `ttl`, plus
+/// `min_retries_per_second` over that window (Linkerd's retry budget).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RetryBudget {
     /// 0..=100.
     pub percent: u8,
-    pub min_retry_concurrency: u32,
+    pub min_retries_per_second: u32,
+    /// Positive.
+    #[serde(serialize_with = "ser::duration")]
+    pub ttl: Duration,
 }
 
-/// Envoy's retry-budget defaults.
+impl RetryBudget {
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+}
+
+/// Linkerd's retry-budget defaults.
 impl Default for RetryBudget {
     fn default() -> Self {
         RetryBudget {
             percent: 20,
-            min_retry_concurrency: 3,
+            min_retries_per_second: 10,
+            ttl: Self::DEFAULT_TTL,
         }
     }
 }
@@ -1537,7 +1545,12 @@ impl TrafficPolicy {
             None => RetryBudget::default(),
             Some(b) => RetryBudget {
                 percent: percent(root.field("retry_budget").field("percent"), b.percent)?,
-                min_retry_concurrency: b.min_retry_concurrency,
+                min_retries_per_second: b.min_retries_per_second,
+                ttl: duration_or(
+                    root.field("retry_budget").field("ttl"),
+                    b.ttl,
+                    RetryBudget::DEFAULT_TTL,
+                )?,
             },
         };
         let connect_timeout = duration_or(

@@ -394,7 +394,8 @@ fn traffic_policy_defaults_fill_what_is_absent() {
     };
     p.retry_budget = Some(pb::RetryBudget {
         percent: 50,
-        min_retry_concurrency: 1,
+        min_retries_per_second: 1,
+        ttl: None,
     });
     let config = applied(&mut b, &versioned(&p, "2"));
     let budget = &config
@@ -402,10 +403,12 @@ fn traffic_policy_defaults_fill_what_is_absent() {
         .expect("articles")
         .traffic_policy
         .retry_budget;
-    assert_eq!((budget.percent, budget.min_retry_concurrency), (50, 1));
+    assert_eq!((budget.percent, budget.min_retries_per_second), (50, 1));
+    assert_eq!(budget.ttl, RetryBudget::DEFAULT_TTL);
     p.retry_budget = Some(pb::RetryBudget {
         percent: 101,
-        min_retry_concurrency: 1,
+        min_retries_per_second: 1,
+        ttl: None,
     });
     let e = rejected(&mut b, &versioned(&p, "3"));
     assert_invalid(
