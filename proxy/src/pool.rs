@@ -77,6 +77,13 @@ pub enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    /// The connection failed before the request was written: it can go elsewhere unchanged.
+    #[error("request to {addr} not sent: {source}")]
+    Unsent {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
     /// A circuit breaker refused a connection to `addr` or a wait for one.
     #[error("{limit} reached for {addr}")]
     Overflow {
@@ -269,12 +276,60 @@ impl Upstreams {
         options: Connect<'_>,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let (mut sender, activity) = loop {
-            let idle = lock(&self.idle_h1).get_mut(&addr).and_then(Vec::pop);
+        let mut req = req;
+        let mut fresh = false;
+        let (response, sender, activity) = loop {
+            let (mut sender, activity) = self.h1_sender(addr, options, fresh).await?;
+            activity.begin();
+            match sender.try_send_request(req).await {
+                Ok(response) => break (response, sender, activity),
+                Err(mut e) => {
+                    activity.end();
+                    match e.take_message() {
+                        // A pooled connection the upstream had just closed: once more, on a
+                        // new connection (hyper gives the request back only if unsent).
+                        Some(unsent) if !fresh => {
+                            req = unsent;
+                            fresh = true;
+                        }
+                        Some(_) => {
+                            return Err(UpstreamError::Unsent {
+                                addr,
+                                source: e.into_error(),
+                            });
+                        }
+                        None => {
+                            return Err(UpstreamError::Request {
+                                addr,
+                                source: e.into_error(),
+                            });
+                        }
+                    }
+                }
+            }
+        };
+        let keep_alive = !connection_close(response.headers());
+        Ok(self.pooled_response(addr, response, keep_alive, sender, activity))
+    }
+
+    /// An idle pooled connection to `addr` that is still usable, or a new one (always a new one
+    /// when `fresh`).
+    async fn h1_sender(
+        &self,
+        addr: SocketAddr,
+        options: Connect<'_>,
+        fresh: bool,
+    ) -> Result<IdleH1, UpstreamError> {
+        loop {
+            let idle = if fresh {
+                None
+            } else {
+                lock(&self.idle_h1).get_mut(&addr).and_then(Vec::pop)
+            };
             match idle {
                 Some((mut sender, activity)) => {
                     if !sender.is_closed() && sender.ready().await.is_ok() {
-                        break (sender, activity);
+                        return Ok((sender, activity));
                     }
                 }
                 None => {
@@ -293,19 +348,21 @@ impl Upstreams {
                         activity.clone(),
                         permit,
                     ));
-                    break (sender, activity);
+                    return Ok((sender, activity));
                 }
             }
-        };
-        activity.begin();
-        let response = match sender.send_request(req).await {
-            Ok(response) => response,
-            Err(source) => {
-                activity.end();
-                return Err(UpstreamError::Request { addr, source });
-            }
-        };
-        let keep_alive = !connection_close(response.headers());
+        }
+    }
+
+    /// The response, with a body that gives the connection back to the pool once read.
+    fn pooled_response(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        response: Response<Incoming>,
+        keep_alive: bool,
+        sender: http1::SendRequest<Body>,
+        activity: Arc<Activity>,
+    ) -> Response<Body> {
         let (parts, body) = response.into_parts();
         let sender = if keep_alive {
             Some((sender, activity))
@@ -323,10 +380,7 @@ impl Upstreams {
             // No body to read (204, 304, HEAD, content-length: 0): nobody will poll it.
             body.release();
         }
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(BoxError::from).boxed_unsync(),
-        ))
+        Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
     }
 
     /// Sends a request on the multiplexed HTTP/2 connection to `addr`, opening it if needed.
@@ -377,7 +431,7 @@ impl Upstreams {
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         drop(pending);
         activity.begin();
-        match sender.send_request(req).await {
+        match sender.try_send_request(req).await {
             Ok(response) => Ok(response.map(|body| {
                 IdleOnDrop {
                     inner: body,
@@ -386,9 +440,15 @@ impl Upstreams {
                 .map_err(BoxError::from)
                 .boxed_unsync()
             })),
-            Err(source) => {
+            Err(mut e) => {
                 activity.end();
-                Err(UpstreamError::Request { addr, source })
+                let unsent = e.take_message().is_some();
+                let source = e.into_error();
+                Err(if unsent {
+                    UpstreamError::Unsent { addr, source }
+                } else {
+                    UpstreamError::Request { addr, source }
+                })
             }
         }
     }
@@ -667,5 +727,61 @@ mod tests {
             assert_eq!(&read[..], b"hello");
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// An upstream that closes each connection after one response, without saying so: a pooled
+    /// connection is dead by the next request, which must go out on a new one.
+    #[tokio::test]
+    async fn a_pooled_connection_closed_by_the_upstream_is_replaced() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                drop(stream);
+            }
+        });
+        let pool = Upstreams::new();
+        let options = Connect {
+            timeout: Duration::from_secs(1),
+            idle_timeout: Some(Duration::from_secs(60)),
+            admission: None,
+        };
+        for _ in 0..5 {
+            let req = Request::builder()
+                .uri("/")
+                .header(header::HOST, "test")
+                .body(empty())
+                .expect("request");
+            let resp = pool
+                .send_h1_with(addr, options, req)
+                .await
+                .expect("a new connection replaces the dead one");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closes_after_its_idle_timeout() {
+        let activity = Activity::new();
+        activity.begin();
+        // Busy: never idle, however long it waits.
+        let timeout = Duration::from_millis(50);
+        let busy = tokio::time::timeout(Duration::from_millis(300), activity.idle_for(timeout));
+        assert!(busy.await.is_err());
+        activity.end();
+        let idle = tokio::time::timeout(Duration::from_secs(10), activity.idle_for(timeout));
+        assert!(idle.await.is_ok());
     }
 }
