@@ -5,7 +5,10 @@
 //! plane into the cases a well-behaved proxy never produces; the benchmark uses it to simulate
 //! many proxies cheaply.
 
+pub mod endpoint;
+pub mod fleet;
 pub mod netns;
+pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -235,7 +235,7 @@ impl TestNetwork {
             .args(["--service-account", sidecar.service_account])
             .arg("--pod-ip")
             .arg(ip.to_string())
-            .args(["--region", "local", "--zone", sidecar.zone])
+            .args(["--region", sidecar.region, "--zone", sidecar.zone])
             .env("KEEL_LOG", sidecar.log);
         let proxy = pod.spawn_command("proxy", run)?;
         Ok(MeshedPod { proxy, pod })
@@ -250,6 +250,7 @@ pub struct Sidecar<'a> {
     pub workload: &'a str,
     pub namespace: &'a str,
     pub service_account: &'a str,
+    pub region: &'a str,
     pub zone: &'a str,
     /// The proxy's log filter (`KEEL_LOG`).
     pub log: &'a str,

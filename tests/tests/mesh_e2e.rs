@@ -229,6 +229,7 @@ impl Fixture {
             workload,
             namespace: NS,
             service_account: workload,
+            region: "local",
             zone: "zone-a",
             log: "info",
         };
