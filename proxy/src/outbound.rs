@@ -147,6 +147,10 @@ async fn opaque(
     target: Option<(Arc<ServiceConfig>, ServicePort)>,
     label: ConnProtocol,
 ) {
+    // A service's idle timeout closes an opaque connection that carries nothing for that long.
+    let idle_timeout = target
+        .as_ref()
+        .and_then(|(service, _)| service.traffic_policy.idle_timeout);
     let upstream = match target {
         Some((service, port)) => {
             let Some(balancer) = shared.balancers.get(service.name()) else {
@@ -204,10 +208,121 @@ async fn opaque(
     let Some((upstream, _in_flight)) = upstream else {
         return;
     };
-    let (sent, received) = serve::copy_bidirectional(stream, upstream).await;
+    let (sent, received) = match idle_timeout {
+        None => serve::copy_bidirectional(stream, upstream).await,
+        Some(timeout) => copy_until_idle(stream, upstream, timeout).await,
+    };
     shared
         .metrics
         .bytes(Direction::outbound, label, sent, received);
+}
+
+/// Copies both ways like [`serve::copy_bidirectional`], and closes both sides once neither has
+/// sent anything for `timeout`. Returns the bytes sent to the client and received from it.
+async fn copy_until_idle(client: TcpStream, upstream: TcpStream, timeout: Duration) -> (u64, u64) {
+    let activity = Arc::new(Activity::new());
+    let mut client = Watched {
+        inner: client,
+        activity: activity.clone(),
+        read: 0,
+    };
+    let mut upstream = Watched {
+        inner: upstream,
+        activity: activity.clone(),
+        read: 0,
+    };
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => copied,
+        () = activity.idle_for(timeout) => {
+            tracing::debug!(?timeout, "opaque connection idle; closing");
+            Ok((0, 0))
+        }
+    };
+    if let Err(e) = copied {
+        tracing::debug!(error = %e, "opaque connection ended with an error");
+    }
+    (upstream.read, client.read)
+}
+
+/// When an opaque connection last moved a byte.
+struct Activity {
+    epoch: Instant,
+    last_ns: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_ns: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_ns
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let last =
+                Duration::from_nanos(self.last_ns.load(std::sync::atomic::Ordering::Relaxed));
+            let idle = self.epoch.elapsed().saturating_sub(last);
+            if idle >= timeout {
+                return;
+            }
+            tokio::time::sleep(timeout - idle).await;
+        }
+    }
+}
+
+/// A stream that notes when it reads data, and counts what it read.
+struct Watched {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+    read: u64,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read += n as u64;
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// One outbound HTTP connection's request handler.
@@ -658,5 +773,47 @@ impl SendContext<'_> {
             },
             Err(_) => Attempt::DeadlineExceeded,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (connected.expect("connect"), accepted.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn an_idle_opaque_connection_is_closed() {
+        let (mut app, client_side) = pair().await;
+        let (upstream_side, mut server) = pair().await;
+        let copy = tokio::spawn(copy_until_idle(
+            client_side,
+            upstream_side,
+            Duration::from_millis(200),
+        ));
+        app.write_all(b"ping").await.expect("write");
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"ping");
+        server.write_all(b"pong!").await.expect("write");
+        let mut got = [0u8; 5];
+        app.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"pong!");
+        // Then nothing: the proxy closes both sides.
+        let (sent, received) = tokio::time::timeout(Duration::from_secs(10), copy)
+            .await
+            .expect("closed for idleness")
+            .expect("task");
+        assert_eq!((sent, received), (5, 4));
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
     }
 }
