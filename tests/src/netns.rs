@@ -256,9 +256,14 @@ pub struct Sidecar<'a> {
     pub log: &'a str,
 }
 
-/// `keel-proxy`, built by cargo next to the test binaries (`target/<profile>/keel-proxy`).
+/// `keel-proxy`, built by cargo next to the test binaries (`target/<profile>/keel-proxy`), or
+/// next to the running binary itself (a benchmark in `target/<profile>/`).
 pub fn proxy_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("finding the test binary")?;
+    let beside = exe.parent().map(|dir| dir.join("keel-proxy"));
+    if let Some(proxy) = beside.filter(|p| p.is_file()) {
+        return Ok(proxy);
+    }
     // target/<profile>/deps/<test> -> target/<profile>
     let profile_dir = exe
         .parent()
