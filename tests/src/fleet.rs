@@ -60,6 +60,28 @@ impl EndpointSpec {
     }
 }
 
+/// Six unmeshed endpoints, two per zone, named after their zone (`a1`, `a2`, `b1`...): zone-a
+/// is the client's (locality priority 0), zone-b shares its region (1), zone-c is in another
+/// region (2).
+pub fn three_zones() -> Vec<EndpointSpec> {
+    let mut eps = Vec::new();
+    for (zone, region, prefix) in [
+        ("zone-a", "r1", "a"),
+        ("zone-b", "r1", "b"),
+        ("zone-c", "r2", "c"),
+    ] {
+        for i in 1..=2 {
+            eps.push(EndpointSpec::new(
+                &format!("{prefix}{i}"),
+                region,
+                zone,
+                false,
+            ));
+        }
+    }
+    eps
+}
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct FleetSpec {

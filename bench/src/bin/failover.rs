@@ -136,21 +136,7 @@ async fn endpoint_death(workers: usize) -> anyhow::Result<[f64; 5]> {
 /// Zone failover: returns (client requests lost, ms until every request is served by the next
 /// zone, client requests after the kill).
 async fn zone_failover(workers: usize, retries: bool) -> anyhow::Result<[f64; 3]> {
-    let mut endpoints = Vec::new();
-    for (zone, region, prefix) in [
-        ("zone-a", "r1", "a"),
-        ("zone-b", "r1", "b"),
-        ("zone-c", "r2", "c"),
-    ] {
-        for i in 1..=2 {
-            endpoints.push(EndpointSpec::new(
-                &format!("{prefix}{i}"),
-                region,
-                zone,
-                false,
-            ));
-        }
-    }
+    let endpoints = fleet::three_zones();
     let routes = if retries {
         String::new()
     } else {
