@@ -360,8 +360,8 @@ type LastAnswer = Result<(StatusCode, &'static str), (Response<Body>, balance::I
 /// How one attempt ended.
 enum Attempt {
     Response(Response<Body>, balance::InFlight),
-    /// The upstream could not be reached, or was reached and failed: the request's endpoint,
-    /// and what to answer if this is the last attempt.
+    /// The upstream could not be reached, or was reached and failed: how that counts for
+    /// outlier detection, and what to answer if this is the last attempt.
     Failed {
         outcome: Outcome,
         status: StatusCode,
@@ -456,12 +456,13 @@ impl HttpOutbound {
             };
             labels.endpoint = endpoint.socket_addr(&dest.port).to_string();
             let Some(request_body) = body.attempt() else {
-                // A retry was decided, but the body already sent cannot be replayed.
+                // Checked before deciding the retry, but the failed attempt's connection went on
+                // reading the body past what can be replayed.
                 return self.answer(
                     labels,
                     started,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream-connect-failed",
+                    StatusCode::BAD_GATEWAY,
+                    "body-not-replayable",
                 );
             };
             let attempt = send
