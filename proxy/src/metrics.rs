@@ -1,5 +1,7 @@
 //! The proxy's Prometheus metrics: requests per route and endpoint with their latency, and TCP
 //! connections and bytes per direction and protocol. Served by the admin server at `/metrics`.
+//! The resilience families (see [`Resilience`]) show outlier ejections, endpoint health, priority
+//! load, retries and circuit-breaker rejections per service.
 //!
 //! Recording is lock-free apart from the label-set lookup inside prometheus-client's families;
 //! nothing here allocates per request beyond the label values.
@@ -97,6 +99,7 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
+    resilience: Resilience,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     opened: Family<ConnLabels, Counter>,
@@ -166,8 +169,10 @@ impl Default for Metrics {
             "Inbound connections refused by the mTLS mode, a failed mTLS handshake or an access policy",
             refused.clone(),
         );
+        let resilience = Resilience::register(&mut registry);
         Metrics {
             registry,
+            resilience,
             requests,
             latency,
             opened,
@@ -231,6 +236,109 @@ impl Metrics {
         self.refused.get_or_create(&RefusalLabels { reason }).inc();
     }
 
+    /// An endpoint was ejected by outlier detection.
+    pub fn ejection(&self, service: &str, endpoint: &str, reason: &str) {
+        self.resilience
+            .ejections
+            .get_or_create(&EjectionLabels {
+                service: service.to_owned(),
+                endpoint: endpoint.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An ejection was refused because too many endpoints are ejected already.
+    pub fn ejection_overflow(&self, service: &str) {
+        self.resilience
+            .ejections_overflow
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Whether an endpoint is a candidate now (ready and not ejected).
+    pub fn endpoint_health(&self, service: &str, endpoint: &str, workload: &str, healthy: bool) {
+        self.resilience
+            .endpoint_healthy
+            .get_or_create(&EndpointLabels {
+                service: service.to_owned(),
+                endpoint: endpoint.to_owned(),
+                workload: workload.to_owned(),
+            })
+            .set(i64::from(healthy));
+    }
+
+    /// Removes the health gauge of an endpoint that is gone.
+    pub fn forget_endpoint(&self, service: &str, endpoint: &str, workload: &str) {
+        self.resilience.endpoint_healthy.remove(&EndpointLabels {
+            service: service.to_owned(),
+            endpoint: endpoint.to_owned(),
+            workload: workload.to_owned(),
+        });
+    }
+
+    /// A priority level's share of requests (percent) and whether it is in panic.
+    pub fn priority_load(&self, service: &str, priority: usize, load: u32, panic: bool) {
+        let labels = PriorityLabels {
+            service: service.to_owned(),
+            priority: priority as u64,
+        };
+        self.resilience
+            .priority_load
+            .get_or_create(&labels)
+            .set(i64::from(load));
+        self.resilience
+            .priority_panic
+            .get_or_create(&labels)
+            .set(i64::from(panic));
+    }
+
+    /// Removes the gauges of a priority level that no longer exists.
+    pub fn forget_priority(&self, service: &str, priority: usize) {
+        let labels = PriorityLabels {
+            service: service.to_owned(),
+            priority: priority as u64,
+        };
+        self.resilience.priority_load.remove(&labels);
+        self.resilience.priority_panic.remove(&labels);
+    }
+
+    /// A request was retried, and why (`connect-failure`, `reset`, `timeout`, `status`,
+    /// `grpc-status`).
+    pub fn retry(&self, service: &str, reason: &str) {
+        self.resilience
+            .retries
+            .get_or_create(&ReasonLabels {
+                service: service.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A retry the policy allowed was not made (`budget`, `max-retries`, `body-too-large`).
+    pub fn retry_skipped(&self, service: &str, reason: &str) {
+        self.resilience
+            .retries_skipped
+            .get_or_create(&ReasonLabels {
+                service: service.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A circuit breaker refused a request or a connection.
+    pub fn circuit_open(&self, service: &str, limit: &str) {
+        self.resilience
+            .circuit_breaker_rejections
+            .get_or_create(&LimitLabels {
+                service: service.to_owned(),
+                limit: limit.to_owned(),
+            })
+            .inc();
+    }
+
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -238,6 +346,115 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resilience: outlier ejection, endpoint health, priority load, retries, circuit breakers.
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    pub service: String,
+    pub endpoint: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    /// The endpoint's address (with its port when it has its own).
+    pub endpoint: String,
+    pub workload: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PriorityLabels {
+    pub service: String,
+    pub priority: u64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub service: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub service: String,
+    pub limit: String,
+}
+
+/// The families that show how the proxy copes with failing endpoints.
+struct Resilience {
+    ejections: Family<EjectionLabels, Counter>,
+    ejections_overflow: Family<ServiceLabels, Counter>,
+    endpoint_healthy: Family<EndpointLabels, Gauge>,
+    priority_load: Family<PriorityLabels, Gauge>,
+    priority_panic: Family<PriorityLabels, Gauge>,
+    retries: Family<ReasonLabels, Counter>,
+    retries_skipped: Family<ReasonLabels, Counter>,
+    circuit_breaker_rejections: Family<LimitLabels, Counter>,
+}
+
+impl Resilience {
+    fn register(registry: &mut Registry) -> Resilience {
+        let r = Resilience {
+            ejections: Family::default(),
+            ejections_overflow: Family::default(),
+            endpoint_healthy: Family::default(),
+            priority_load: Family::default(),
+            priority_panic: Family::default(),
+            retries: Family::default(),
+            retries_skipped: Family::default(),
+            circuit_breaker_rejections: Family::default(),
+        };
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection, by reason",
+            r.ejections.clone(),
+        );
+        registry.register(
+            "outlier_ejections_overflow",
+            "Ejections refused because the maximum ejection percentage was reached",
+            r.ejections_overflow.clone(),
+        );
+        registry.register(
+            "endpoint_healthy",
+            "1 if the endpoint is ready and not ejected, else 0",
+            r.endpoint_healthy.clone(),
+        );
+        registry.register(
+            "priority_load_percent",
+            "Share of a service's requests sent to each priority level (0 is the caller's locality)",
+            r.priority_load.clone(),
+        );
+        registry.register(
+            "priority_panic",
+            "1 if a priority level is in panic (balancing over all its ready endpoints)",
+            r.priority_panic.clone(),
+        );
+        registry.register(
+            "retries",
+            "Retries sent, by the condition that caused them",
+            r.retries.clone(),
+        );
+        registry.register(
+            "retries_skipped",
+            "Retries the policy allowed but that were not made (budget, max-retries, body-too-large)",
+            r.retries_skipped.clone(),
+        );
+        registry.register(
+            "circuit_breaker_rejections",
+            "Requests or connections refused by a service's circuit breakers, by limit",
+            r.circuit_breaker_rejections.clone(),
+        );
+        r
     }
 }
 
@@ -278,5 +495,32 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn resilience_families_show_and_forget() {
+        let m = Metrics::default();
+        m.ejection("demo/web", "10.0.0.2", "consecutive_5xx");
+        m.endpoint_health("demo/web", "10.0.0.2", "demo/web-1", false);
+        m.priority_load("demo/web", 1, 30, false);
+        m.retry("demo/web", "status");
+        m.retry_skipped("demo/web", "budget");
+        m.circuit_open("demo/web", "max-requests");
+        let text = m.encode();
+        for line in [
+            r#"keel_outlier_ejections_total{service="demo/web",endpoint="10.0.0.2",reason="consecutive_5xx"} 1"#,
+            r#"keel_endpoint_healthy{service="demo/web",endpoint="10.0.0.2",workload="demo/web-1"} 0"#,
+            r#"keel_priority_load_percent{service="demo/web",priority="1"} 30"#,
+            r#"keel_retries_total{service="demo/web",reason="status"} 1"#,
+            r#"keel_retries_skipped_total{service="demo/web",reason="budget"} 1"#,
+            r#"keel_circuit_breaker_rejections_total{service="demo/web",limit="max-requests"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        m.forget_endpoint("demo/web", "10.0.0.2", "demo/web-1");
+        m.forget_priority("demo/web", 1);
+        let text = m.encode();
+        assert!(!text.contains("keel_endpoint_healthy{"), "{text}");
+        assert!(!text.contains("keel_priority_load_percent{"), "{text}");
     }
 }

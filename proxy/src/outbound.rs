@@ -10,8 +10,14 @@
 //! endpoint; HTTP/1 requests are marked with `keel-orig-proto` so the peer's inbound side turns
 //! them back into HTTP/1.1 (as Linkerd does). Upgrades (WebSocket) go over HTTP/1.1 end to end.
 //!
+//! Each request is admitted by the service's circuit breakers, then sent to an endpoint the
+//! balancer picks; failures are recorded for outlier detection and retried as the route's retry
+//! policy allows (`resilience`), within the retry budget, each retry on another endpoint when
+//! there is one. The route's timeout bounds the whole exchange up to the response headers.
+//!
 //! Errors the proxy answers itself carry a `keel-error` header naming the reason. This module
-//! must never buffer a body whole, and never wait on the control plane.
+//! must never buffer a body whole (a retry replays at most a bounded copy), and never wait on the
+//! control plane.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,11 +28,15 @@ use hyper::body::Incoming;
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::balance;
-use crate::config::{Config, OutboundTrafficPolicy, Protocol, ServiceConfig, ServicePort};
+use crate::balance::{self, Balancer, EndpointState};
+use crate::config::{
+    Config, OutboundTrafficPolicy, Protocol, RetryPolicy, RouteTable, ServiceConfig, ServicePort,
+};
 use crate::detect;
+use crate::health::Outcome;
 use crate::metrics::{ConnProtocol, Direction, RequestLabels};
-use crate::pool::{self, Body};
+use crate::pool::{self, Body, Connect, UpstreamError};
+use crate::resilience::{self, Failure, LimitPermit, RequestBody};
 use crate::serve::{self, Drain, Shared};
 use crate::tls::Carried;
 use crate::transparent;
@@ -37,6 +47,19 @@ const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The header that carries an HTTP/1 request's original protocol across the HTTP/2 hop.
 pub const ORIG_PROTO: &str = "keel-orig-proto";
+
+/// The header of the proxy's own error answers.
+const KEEL_ERROR: &str = "keel-error";
+
+/// What an inbound sidecar answers when its app refused the connection: the request never
+/// reached the app.
+const APP_UNREACHABLE: &str = "app-unreachable";
+
+/// What an inbound sidecar answers when its app failed after it was sent the request.
+const APP_RESET: &str = "app-reset";
+
+/// Opaque TCP: connection attempts on distinct endpoints before giving up.
+const TCP_CONNECT_ATTEMPTS: usize = 3;
 
 /// Serves the outbound listener until drained.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, drain: Drain) {
@@ -126,6 +149,10 @@ async fn opaque(
     target: Option<(Arc<ServiceConfig>, ServicePort)>,
     label: ConnProtocol,
 ) {
+    // A service's idle timeout closes an opaque connection that carries nothing for that long.
+    let idle_timeout = target
+        .as_ref()
+        .and_then(|(service, _)| service.traffic_policy.idle_timeout);
     let upstream = match target {
         Some((service, port)) => {
             let Some(balancer) = shared.balancers.get(service.name()) else {
@@ -134,12 +161,20 @@ async fn opaque(
             let hash = balancer
                 .hash_on()
                 .and_then(|on| balance::hash_key(&on, client.ip(), None));
+            let permit = match LimitPermit::connection(balancer.limits()) {
+                Ok(permit) => permit,
+                Err(limit) => {
+                    tracing::debug!(service = service.name(), %client, "circuit breaker open ({}); closing", limit.as_str());
+                    shared.metrics.circuit_open(service.name(), limit.as_str());
+                    return;
+                }
+            };
             let timeout = service.traffic_policy.connect_timeout;
-            let mut last = None;
+            let mut tried = Vec::new();
             let mut connected = None;
-            // A connect failure is retried once on another endpoint: nothing was sent yet.
-            for _ in 0..2 {
-                let Some(endpoint) = balancer.pick(hash, last.as_deref()) else {
+            // A connect failure is retried on another endpoint: nothing was sent yet.
+            for _ in 0..TCP_CONNECT_ATTEMPTS {
+                let Some(endpoint) = balancer.pick(hash, &tried) else {
                     break;
                 };
                 let addr = endpoint.socket_addr(&port);
@@ -150,12 +185,16 @@ async fn opaque(
                     .await
                 {
                     Ok(s) => {
-                        connected = Some((s, Some(endpoint.start())));
+                        balancer.record(&endpoint, Outcome::Connected);
+                        let mut in_flight = endpoint.start();
+                        in_flight.hold(permit);
+                        connected = Some((s, Some(in_flight)));
                         break;
                     }
                     Err(e) => {
                         tracing::debug!(service = service.name(), %addr, error = %e, "endpoint connect failed");
-                        last = Some(endpoint);
+                        balancer.record(&endpoint, Outcome::ConnectFailed);
+                        tried.push(endpoint);
                     }
                 }
             }
@@ -176,10 +215,124 @@ async fn opaque(
     let Some((upstream, _in_flight)) = upstream else {
         return;
     };
-    let (sent, received) = serve::copy_bidirectional(stream, upstream).await;
+    let (sent, received) = match idle_timeout {
+        None => serve::copy_bidirectional(stream, upstream).await,
+        Some(timeout) => copy_until_idle(stream, upstream, timeout).await,
+    };
     shared
         .metrics
         .bytes(Direction::outbound, label, sent, received);
+}
+
+/// Copies both ways like [`serve::copy_bidirectional`], and closes both sides once neither has
+/// sent anything for `timeout`. Returns the bytes sent to the client and received from it.
+async fn copy_until_idle<U>(client: TcpStream, upstream: U, timeout: Duration) -> (u64, u64)
+where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let activity = Arc::new(Activity::new());
+    let mut client = Watched {
+        inner: client,
+        activity: activity.clone(),
+        read: 0,
+    };
+    let mut upstream = Watched {
+        inner: upstream,
+        activity: activity.clone(),
+        read: 0,
+    };
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => copied,
+        () = activity.idle_for(timeout) => {
+            tracing::debug!(?timeout, "opaque connection idle; closing");
+            Ok((0, 0))
+        }
+    };
+    if let Err(e) = copied {
+        tracing::debug!(error = %e, "opaque connection ended with an error");
+    }
+    (upstream.read, client.read)
+}
+
+/// When an opaque connection last moved a byte.
+struct Activity {
+    epoch: Instant,
+    last_ns: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_ns: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_ns
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let last =
+                Duration::from_nanos(self.last_ns.load(std::sync::atomic::Ordering::Relaxed));
+            let idle = self.epoch.elapsed().saturating_sub(last);
+            if idle >= timeout {
+                return;
+            }
+            tokio::time::sleep(timeout - idle).await;
+        }
+    }
+}
+
+/// A stream that notes when it reads data, and counts what it read.
+struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    read: u64,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read += n as u64;
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// One outbound HTTP connection's request handler.
@@ -196,6 +349,38 @@ struct Destination {
     port: ServicePort,
     route: String,
     timeout: Option<Duration>,
+    /// The table and index of the route, for its retry policy.
+    routes: Option<(Arc<RouteTable>, usize)>,
+}
+
+impl Destination {
+    fn retry_policy(&self) -> &RetryPolicy {
+        self.routes
+            .as_ref()
+            .and_then(|(table, i)| table.routes.get(*i))
+            .and_then(|r| r.retry.as_ref())
+            .unwrap_or_else(|| resilience::default_retry_policy())
+    }
+}
+
+/// What to answer if no retry follows: the proxy's error (status and reason), or the upstream's
+/// response.
+type LastAnswer = Result<(StatusCode, &'static str), (Response<Body>, balance::InFlight)>;
+
+/// How one attempt ended.
+enum Attempt {
+    Response(Response<Body>, balance::InFlight),
+    /// The upstream could not be reached, or was reached and failed: how that counts for
+    /// outlier detection, and what to answer if this is the last attempt.
+    Failed {
+        outcome: Outcome,
+        status: StatusCode,
+        reason: &'static str,
+    },
+    /// The route's timeout expired.
+    DeadlineExceeded,
+    /// A circuit breaker refused a connection or a wait for one.
+    Overflow(&'static str),
 }
 
 impl HttpOutbound {
@@ -227,11 +412,15 @@ impl HttpOutbound {
                 "no-endpoints",
             );
         };
+        let admitted = match balancer.limits().admit_request() {
+            Ok(permit) => permit,
+            Err(limit) => return self.circuit_open(labels, started, limit.as_str()),
+        };
         let hash = balancer
             .hash_on()
             .and_then(|on| balance::hash_key(&on, self.client.ip(), Some(req.headers())));
         let upgrade = serve::upgrade_protocol(&req);
-        let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let mut on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let client_version = req.version();
         let (mut parts, body) = req.into_parts();
         pool::strip_hop_by_hop(&mut parts.headers);
@@ -242,90 +431,179 @@ impl HttpOutbound {
             parts.headers.insert(header::UPGRADE, protocol.clone());
         }
         let authority = serve::authority(&parts).unwrap_or_else(|| self.orig.to_string());
-        let mut body = Some(pool::incoming(body));
-        let mut tried = None;
-        let connect_timeout = dest.service.traffic_policy.connect_timeout;
-        for _ in 0..2 {
-            let Some(endpoint) = balancer.pick(hash, tried.as_deref()) else {
-                break;
+        let policy = dest.retry_policy();
+        let idempotent = resilience::is_idempotent(&parts.method);
+        let body = RequestBody::new(pool::incoming(body));
+        let deadline = dest.timeout.map(|t| started + t);
+        let traffic = &dest.service.traffic_policy;
+        let options = Connect {
+            timeout: traffic.connect_timeout,
+            idle_timeout: traffic.idle_timeout,
+            admission: Some(balancer.limits()),
+            peer: None,
+        };
+        let send = SendContext {
+            shared: &self.shared,
+            balancer: &balancer,
+            port: &dest.port,
+            authority: &authority,
+            client_version,
+            upgrade: upgrade.is_some(),
+            options,
+            per_try_timeout: policy.per_try_timeout,
+            deadline,
+        };
+        let mut tried: Vec<Arc<EndpointState>> = Vec::new();
+        let mut retry_permit = None;
+        let mut retries = 0;
+        loop {
+            let Some(endpoint) = balancer.pick(hash, &tried) else {
+                let reason = if balancer.has_endpoints() {
+                    "no-healthy-upstream"
+                } else {
+                    "no-endpoints"
+                };
+                return self.answer(labels, started, StatusCode::SERVICE_UNAVAILABLE, reason);
             };
-            let addr = endpoint.socket_addr(&dest.port);
-            labels.endpoint = addr.to_string();
-            let in_flight = endpoint.start();
-            let Some(request_body) = body.take() else {
-                break;
+            labels.endpoint = endpoint.socket_addr(&dest.port).to_string();
+            let Some(request_body) = body.attempt() else {
+                // Checked before deciding the retry, but the failed attempt's connection went on
+                // reading the body past what can be replayed.
+                return self.answer(
+                    labels,
+                    started,
+                    StatusCode::BAD_GATEWAY,
+                    "body-not-replayable",
+                );
             };
-            let h2 = endpoint.endpoint.meshed && upgrade.is_none();
-            let mut out = Request::from_parts(parts.clone(), request_body);
-            let sent = if h2 {
-                if client_version != Version::HTTP_2 {
-                    out.headers_mut()
-                        .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-                }
-                *out.version_mut() = Version::HTTP_2;
-                *out.uri_mut() = serve::absolute_uri(&authority, out.uri());
-                let peer = endpoint.endpoint.mtls_peer();
-                let send = self
-                    .shared
-                    .upstreams
-                    .send_h2(addr, peer, connect_timeout, out);
-                serve::with_timeout(dest.timeout, send).await
-            } else {
-                *out.version_mut() = Version::HTTP_11;
-                serve::set_host(&mut out, &authority);
-                *out.uri_mut() = serve::origin_form(out.uri());
-                let peer = endpoint.endpoint.mtls_peer();
-                let send = self
-                    .shared
-                    .upstreams
-                    .send_h1(addr, peer, connect_timeout, out);
-                serve::with_timeout(dest.timeout, send).await
-            };
-            match sent {
-                Ok(Ok(mut response)) => {
-                    in_flight.responded();
-                    if let Some(on_upgrade) = on_upgrade
-                        && response.status() == StatusCode::SWITCHING_PROTOCOLS
-                    {
-                        serve::splice_upgrade(on_upgrade, hyper::upgrade::on(&mut response));
+            let attempt = send
+                .attempt(&endpoint, Request::from_parts(parts.clone(), request_body))
+                .await;
+            drop(retry_permit.take());
+            // What went wrong, if anything, and whether the policy retries it.
+            let (failure, last_answer) = match attempt {
+                Attempt::Response(mut response, in_flight) => {
+                    let status = response.status();
+                    // A peer sidecar's own answer about its app: the request never reached it
+                    // (unreachable), or the app failed with the request (reset).
+                    let peer_error = endpoint
+                        .endpoint
+                        .meshed
+                        .then(|| response.headers().get(KEEL_ERROR))
+                        .flatten()
+                        .map(|v| v.as_bytes());
+                    let (outcome, failure) = match peer_error {
+                        Some(e) if e == APP_UNREACHABLE.as_bytes() => {
+                            (Outcome::ConnectFailed, Failure::NotSent)
+                        }
+                        Some(e) if e == APP_RESET.as_bytes() => (Outcome::Reset, Failure::Reset),
+                        _ => (
+                            Outcome::Status(status.as_u16()),
+                            Failure::Response(status.as_u16(), response.headers()),
+                        ),
+                    };
+                    balancer.record(&endpoint, outcome);
+                    let retry = resilience::retry_condition(policy, failure, idempotent);
+                    if retry.is_none() || retries >= policy.attempts {
+                        if let Some(on_upgrade) = on_upgrade.take()
+                            && status == StatusCode::SWITCHING_PROTOCOLS
+                        {
+                            serve::splice_upgrade(on_upgrade, hyper::upgrade::on(&mut response));
+                        }
+                        labels.status = status.as_u16();
+                        self.shared.metrics.request(labels, started.elapsed());
+                        let mut in_flight = in_flight;
+                        in_flight.hold(admitted);
+                        return serve::track(response, in_flight);
                     }
-                    labels.status = response.status().as_u16();
-                    self.shared.metrics.request(labels, started.elapsed());
-                    return serve::track(response, in_flight);
+                    (retry, Err((response, in_flight)))
                 }
-                Ok(Err(e)) if e.before_request() => {
-                    tracing::debug!(service = dest.service.name(), %addr, error = %e, "endpoint unreachable; trying another");
-                    tried = Some(in_flight.endpoint().clone());
-                    // The request never left, but its body went with the failed attempt: only a
-                    // request without a body can be sent again (bounded replay buffers for
-                    // bodies come with retries).
-                    if serve::has_no_body(&parts) {
-                        body = Some(pool::empty());
-                    }
+                Attempt::Failed {
+                    outcome,
+                    status,
+                    reason,
+                } => {
+                    balancer.record(&endpoint, outcome);
+                    let failure = match outcome {
+                        Outcome::ConnectFailed => Failure::NotSent,
+                        Outcome::Timeout => Failure::Timeout,
+                        _ => Failure::Reset,
+                    };
+                    let retry = resilience::retry_condition(policy, failure, idempotent);
+                    (retry, Ok((status, reason)))
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(service = dest.service.name(), %addr, error = %e, "upstream failed");
-                    return self.answer(labels, started, StatusCode::BAD_GATEWAY, "upstream-reset");
-                }
-                Err(_) => {
+                Attempt::DeadlineExceeded => {
+                    balancer.record(&endpoint, Outcome::Timeout);
                     return self.answer(labels, started, StatusCode::GATEWAY_TIMEOUT, "timeout");
                 }
+                Attempt::Overflow(limit) => return self.circuit_open(labels, started, limit),
+            };
+            let Some(condition) = failure.filter(|_| retries < policy.attempts) else {
+                return self.give_up(labels, started, last_answer, admitted);
+            };
+            if !body.replayable() {
+                self.shared
+                    .metrics
+                    .retry_skipped(dest.service.name(), "body-too-large");
+                return self.give_up(labels, started, last_answer, admitted);
+            }
+            match balancer.limits().admit_retry() {
+                Ok(permit) => retry_permit = Some(permit),
+                Err(denied) => {
+                    self.shared
+                        .metrics
+                        .retry_skipped(dest.service.name(), denied.as_str());
+                    return self.give_up(labels, started, last_answer, admitted);
+                }
+            }
+            retries += 1;
+            let wait = resilience::backoff(retries, policy.backoff_base, policy.backoff_max);
+            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                return self.answer(labels, started, StatusCode::GATEWAY_TIMEOUT, "timeout");
+            }
+            // The failed response (if any) is dropped before the retry.
+            drop(last_answer);
+            self.shared.metrics.retry(dest.service.name(), condition);
+            tracing::debug!(service = dest.service.name(), endpoint = %labels.endpoint, condition, retry = retries, "retrying");
+            tried.push(endpoint);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Answers with the last attempt's outcome: its response, or the proxy's error.
+    fn give_up(
+        &self,
+        mut labels: RequestLabels,
+        started: Instant,
+        last: LastAnswer,
+        admitted: LimitPermit,
+    ) -> Response<Body> {
+        match last {
+            Ok((status, reason)) => self.answer(labels, started, status, reason),
+            Err((response, mut in_flight)) => {
+                labels.status = response.status().as_u16();
+                self.shared.metrics.request(labels, started.elapsed());
+                in_flight.hold(admitted);
+                serve::track(response, in_flight)
             }
         }
-        if tried.is_some() {
-            return self.answer(
-                labels,
-                started,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream-connect-failed",
-            );
-        }
-        self.answer(
-            labels,
-            started,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no-endpoints",
-        )
+    }
+
+    fn circuit_open(
+        &self,
+        mut labels: RequestLabels,
+        started: Instant,
+        limit: &'static str,
+    ) -> Response<Body> {
+        self.shared.metrics.circuit_open(&labels.service, limit);
+        labels.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
+        labels.error = "circuit-open".to_owned();
+        self.shared.metrics.request(labels, started.elapsed());
+        let mut response = serve::error_response(StatusCode::SERVICE_UNAVAILABLE, "circuit-open");
+        response
+            .headers_mut()
+            .insert("keel-circuit-breaker", HeaderValue::from_static(limit));
+        response
     }
 
     /// Resolves the service (by authority, then by original destination), the route and the
@@ -337,13 +615,20 @@ impl HttpOutbound {
         let route = target
             .service
             .routes
-            .select(req.method(), req.uri().path(), req.headers());
-        let Some(route) = route else {
+            .routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| {
+                r.matcher
+                    .matches(req.method(), req.uri().path(), req.headers())
+            });
+        let Some((index, route)) = route else {
             return Some(Destination {
                 service: target.service.clone(),
                 port: target.port.clone(),
                 route: String::new(),
                 timeout: None,
+                routes: None,
             });
         };
         let point = rand::rng().random_range(0..route.total_weight().max(1));
@@ -358,6 +643,7 @@ impl HttpOutbound {
             port: port.clone(),
             route: route.name.clone(),
             timeout: route.timeout,
+            routes: Some((target.service.routes.clone(), index)),
         })
     }
 
@@ -419,5 +705,122 @@ impl HttpOutbound {
         labels.error = reason.to_owned();
         self.shared.metrics.request(labels, started.elapsed());
         serve::error_response(status, reason)
+    }
+}
+
+/// What every attempt of one request shares.
+struct SendContext<'a> {
+    shared: &'a Shared,
+    balancer: &'a Balancer,
+    port: &'a ServicePort,
+    authority: &'a str,
+    client_version: Version,
+    upgrade: bool,
+    options: Connect<'a>,
+    per_try_timeout: Option<Duration>,
+    deadline: Option<Instant>,
+}
+
+impl SendContext<'_> {
+    /// Sends one attempt to `endpoint`, within the per-try timeout and the route's deadline.
+    async fn attempt(&self, endpoint: &Arc<EndpointState>, mut out: Request<Body>) -> Attempt {
+        let addr = endpoint.socket_addr(self.port);
+        let in_flight = endpoint.start();
+        let h2 = endpoint.endpoint.meshed && !self.upgrade;
+        let options = self.options.to_peer(endpoint.endpoint.mtls_peer());
+        let send = async {
+            if h2 {
+                if self.client_version != Version::HTTP_2 {
+                    out.headers_mut()
+                        .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+                }
+                *out.version_mut() = Version::HTTP_2;
+                *out.uri_mut() = serve::absolute_uri(self.authority, out.uri());
+                self.shared.upstreams.send_h2_with(addr, options, out).await
+            } else {
+                *out.version_mut() = Version::HTTP_11;
+                serve::set_host(&mut out, self.authority);
+                *out.uri_mut() = serve::origin_form(out.uri());
+                self.shared.upstreams.send_h1_with(addr, options, out).await
+            }
+        };
+        let now = Instant::now();
+        let to_deadline = self.deadline.map(|d| d.saturating_duration_since(now));
+        let (limit, per_try) = match (self.per_try_timeout, to_deadline) {
+            (Some(p), Some(d)) if p < d => (Some(p), true),
+            (Some(p), None) => (Some(p), true),
+            (_, d) => (d, false),
+        };
+        match serve::with_timeout(limit, send).await {
+            Ok(Ok(response)) => {
+                in_flight.responded();
+                Attempt::Response(response, in_flight)
+            }
+            Ok(Err(UpstreamError::Overflow { limit, .. })) => Attempt::Overflow(limit),
+            Ok(Err(e)) if e.before_request() => {
+                tracing::debug!(service = self.balancer.service(), %addr, error = %e, "endpoint unreachable");
+                Attempt::Failed {
+                    outcome: Outcome::ConnectFailed,
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    reason: "upstream-connect-failed",
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(service = self.balancer.service(), %addr, error = %e, "upstream failed");
+                Attempt::Failed {
+                    outcome: Outcome::Reset,
+                    status: StatusCode::BAD_GATEWAY,
+                    reason: "upstream-reset",
+                }
+            }
+            Err(_) if per_try => Attempt::Failed {
+                outcome: Outcome::Timeout,
+                status: StatusCode::GATEWAY_TIMEOUT,
+                reason: "timeout",
+            },
+            Err(_) => Attempt::DeadlineExceeded,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (connected.expect("connect"), accepted.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn an_idle_opaque_connection_is_closed() {
+        let (mut app, client_side) = pair().await;
+        let (upstream_side, mut server) = pair().await;
+        let copy = tokio::spawn(copy_until_idle(
+            client_side,
+            upstream_side,
+            Duration::from_millis(200),
+        ));
+        app.write_all(b"ping").await.expect("write");
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"ping");
+        server.write_all(b"pong!").await.expect("write");
+        let mut got = [0u8; 5];
+        app.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"pong!");
+        // Then nothing: the proxy closes both sides.
+        let (sent, received) = tokio::time::timeout(Duration::from_secs(10), copy)
+            .await
+            .expect("closed for idleness")
+            .expect("task");
+        assert_eq!((sent, received), (5, 4));
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
     }
 }

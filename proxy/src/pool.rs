@@ -6,9 +6,14 @@
 //! response body has been read to the end, and is dropped otherwise. Bodies are streamed, never
 //! buffered whole.
 //!
-//! Connections to another sidecar that expects mTLS are TLS from the first byte, checked against
-//! the identity the endpoint must prove (see [`crate::tls`]), and pooled per address *and*
-//! identity, so a connection is never reused for a peer it was not verified for.
+//! A caller may pass [`Connect`] options: the idle timeout closes a connection that carried no
+//! request for that long, and an [`Admission`] (the service's circuit breakers) is asked before a
+//! connection is opened and before a request waits for one; a refusal is
+//! [`UpstreamError::Overflow`], returned at once.
+//!
+//! Connections to another sidecar that expects mTLS ([`Connect::peer`]) are TLS from the first
+//! byte, checked against the identity the endpoint must prove (see [`crate::tls`]), and pooled per
+//! address *and* identity, so a connection is never reused for a peer it was not verified for.
 //!
 //! This module must never send a request on a connection that is not ready for it, never report
 //! a failure as a connect failure (safe to retry elsewhere) once the request was sent, and never
@@ -18,11 +23,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http::{HeaderMap, Request, Response, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -94,6 +101,19 @@ pub enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    /// The connection failed before the request was written: it can go elsewhere unchanged.
+    #[error("request to {addr} not sent: {source}")]
+    Unsent {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    /// A circuit breaker refused a connection to `addr` or a wait for one.
+    #[error("{limit} reached for {addr}")]
+    Overflow {
+        addr: SocketAddr,
+        limit: &'static str,
+    },
 }
 
 impl UpstreamError {
@@ -101,6 +121,133 @@ impl UpstreamError {
     pub fn before_request(&self) -> bool {
         !matches!(self, UpstreamError::Request { .. })
     }
+}
+
+/// A unit of a circuit breaker's limit, given back when dropped.
+pub type Permit = Box<dyn Send + Sync>;
+
+/// Circuit breakers the pool consults; refusals name the limit.
+pub trait Admission: Send + Sync {
+    /// A request must wait for a connection (one being opened, or one with room for another
+    /// stream): a permit for the wait.
+    fn pending(&self) -> Result<Permit, &'static str>;
+    /// A connection is about to be opened: a permit for its lifetime.
+    fn connection(&self) -> Result<Permit, &'static str>;
+}
+
+/// How to reach an upstream.
+#[derive(Clone, Copy)]
+pub struct Connect<'a> {
+    pub timeout: Duration,
+    /// A connection that carries no request for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    pub admission: Option<&'a dyn Admission>,
+    /// The identity to require over mTLS; `None` connects in plaintext.
+    pub peer: Option<&'a Arc<SpiffeId>>,
+}
+
+impl<'a> Connect<'a> {
+    /// A connect deadline and nothing else.
+    pub fn timeout(timeout: Duration) -> Connect<'static> {
+        Connect {
+            timeout,
+            idle_timeout: None,
+            admission: None,
+            peer: None,
+        }
+    }
+
+    /// The same, over mTLS to `peer` when it is set.
+    pub fn to_peer(self, peer: Option<&'a Arc<SpiffeId>>) -> Connect<'a> {
+        Connect { peer, ..self }
+    }
+
+    fn admit(
+        &self,
+        addr: SocketAddr,
+        ask: impl Fn(&dyn Admission) -> Result<Permit, &'static str>,
+    ) -> Result<Option<Permit>, UpstreamError> {
+        match self.admission {
+            None => Ok(None),
+            Some(a) => ask(a)
+                .map(Some)
+                .map_err(|limit| UpstreamError::Overflow { addr, limit }),
+        }
+    }
+}
+
+/// When a connection last carried a request, for its idle timeout.
+#[derive(Debug)]
+struct Activity {
+    epoch: Instant,
+    /// Requests on it now.
+    active: AtomicUsize,
+    /// When it last became idle, in nanoseconds since `epoch`.
+    idle_since: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            active: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+        })
+    }
+
+    fn begin(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn end(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.idle_since.store(now, Ordering::Release);
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Resolves once the connection has carried nothing for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let wait = if self.active.load(Ordering::Acquire) > 0 {
+                timeout
+            } else {
+                let since = Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
+                let idle = self.epoch.elapsed().saturating_sub(since);
+                if idle >= timeout {
+                    return;
+                }
+                timeout - idle
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Runs a connection's task until it ends, or until it has been idle for `idle_timeout`; the
+/// circuit breaker's permit is held as long.
+async fn drive<F, E>(
+    conn: F,
+    addr: SocketAddr,
+    idle_timeout: Option<Duration>,
+    activity: Arc<Activity>,
+    permit: Option<Permit>,
+) where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let ended = match idle_timeout {
+        Some(timeout) => tokio::select! {
+            ended = conn => Some(ended),
+            () = activity.idle_for(timeout) => None,
+        },
+        None => Some(conn.await),
+    };
+    match ended {
+        Some(Err(e)) => tracing::debug!(%addr, error = %e, "upstream connection ended"),
+        Some(Ok(())) => {}
+        None => tracing::debug!(%addr, "upstream connection closed after its idle timeout"),
+    }
+    drop(permit);
 }
 
 /// Opens a TCP connection with a deadline, with Nagle off.
@@ -115,12 +262,15 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, U
     }
 }
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<Body>, Arc<Activity>)>>>;
+
+/// An idle HTTP/1 connection.
+type IdleH1 = (http1::SendRequest<Body>, Arc<Activity>);
 
 /// Pooled upstream connections.
 #[derive(Default)]
 pub struct Upstreams {
-    idle_h1: Mutex<HashMap<PeerKey, Vec<http1::SendRequest<Body>>>>,
+    idle_h1: Mutex<HashMap<PeerKey, Vec<IdleH1>>>,
     h2: Mutex<HashMap<PeerKey, H2Slot>>,
     /// The proxy's mTLS state, when it has an identity.
     tls: Option<Arc<MeshTls>>,
@@ -171,8 +321,7 @@ impl Upstreams {
 
     /// Sends an HTTP/1.1 request to `addr` (over mTLS when `peer` is set) on an idle pooled
     /// connection or a new one. The request's URI must be in origin form with its `Host` header
-    /// set. A request that a pooled connection could not take (it was closing) goes once more on
-    /// a new connection: it was never written, so this is safe whatever its method or body.
+    /// set.
     pub async fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -180,31 +329,118 @@ impl Upstreams {
         connect_timeout: Duration,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let key: PeerKey = (addr, peer.cloned());
-        let mut sender = self.h1_sender(&key, connect_timeout, false).await?;
-        let response = match sender.try_send_request(req).await {
-            Ok(response) => response,
-            Err(mut unsent) => match unsent.take_message() {
-                Some(req) => {
-                    sender = self.h1_sender(&key, connect_timeout, true).await?;
-                    sender
-                        .send_request(req)
-                        .await
-                        .map_err(|source| UpstreamError::Request { addr, source })?
+        self.send_h1_with(addr, Connect::timeout(connect_timeout).to_peer(peer), req)
+            .await
+    }
+
+    /// [`Upstreams::send_h1`] with an idle timeout and circuit breakers for new connections.
+    pub async fn send_h1_with(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        options: Connect<'_>,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let key: PeerKey = (addr, options.peer.cloned());
+        let mut req = req;
+        let mut fresh = false;
+        let (response, sender, activity) = loop {
+            let (mut sender, activity) = self.h1_sender(&key, options, fresh).await?;
+            activity.begin();
+            match sender.try_send_request(req).await {
+                Ok(response) => break (response, sender, activity),
+                Err(mut e) => {
+                    activity.end();
+                    match e.take_message() {
+                        // A pooled connection the upstream had just closed: once more, on a
+                        // new connection (hyper gives the request back only if unsent).
+                        Some(unsent) if !fresh => {
+                            req = unsent;
+                            fresh = true;
+                        }
+                        Some(_) => {
+                            return Err(UpstreamError::Unsent {
+                                addr,
+                                source: e.into_error(),
+                            });
+                        }
+                        None => {
+                            return Err(UpstreamError::Request {
+                                addr,
+                                source: e.into_error(),
+                            });
+                        }
+                    }
                 }
-                None => {
-                    return Err(UpstreamError::Request {
-                        addr,
-                        source: unsent.into_error(),
-                    });
-                }
-            },
+            }
         };
         let keep_alive = !connection_close(response.headers());
+        Ok(self.pooled_response(key, response, keep_alive, sender, activity))
+    }
+
+    /// An idle pooled connection to `key` that is still usable, or a new one (always a new one
+    /// when `fresh`).
+    async fn h1_sender(
+        &self,
+        key: &PeerKey,
+        options: Connect<'_>,
+        fresh: bool,
+    ) -> Result<IdleH1, UpstreamError> {
+        let addr = key.0;
+        loop {
+            let idle = if fresh {
+                None
+            } else {
+                lock(&self.idle_h1).get_mut(key).and_then(Vec::pop)
+            };
+            match idle {
+                Some((mut sender, activity)) => {
+                    if !sender.is_closed() && sender.ready().await.is_ok() {
+                        return Ok((sender, activity));
+                    }
+                }
+                None => {
+                    let _pending = options.admit(addr, |a| a.pending())?;
+                    let permit = options.admit(addr, |a| a.connection())?;
+                    let stream = self
+                        .connect(addr, options.peer, Carried::Http1, options.timeout)
+                        .await?;
+                    let (sender, conn) = http1::Builder::new()
+                        .handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|source| UpstreamError::Handshake { addr, source })?;
+                    let activity = Activity::new();
+                    tokio::spawn(drive(
+                        conn.with_upgrades(),
+                        addr,
+                        options.idle_timeout,
+                        activity.clone(),
+                        permit,
+                    ));
+                    return Ok((sender, activity));
+                }
+            }
+        }
+    }
+
+    /// The response, with a body that gives the connection back to the pool once read.
+    fn pooled_response(
+        self: &Arc<Self>,
+        key: PeerKey,
+        response: Response<Incoming>,
+        keep_alive: bool,
+        sender: http1::SendRequest<Body>,
+        activity: Arc<Activity>,
+    ) -> Response<Body> {
         let (parts, body) = response.into_parts();
+        let sender = if keep_alive {
+            Some((sender, activity))
+        } else {
+            activity.end();
+            None
+        };
         let mut body = ReturnToPool {
             inner: body,
-            sender: keep_alive.then_some(sender),
+            sender,
             pool: Arc::downgrade(self),
             key,
         };
@@ -212,51 +448,12 @@ impl Upstreams {
             // No body to read (204, 304, HEAD, content-length: 0): nobody will poll it.
             body.release();
         }
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(BoxError::from).boxed_unsync(),
-        ))
-    }
-
-    /// A ready HTTP/1 connection to `key`: an idle pooled one unless `fresh`, else a new one.
-    async fn h1_sender(
-        &self,
-        key: &PeerKey,
-        connect_timeout: Duration,
-        fresh: bool,
-    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
-        let addr = key.0;
-        if !fresh {
-            loop {
-                // The pool's lock is released before waiting on the connection.
-                let idle = lock(&self.idle_h1).get_mut(key).and_then(Vec::pop);
-                let Some(mut sender) = idle else {
-                    break;
-                };
-                if !sender.is_closed() && sender.ready().await.is_ok() {
-                    return Ok(sender);
-                }
-            }
-        }
-        let stream = self
-            .connect(addr, key.1.as_ref(), Carried::Http1, connect_timeout)
-            .await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(%addr, error = %e, "upstream HTTP/1 connection ended");
-            }
-        });
-        Ok(sender)
+        Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
     }
 
     /// Sends a request on the multiplexed HTTP/2 connection to `addr` (mTLS when `peer` is
     /// set), opening it if needed. The request's URI carries the authority the upstream should
-    /// see. A request the connection could not take (it was going away) goes once more on a new
-    /// connection, as in [`Upstreams::send_h1`].
+    /// see.
     pub async fn send_h2(
         &self,
         addr: SocketAddr,
@@ -264,53 +461,89 @@ impl Upstreams {
         connect_timeout: Duration,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let slot = lock(&self.h2)
-            .entry((addr, peer.cloned()))
-            .or_default()
-            .clone();
-        let mut sender = self
-            .h2_sender(&slot, addr, peer, connect_timeout, false)
-            .await?;
-        let response = match sender.try_send_request(req).await {
-            Ok(response) => response,
-            Err(mut unsent) => match unsent.take_message() {
-                Some(req) => {
-                    let mut sender = self
-                        .h2_sender(&slot, addr, peer, connect_timeout, true)
-                        .await?;
-                    sender
-                        .send_request(req)
-                        .await
-                        .map_err(|source| UpstreamError::Request { addr, source })?
-                }
-                None => {
-                    return Err(UpstreamError::Request {
-                        addr,
-                        source: unsent.into_error(),
-                    });
-                }
-            },
-        };
-        Ok(response.map(incoming))
+        self.send_h2_with(addr, Connect::timeout(connect_timeout).to_peer(peer), req)
+            .await
     }
 
-    /// The connection held in `slot`, ready for a request; a new one if there is none, it is
-    /// closed, or `fresh` is asked.
-    async fn h2_sender(
+    /// [`Upstreams::send_h2`] with an idle timeout and circuit breakers for a new connection and
+    /// for requests that must wait for one.
+    pub async fn send_h2_with(
         &self,
-        slot: &H2Slot,
         addr: SocketAddr,
-        peer: Option<&Arc<SpiffeId>>,
-        connect_timeout: Duration,
-        fresh: bool,
-    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let mut sender = {
+        options: Connect<'_>,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let slot = lock(&self.h2)
+            .entry((addr, options.peer.cloned()))
+            .or_default()
+            .clone();
+        // A live connection with room for a stream: no waiting, nothing to admit.
+        let ready = slot.try_lock().ok().and_then(|held| match held.as_ref() {
+            Some((sender, activity)) if !sender.is_closed() => {
+                Some((sender.clone(), activity.clone()))
+            }
+            _ => None,
+        });
+        let mut pending = None;
+        let (mut sender, activity) = match ready {
+            Some((mut sender, activity)) => {
+                if sender.ready().now_or_never().is_none() {
+                    // At its concurrent stream limit: this request waits.
+                    pending = options.admit(addr, |a| a.pending())?;
+                }
+                (sender, activity)
+            }
+            None => {
+                pending = options.admit(addr, |a| a.pending())?;
+                self.h2_connection(addr, &slot, options).await?
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        drop(pending);
+        activity.begin();
+        match sender.try_send_request(req).await {
+            Ok(response) => Ok(response.map(|body| {
+                IdleOnDrop {
+                    inner: body,
+                    activity: Some(activity),
+                }
+                .map_err(BoxError::from)
+                .boxed_unsync()
+            })),
+            Err(mut e) => {
+                activity.end();
+                let unsent = e.take_message().is_some();
+                let source = e.into_error();
+                Err(if unsent {
+                    UpstreamError::Unsent { addr, source }
+                } else {
+                    UpstreamError::Request { addr, source }
+                })
+            }
+        }
+    }
+
+    /// The HTTP/2 connection to `addr`, opened if there is none (one request opens it while the
+    /// others wait for it).
+    async fn h2_connection(
+        &self,
+        addr: SocketAddr,
+        slot: &H2Slot,
+        options: Connect<'_>,
+    ) -> Result<(http2::SendRequest<Body>, Arc<Activity>), UpstreamError> {
+        {
             let mut held = slot.lock().await;
             match held.as_ref() {
-                Some(sender) if !fresh && !sender.is_closed() => sender.clone(),
+                Some((sender, activity)) if !sender.is_closed() => {
+                    Ok((sender.clone(), activity.clone()))
+                }
                 _ => {
+                    let permit = options.admit(addr, |a| a.connection())?;
                     let stream = self
-                        .connect(addr, peer, Carried::Http2, connect_timeout)
+                        .connect(addr, options.peer, Carried::Http2, options.timeout)
                         .await?;
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(hyper_util::rt::TokioTimer::new())
@@ -320,31 +553,30 @@ impl Upstreams {
                         .handshake(TokioIo::new(stream))
                         .await
                         .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
-                        }
-                    });
-                    *held = Some(sender.clone());
-                    sender
+                    let activity = Activity::new();
+                    tokio::spawn(drive(
+                        conn,
+                        addr,
+                        options.idle_timeout,
+                        activity.clone(),
+                        permit,
+                    ));
+                    *held = Some((sender.clone(), activity.clone()));
+                    Ok((sender, activity))
                 }
             }
-        };
-        sender
-            .ready()
-            .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
-        Ok(sender)
+        }
     }
 
-    fn give_back(&self, key: PeerKey, sender: http1::SendRequest<Body>) {
+    fn give_back(&self, key: PeerKey, (sender, activity): IdleH1) {
+        activity.end();
         if sender.is_closed() {
             return;
         }
         let mut idle = lock(&self.idle_h1);
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
-            list.push(sender);
+            list.push((sender, activity));
         }
     }
 
@@ -365,10 +597,45 @@ fn connection_close(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("close"))
 }
 
+/// An HTTP/2 response body that marks its stream done (for the connection's idle timeout) when
+/// dropped.
+struct IdleOnDrop {
+    inner: Incoming,
+    activity: Option<Arc<Activity>>,
+}
+
+impl HttpBody for IdleOnDrop {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for IdleOnDrop {
+    fn drop(&mut self) {
+        if let Some(activity) = self.activity.take() {
+            activity.end();
+        }
+    }
+}
+
 /// An HTTP/1 response body that returns its connection to the pool once read to the end.
 struct ReturnToPool {
     inner: Incoming,
-    sender: Option<http1::SendRequest<Body>>,
+    sender: Option<IdleH1>,
     pool: Weak<Upstreams>,
     key: PeerKey,
 }
@@ -387,7 +654,7 @@ impl HttpBody for ReturnToPool {
             // A reader that trusts `is_end_stream` (hyper's server does) stops polling after the
             // last frame and never sees `None`: release as soon as the body is complete.
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.sender = None,
+            Poll::Ready(Some(Err(_))) => self.discard(),
             _ => {}
         }
         polled
@@ -404,9 +671,25 @@ impl HttpBody for ReturnToPool {
 
 impl ReturnToPool {
     fn release(&mut self) {
-        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
-            pool.give_back(self.key.clone(), sender);
+        match (self.sender.take(), self.pool.upgrade()) {
+            (Some(idle), Some(pool)) => pool.give_back(self.key.clone(), idle),
+            (Some((_, activity)), None) => activity.end(),
+            (None, _) => {}
         }
+    }
+
+    /// Drops the connection rather than pool it.
+    fn discard(&mut self) {
+        if let Some((_, activity)) = self.sender.take() {
+            activity.end();
+        }
+    }
+}
+
+impl Drop for ReturnToPool {
+    fn drop(&mut self) {
+        // Not read to the end: the connection cannot be reused.
+        self.discard();
     }
 }
 
@@ -519,5 +802,62 @@ mod tests {
             assert_eq!(&read[..], b"hello");
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// An upstream that closes each connection after one response, without saying so: a pooled
+    /// connection is dead by the next request, which must go out on a new one.
+    #[tokio::test]
+    async fn a_pooled_connection_closed_by_the_upstream_is_replaced() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                drop(stream);
+            }
+        });
+        let pool = Upstreams::new(None);
+        let options = Connect {
+            timeout: Duration::from_secs(1),
+            idle_timeout: Some(Duration::from_secs(60)),
+            admission: None,
+            peer: None,
+        };
+        for _ in 0..5 {
+            let req = Request::builder()
+                .uri("/")
+                .header(header::HOST, "test")
+                .body(empty())
+                .expect("request");
+            let resp = pool
+                .send_h1_with(addr, options, req)
+                .await
+                .expect("a new connection replaces the dead one");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closes_after_its_idle_timeout() {
+        let activity = Activity::new();
+        activity.begin();
+        // Busy: never idle, however long it waits.
+        let timeout = Duration::from_millis(50);
+        let busy = tokio::time::timeout(Duration::from_millis(300), activity.idle_for(timeout));
+        assert!(busy.await.is_err());
+        activity.end();
+        let idle = tokio::time::timeout(Duration::from_secs(10), activity.idle_for(timeout));
+        assert!(idle.await.is_ok());
     }
 }

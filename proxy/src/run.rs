@@ -173,7 +173,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    let balancers = Arc::new(Balancers::default());
+    let metrics = Arc::new(Metrics::default());
+    let balancers = Arc::new(Balancers::new(
+        crate::locality::Locality {
+            region: args.region.clone(),
+            zone: args.zone.clone(),
+            subzone: args.subzone.clone(),
+        },
+        metrics.clone(),
+    ));
     let mut configs = store.subscribe();
     let balancer_updates = {
         let balancers = balancers.clone();
@@ -188,7 +196,6 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         })
     };
 
-    let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(Shared {
         config: store,
         balancers,

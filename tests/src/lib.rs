@@ -6,7 +6,10 @@
 //! many proxies cheaply.
 
 pub mod capture;
+pub mod endpoint;
+pub mod fleet;
 pub mod netns;
+pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -248,7 +248,7 @@ impl TestNetwork {
             .args(["--service-account", sidecar.service_account])
             .arg("--pod-ip")
             .arg(ip.to_string())
-            .args(["--region", "local", "--zone", sidecar.zone])
+            .args(["--region", sidecar.region, "--zone", sidecar.zone])
             .env("KEEL_LOG", sidecar.log);
         let proxy = pod.spawn_command("proxy", run)?;
         Ok(MeshedPod { proxy, pod })
@@ -267,6 +267,7 @@ pub struct Sidecar<'a> {
     pub workload: &'a str,
     pub namespace: &'a str,
     pub service_account: &'a str,
+    pub region: &'a str,
     pub zone: &'a str,
     /// The proxy's log filter (`KEEL_LOG`).
     pub log: &'a str,
@@ -282,27 +283,56 @@ impl Drop for Task {
     }
 }
 
+/// What sidecars need to get certificates from a control plane's CA, staged on a network.
+#[derive(Debug, Clone)]
+pub struct StagedIdentity {
+    pub secure_addr: SocketAddr,
+    /// The CA's roots, PEM.
+    pub root_file: PathBuf,
+    pub trust_domain: String,
+    tokens: std::sync::Arc<keel_control_plane::identity::BootstrapTokens>,
+}
+
+impl StagedIdentity {
+    /// Stages `namespace/name`'s bootstrap token for its sidecar; returns its path.
+    pub fn token_file(
+        &self,
+        net: &Network,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<PathBuf> {
+        Ok(net.stage_file(
+            &format!("{namespace}.{name}.token"),
+            self.tokens.mint(namespace, name).as_bytes(),
+            true,
+        )?)
+    }
+
+    /// The sidecar settings for `token_file`.
+    pub fn sidecar<'a>(&'a self, token_file: &'a Path) -> SidecarIdentity<'a> {
+        SidecarIdentity {
+            secure_addr: self.secure_addr,
+            root_file: &self.root_file,
+            token_file,
+            trust_domain: &self.trust_domain,
+        }
+    }
+}
+
 impl TestNetwork {
-    /// Creates meshed pods whose sidecars get their identity from `control_plane`'s CA: each
-    /// workload's bootstrap token and the CA's roots are staged for the sidecar to read, and the
-    /// sidecar talks to the secure port. Every pod is in `namespace`, runs as the service
-    /// account of its name, in `zone`. Does not wait for the sidecars to be ready.
-    pub fn add_certified_pods(
+    /// Stages `control_plane`'s CA roots for sidecars to read; tokens are staged per pod.
+    pub fn stage_identity(
         &self,
         control_plane: &keel_control_plane::ControlPlane,
         trust_domain: &str,
-        namespace: &str,
-        pods: &[(&str, Ipv4Addr)],
-        zone: &str,
-        log: &str,
-    ) -> anyhow::Result<Vec<MeshedPod>> {
+    ) -> anyhow::Result<StagedIdentity> {
         let ca = control_plane
             .ca
             .as_ref()
             .context("the control plane runs no CA")?;
         let tokens = control_plane
             .tokens
-            .as_ref()
+            .clone()
             .context("the control plane does not use bootstrap tokens")?;
         let secure_addr = control_plane
             .secure_addr
@@ -312,24 +342,39 @@ impl TestNetwork {
             keel_control_plane::identity::ca::bundle_pem(&ca.bundle()).as_bytes(),
             false,
         )?;
+        Ok(StagedIdentity {
+            secure_addr,
+            root_file,
+            trust_domain: trust_domain.to_owned(),
+            tokens,
+        })
+    }
+
+    /// Creates meshed pods whose sidecars get their identity from `control_plane`'s CA: each
+    /// workload's bootstrap token and the CA's roots are staged for the sidecar to read, and the
+    /// sidecar talks to the secure port. Every pod is in `namespace`, runs as the service
+    /// account of its name, in region `local` and `zone`. Does not wait for the sidecars to be
+    /// ready.
+    pub fn add_certified_pods(
+        &self,
+        control_plane: &keel_control_plane::ControlPlane,
+        trust_domain: &str,
+        namespace: &str,
+        pods: &[(&str, Ipv4Addr)],
+        zone: &str,
+        log: &str,
+    ) -> anyhow::Result<Vec<MeshedPod>> {
+        let identity = self.stage_identity(control_plane, trust_domain)?;
         let mut meshed = Vec::with_capacity(pods.len());
         for (name, ip) in pods {
-            let token_file = self.stage_file(
-                &format!("{name}.token"),
-                tokens.mint(namespace, name).as_bytes(),
-                true,
-            )?;
+            let token_file = identity.token_file(self, namespace, name)?;
             let sidecar = Sidecar {
                 control_plane: control_plane.discovery_addr,
-                identity: Some(SidecarIdentity {
-                    secure_addr,
-                    root_file: &root_file,
-                    token_file: &token_file,
-                    trust_domain,
-                }),
+                identity: Some(identity.sidecar(&token_file)),
                 workload: name,
                 namespace,
                 service_account: name,
+                region: "local",
                 zone,
                 log,
             };
@@ -351,15 +396,21 @@ pub struct SidecarIdentity<'a> {
     pub trust_domain: &'a str,
 }
 
-/// `keel-proxy`, built by cargo next to the test binaries (`target/<profile>/keel-proxy`).
+/// `keel-proxy`, built by cargo next to the test binaries (`target/<profile>/keel-proxy`), or
+/// next to the running binary itself (a benchmark in `target/<profile>/`).
 pub fn proxy_binary() -> anyhow::Result<PathBuf> {
     workspace_binary("keel-proxy", "keel-proxy")
 }
 
 /// A binary of the workspace, built by cargo next to the test binaries
-/// (`target/<profile>/<name>`); `package` says how to build it.
+/// (`target/<profile>/<name>`) or next to the running binary itself (a benchmark in
+/// `target/<profile>/`); `package` says how to build it.
 pub fn workspace_binary(name: &str, package: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("finding the test binary")?;
+    let beside = exe.parent().map(|dir| dir.join(name));
+    if let Some(binary) = beside.filter(|p| p.is_file()) {
+        return Ok(binary);
+    }
     // target/<profile>/deps/<test> -> target/<profile>
     let profile_dir = exe
         .parent()

@@ -134,6 +134,13 @@ pub fn node_resources(
             model::OutboundTrafficPolicy::AllowAny => pb::OutboundTrafficPolicy::AllowAny,
             model::OutboundTrafficPolicy::RegistryOnly => pb::OutboundTrafficPolicy::RegistryOnly,
         } as i32,
+        // Locality failover by `failoverPriority` compares the caller's labels with each
+        // endpoint's.
+        workload_labels: model
+            .workloads
+            .get(&node.workload)
+            .map(|w| w.meta.labels.clone())
+            .unwrap_or_default(),
     };
     let mesh = BTreeMap::from([(
         "mesh".to_owned(),
@@ -224,6 +231,7 @@ fn endpoints_of(
                 workload: w.meta.key().to_string(),
                 meshed: w.spec.meshed,
                 mtls: mtls && model.mtls_mode_for(&w.meta.key()) != model::MtlsMode::Disable,
+                labels: w.meta.labels.clone(),
             })
         })
         .collect();
@@ -423,6 +431,11 @@ fn traffic_policy_of(spec: &model::TrafficPolicySpec) -> pb::TrafficPolicy {
             max_requests: spec.circuit_breaker.max_requests,
             max_retries: spec.circuit_breaker.max_retries,
         }),
+        retry_budget: Some(pb::RetryBudget {
+            percent: u32::from(spec.retry_budget.percent),
+            min_retries_per_second: spec.retry_budget.min_retries_per_second,
+            ttl: Some(duration(spec.retry_budget.ttl)),
+        }),
         connect_timeout: Some(duration(spec.connect_timeout)),
         idle_timeout: Some(duration(spec.idle_timeout)),
     }
@@ -484,5 +497,78 @@ fn authorization_policy_of(
                     .collect(),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> Model {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh");
+        match model::load_dir(&dir) {
+            Ok((model, _)) => model,
+            Err(errors) => panic!("examples/mesh is invalid:\n{errors}"),
+        }
+    }
+
+    fn decode<M: Message + Default>(
+        built: &[(TypeUrl, Built)],
+        type_url: TypeUrl,
+        name: &str,
+    ) -> M {
+        let (_, resources) = built
+            .iter()
+            .find(|(t, _)| *t == type_url)
+            .expect("type built");
+        M::decode(resources[name].body.value.as_slice()).expect("decodes")
+    }
+
+    /// What locality failover by labels and the retry budget need reaches the proxy.
+    #[test]
+    fn labels_and_retry_budget_are_encoded() {
+        let model = example();
+        let built = shared_resources(&model, true);
+        let endpoints: pb::Endpoints = decode(&built, type_url::ENDPOINTS, "demo/articles");
+        assert!(!endpoints.endpoints.is_empty());
+        for e in &endpoints.endpoints {
+            assert_eq!(e.labels.get("app").map(String::as_str), Some("articles"));
+            // Meshed, PERMISSIVE, and a CA runs: callers originate mTLS.
+            assert!(e.mtls && e.meshed);
+        }
+        let without_ca: pb::Endpoints = decode(
+            &shared_resources(&model, false),
+            type_url::ENDPOINTS,
+            "demo/articles",
+        );
+        assert!(without_ca.endpoints.iter().all(|e| !e.mtls));
+        let policy: pb::TrafficPolicy = decode(&built, type_url::TRAFFIC_POLICY, "demo/reads");
+        let budget = policy.retry_budget.expect("a retry budget");
+        assert_eq!((budget.percent, budget.min_retries_per_second), (20, 10));
+        assert_eq!(budget.ttl.map(|d| d.seconds), Some(10));
+        assert_eq!(
+            policy.circuit_breaker.map(|c| c.max_retries),
+            Some(u32::MAX)
+        );
+
+        let node = NodeInfo {
+            id: "frontend-1.demo".into(),
+            workload: ObjectKey::new("demo", "frontend-1"),
+        };
+        let mesh =
+            &node_resources(&model, &TrustBundle::default(), &node)[type_url::MESH_CONFIG]["mesh"];
+        let mesh = pb::MeshConfig::decode(mesh.body.value.as_slice()).expect("decodes");
+        assert_eq!(
+            mesh.workload_labels.get("app").map(String::as_str),
+            Some("frontend")
+        );
+        let stranger = NodeInfo {
+            id: "nobody.demo".into(),
+            workload: ObjectKey::new("demo", "nobody"),
+        };
+        let mesh = &node_resources(&model, &TrustBundle::default(), &stranger)
+            [type_url::MESH_CONFIG]["mesh"];
+        let mesh = pb::MeshConfig::decode(mesh.body.value.as_slice()).expect("decodes");
+        assert!(mesh.workload_labels.is_empty());
     }
 }

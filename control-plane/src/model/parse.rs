@@ -895,7 +895,8 @@ fn retry_policy(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryPolicy> 
             "backoffMax",
         ],
     )?;
-    let attempts = f.get("attempts").map(|f| dec.integer(f, 1u32, 100u32));
+    // 0 turns retries off for the route (it would otherwise get the proxy's default policy).
+    let attempts = f.get("attempts").map(|f| dec.integer(f, 0u32, 100u32));
     let per_try_timeout = f.get("perTryTimeout").map(|f| dec.duration(f));
     let retry_on = f.get("retryOn").map(|field| {
         let mut seen = BTreeSet::new();
@@ -994,6 +995,7 @@ fn traffic_policy_spec(
             "outlierDetection",
             "localityFailover",
             "circuitBreaker",
+            "retryBudget",
             "connectTimeout",
             "idleTimeout",
         ],
@@ -1007,6 +1009,7 @@ fn traffic_policy_spec(
     let outlier = f.get("outlierDetection").map(|f| outlier_detection(dec, f));
     let locality = f.get("localityFailover").map(|f| locality_failover(dec, f));
     let breaker = f.get("circuitBreaker").map(|f| circuit_breaker(dec, f));
+    let budget = f.get("retryBudget").map(|f| retry_budget(dec, f));
     let connect_timeout = f.get("connectTimeout").map(|f| dec.duration(f));
     let idle_timeout = f.get("idleTimeout").map(|f| dec.duration(f));
     Some(TrafficPolicySpec {
@@ -1015,6 +1018,7 @@ fn traffic_policy_spec(
         outlier_detection: optional(outlier)?,
         locality_failover: optional(locality)?,
         circuit_breaker: or_default(breaker, CircuitBreaker::default())?,
+        retry_budget: or_default(budget, RetryBudget::default())?,
         connect_timeout: or_default(connect_timeout, TrafficPolicySpec::DEFAULT_CONNECT_TIMEOUT)?,
         idle_timeout: or_default(idle_timeout, TrafficPolicySpec::DEFAULT_IDLE_TIMEOUT)?,
     })
@@ -1436,6 +1440,25 @@ fn circuit_breaker(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<CircuitBre
         max_pending_requests: or_default(pending, d.max_pending_requests)?,
         max_requests: or_default(requests, d.max_requests)?,
         max_retries: or_default(retries, d.max_retries)?,
+    })
+}
+
+fn retry_budget(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryBudget> {
+    let f = dec.fields(
+        field.node,
+        field.path(),
+        &["percent", "minRetriesPerSecond", "ttl"],
+    )?;
+    let d = RetryBudget::default();
+    let percent = f.get("percent").map(|f| dec.percent(f));
+    let floor = f
+        .get("minRetriesPerSecond")
+        .map(|f| dec.integer(f, 0u32, u32::MAX));
+    let ttl = f.get("ttl").map(|f| dec.duration(f));
+    Some(RetryBudget {
+        percent: or_default(percent, d.percent)?,
+        min_retries_per_second: or_default(floor, d.min_retries_per_second)?,
+        ttl: or_default(ttl, d.ttl)?,
     })
 }
 

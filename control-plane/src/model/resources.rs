@@ -360,7 +360,8 @@ pub enum GrpcCode {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// Retries after the first attempt (Envoy's `num_retries`; default 1).
+    /// Retries after the first attempt (Envoy's `num_retries`; default 1); 0 turns retries off
+    /// for the route (routes without a retry policy get the proxy's default policy).
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
     /// Default: `connect-failure` only, the one condition that is safe for any request.
@@ -605,12 +606,15 @@ impl Default for LocalityFailover {
     }
 }
 
-/// Per-endpoint-set limits (Envoy's circuit-breaker thresholds and their defaults).
+/// Per-service limits (Envoy's circuit-breaker thresholds). Connections, pending and active
+/// requests default to Envoy's 1024. Concurrent retries default to no limit of their own
+/// (Istio's default): the [`RetryBudget`] is what bounds them unless `max_retries` is set lower.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CircuitBreaker {
     pub max_connections: u32,
     pub max_pending_requests: u32,
     pub max_requests: u32,
+    /// `u32::MAX`: no limit beyond the retry budget.
     pub max_retries: u32,
 }
 
@@ -620,7 +624,29 @@ impl Default for CircuitBreaker {
             max_connections: 1024,
             max_pending_requests: 1024,
             max_requests: 1024,
-            max_retries: 3,
+            max_retries: u32::MAX,
+        }
+    }
+}
+
+/// How many retries a service may receive (Linkerd's retry budget): `percent` of the requests
+/// of the last `ttl`, plus `min_retries_per_second` over that window. Defaults 20%, 10 per second
+/// and 10 s: retries add at most a fifth to a failing service's load, and a burst of failures
+/// (an endpoint or a zone dying under load) is still retried in full.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryBudget {
+    /// 0..=100.
+    pub percent: u8,
+    pub min_retries_per_second: u32,
+    pub ttl: Duration,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            percent: 20,
+            min_retries_per_second: 10,
+            ttl: Duration::from_secs(10),
         }
     }
 }
@@ -635,6 +661,7 @@ pub struct TrafficPolicySpec {
     /// `None`: no locality-aware balancing.
     pub locality_failover: Option<LocalityFailover>,
     pub circuit_breaker: CircuitBreaker,
+    pub retry_budget: RetryBudget,
     /// Default 5 s (Envoy).
     pub connect_timeout: Duration,
     /// Default 1 h (Envoy's upstream idle timeout).
@@ -653,6 +680,7 @@ impl TrafficPolicySpec {
             outlier_detection: None,
             locality_failover: None,
             circuit_breaker: CircuitBreaker::default(),
+            retry_budget: RetryBudget::default(),
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
         }
@@ -765,6 +793,9 @@ pub struct AuthorizationPolicy {
 // ---------------------------------------------------------------------------------------------
 
 /// Any one resource, as read from a document.
+// A TrafficPolicy carries every resilience knob inline; resources are built once per reload and
+// held in maps, so boxing the largest variant would buy nothing measurable.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
     MeshConfig(MeshConfig),

@@ -693,6 +693,17 @@ spec:
     let policy = &m.traffic_policies[&ObjectKey::new("default", "web")].spec;
     assert_eq!(policy.load_balancer, LoadBalancer::LeastRequest);
     assert_eq!(policy.circuit_breaker, CircuitBreaker::default());
+    // Retries are bounded by the budget (20% plus 10 per second over 10 s) rather than by
+    // maxRetries.
+    assert_eq!(policy.circuit_breaker.max_retries, u32::MAX);
+    assert_eq!(
+        (
+            policy.retry_budget.percent,
+            policy.retry_budget.min_retries_per_second,
+            policy.retry_budget.ttl
+        ),
+        (20, 10, Duration::from_secs(10))
+    );
     assert_eq!(policy.connect_timeout, Duration::from_secs(5));
     let outlier = policy.outlier_detection.as_ref().unwrap();
     assert_eq!(outlier.consecutive_5xx, 5);
@@ -717,6 +728,7 @@ spec:
   localityFailover: {{enabled: true, failoverPriority: [topology.kubernetes.io/region, 'topology.kubernetes.io/zone=zone-a'],
                      distribute: [{{from: 'local/*', to: {{'local/zone-a/*': 80, 'local/zone-b/*': 20}}}}]}}
   circuitBreaker: {{maxConnections: 10, maxRetries: 0}}
+  retryBudget: {{percent: 50, minRetriesPerSecond: 1, ttl: 30s}}
   connectTimeout: 250ms
   idleTimeout: 1h
 "
@@ -754,6 +766,15 @@ spec:
     assert!(!LocalityPattern("local/zone-b".into()).matches(&zone_a));
     assert_eq!(p.circuit_breaker.max_connections, 10);
     assert_eq!(p.circuit_breaker.max_requests, 1024);
+    assert_eq!(p.circuit_breaker.max_retries, 0);
+    assert_eq!(
+        p.retry_budget,
+        RetryBudget {
+            percent: 50,
+            min_retries_per_second: 1,
+            ttl: Duration::from_secs(30),
+        }
+    );
     assert_eq!(p.connect_timeout, Duration::from_millis(250));
 }
 
@@ -849,6 +870,28 @@ fn traffic_policy_rules() {
         ErrorKind::InvalidValue,
         "spec.localityFailover.failover[0].to",
     );
+    // A retry budget is a percentage and a count; nothing else.
+    let e = errors(&policy("  retryBudget: {percent: 120}\n"));
+    assert_one(
+        &e,
+        6,
+        26,
+        ErrorKind::InvalidValue,
+        "spec.retryBudget.percent",
+    );
+    let e = errors(&policy("  retryBudget: {minRetriesPerSecond: -1}\n"));
+    assert_one(
+        &e,
+        6,
+        38,
+        ErrorKind::InvalidValue,
+        "spec.retryBudget.minRetriesPerSecond",
+    );
+    let e = errors(&policy("  retryBudget: {ttl: 0s}\n"));
+    assert_one(&e, 6, 22, ErrorKind::InvalidValue, "spec.retryBudget.ttl");
+    let e = errors(&policy("  retryBudget: {ratio: 0.2}\n"));
+    assert_eq!(e.len(), 1, "{}", ValidationErrors(e.clone()));
+    assert_eq!(e[0].field, "spec.retryBudget.ratio");
 }
 
 #[test]
@@ -975,6 +1018,18 @@ fn route_rules() {
         30,
         ErrorKind::InvalidValue,
         "spec.routes[0].retries.perTryTimeout",
+    );
+    // `attempts: 0` turns retries off for the route; more than 100 is refused.
+    let m = model(&retries("{attempts: 0}"));
+    let route = &m.services[&ObjectKey::new("demo", "articles")].spec.routes[0];
+    assert_eq!(route.retries.as_ref().map(|r| r.attempts), Some(0));
+    let e = errors(&retries("{attempts: 101}"));
+    assert_one(
+        &e,
+        13,
+        25,
+        ErrorKind::InvalidValue,
+        "spec.routes[0].retries.attempts",
     );
 
     let tcp = ROUTED.replacen(

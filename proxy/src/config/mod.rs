@@ -46,9 +46,10 @@ pub use resources::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationRule, CircuitBreaker, CompiledRegex,
     DistributeRule, Endpoint, Endpoints, FailoverLabel, FailoverRule, FailurePercentageEjection,
     GrpcCode, HashOn, HeaderMatch, LoadBalancer, Locality, LocalityFailover, LocalityPattern,
-    MeshSettings, MtlsMode, Operation, OutboundTrafficPolicy, OutlierDetection, Protocol, RetryOn,
-    RetryPolicy, Route, RouteMatch, RouteTable, Service, ServicePort, Source, StringMatcher,
-    StringPattern, SuccessRateEjection, TrafficPolicy, TrustAnchor, WeightedDestination,
+    MeshSettings, MtlsMode, Operation, OutboundTrafficPolicy, OutlierDetection, Protocol,
+    RetryBudget, RetryOn, RetryPolicy, Route, RouteMatch, RouteTable, Service, ServicePort, Source,
+    StringMatcher, StringPattern, SuccessRateEjection, TrafficPolicy, TrustAnchor,
+    WeightedDestination,
 };
 
 /// The resource types of the discovery stream.

@@ -323,6 +323,8 @@ pub struct MeshSettings {
     pub outbound_traffic_policy: OutboundTrafficPolicy,
     /// The trust bundle; empty when the control plane runs no CA.
     pub trust_anchors: Vec<TrustAnchor>,
+    /// The labels of the proxy's own workload, for locality failover by `failover_priority`.
+    pub workload_labels: BTreeMap<String, String>,
 }
 
 impl MeshSettings {
@@ -374,11 +376,16 @@ impl MeshSettings {
                 reason: "more than one anchor is marked as signing",
             }));
         }
+        let labels_at = root.field("workload_labels");
+        for key in m.workload_labels.keys() {
+            non_empty(labels_at, key)?;
+        }
         Ok(MeshSettings {
             trust_domain: m.trust_domain,
             mtls_mode,
             outbound_traffic_policy,
             trust_anchors,
+            workload_labels: m.workload_labels,
         })
     }
 }
@@ -391,6 +398,7 @@ impl Default for MeshSettings {
             mtls_mode: MtlsMode::default(),
             outbound_traffic_policy: OutboundTrafficPolicy::default(),
             trust_anchors: Vec::new(),
+            workload_labels: BTreeMap::new(),
         }
     }
 }
@@ -1082,6 +1090,8 @@ pub struct Endpoint {
     /// Whether to originate mTLS to it, checking that its certificate names `identity`. Only
     /// set when `identity` is.
     pub mtls: bool,
+    /// The workload's labels, for locality failover by `failover_priority`.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Endpoint {
@@ -1098,6 +1108,10 @@ impl Endpoint {
     fn from_proto(at: Path<'_>, e: pb::Endpoint) -> Checked<Endpoint> {
         let address = unicast_ip(at.field("address"), &e.address)?;
         let port = optional_port(at.field("port"), e.port)?;
+        let labels_at = at.field("labels");
+        for key in e.labels.keys() {
+            non_empty(labels_at, key)?;
+        }
         let identity = if e.identity.is_empty() {
             None
         } else {
@@ -1119,6 +1133,7 @@ impl Endpoint {
             workload: e.workload,
             meshed: e.meshed,
             mtls: e.mtls,
+            labels: e.labels,
         })
     }
 }
@@ -1333,6 +1348,11 @@ impl LocalityPattern {
         }
     }
 
+    /// A pattern from its text, if it is well formed.
+    pub fn new(value: &str) -> Option<LocalityPattern> {
+        LocalityPattern::parse(Path::Root, value).ok()
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -1464,17 +1484,46 @@ pub struct CircuitBreaker {
     pub max_connections: u32,
     pub max_pending_requests: u32,
     pub max_requests: u32,
+    /// `u32::MAX`: only the [`RetryBudget`] bounds retries.
     pub max_retries: u32,
 }
 
-/// Envoy's default thresholds.
+/// Envoy's default thresholds for connections and requests; retries are bounded by the retry
+/// budget (as in Istio, whose default for `maxRetries` is unlimited).
 impl Default for CircuitBreaker {
     fn default() -> Self {
         CircuitBreaker {
             max_connections: 1024,
             max_pending_requests: 1024,
             max_requests: 1024,
-            max_retries: 3,
+            max_retries: u32::MAX,
+        }
+    }
+}
+
+/// Retries to a service: `percent` of its requests of the last `ttl`, plus
+/// `min_retries_per_second` over that window (Linkerd's retry budget).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RetryBudget {
+    /// 0..=100.
+    pub percent: u8,
+    pub min_retries_per_second: u32,
+    /// Positive.
+    #[serde(serialize_with = "ser::duration")]
+    pub ttl: Duration,
+}
+
+impl RetryBudget {
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+}
+
+/// Linkerd's retry-budget defaults.
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            percent: 20,
+            min_retries_per_second: 10,
+            ttl: Self::DEFAULT_TTL,
         }
     }
 }
@@ -1489,6 +1538,7 @@ pub struct TrafficPolicy {
     /// `None`: no locality-aware balancing.
     pub locality_failover: Option<LocalityFailover>,
     pub circuit_breaker: CircuitBreaker,
+    pub retry_budget: RetryBudget,
     #[serde(serialize_with = "ser::duration")]
     pub connect_timeout: Duration,
     /// `None`: connections are never closed for idleness.
@@ -1508,6 +1558,7 @@ impl TrafficPolicy {
             outlier_detection: None,
             locality_failover: None,
             circuit_breaker: CircuitBreaker::default(),
+            retry_budget: RetryBudget::default(),
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
         }
@@ -1559,6 +1610,18 @@ impl TrafficPolicy {
                 max_retries: c.max_retries,
             })
             .unwrap_or_default();
+        let retry_budget = match p.retry_budget {
+            None => RetryBudget::default(),
+            Some(b) => RetryBudget {
+                percent: percent(root.field("retry_budget").field("percent"), b.percent)?,
+                min_retries_per_second: b.min_retries_per_second,
+                ttl: duration_or(
+                    root.field("retry_budget").field("ttl"),
+                    b.ttl,
+                    RetryBudget::DEFAULT_TTL,
+                )?,
+            },
+        };
         let connect_timeout = duration_or(
             root.field("connect_timeout"),
             p.connect_timeout,
@@ -1575,6 +1638,7 @@ impl TrafficPolicy {
             outlier_detection,
             locality_failover,
             circuit_breaker,
+            retry_budget,
             connect_timeout,
             idle_timeout,
         })

@@ -146,6 +146,7 @@ fn endpoint(address: &str, port: u32) -> pb::Endpoint {
         workload: "demo/articles-1".to_owned(),
         meshed: true,
         mtls: true,
+        labels: [("app".to_owned(), "articles".to_owned())].into(),
     }
 }
 
@@ -192,6 +193,7 @@ fn mesh() -> DiscoveryResponse {
         mtls_mode: pb::MtlsMode::Strict as i32,
         outbound_traffic_policy: pb::OutboundTrafficPolicy::RegistryOnly as i32,
         trust_anchors: Vec::new(),
+        workload_labels: [("app".to_owned(), "frontend".to_owned())].into(),
     };
     response(
         ResourceKind::MeshConfig,
@@ -328,6 +330,8 @@ fn a_complete_configuration_is_typed_and_indexed() {
         "unset target port is the port"
     );
     assert_eq!(articles.endpoints.endpoints.len(), 2);
+    assert_eq!(articles.endpoints.endpoints[0].labels["app"], "articles");
+    assert_eq!(config.mesh().workload_labels["app"], "frontend");
     assert_eq!(
         articles.traffic_policy.load_balancer,
         LoadBalancer::RingHash(HashOn::Header(http::HeaderName::from_static("x-user")))
@@ -361,7 +365,7 @@ fn traffic_policy_defaults_fill_what_is_absent() {
         seconds: 0,
         nanos: 0,
     });
-    let config = applied(&mut b, &policies(p));
+    let config = applied(&mut b, &policies(p.clone()));
     let policy = &config
         .service("demo/articles")
         .expect("articles")
@@ -380,6 +384,42 @@ fn traffic_policy_defaults_fill_what_is_absent() {
     );
     assert_eq!(policy.idle_timeout, None, "a zero idle timeout means never");
     assert_eq!(policy.load_balancer, LoadBalancer::LeastRequest);
+    assert_eq!(policy.retry_budget, RetryBudget::default());
+    assert_eq!(policy.circuit_breaker.max_retries, u32::MAX);
+
+    let versioned = |p: &pb::TrafficPolicy, version: &str| {
+        response(
+            ResourceKind::TrafficPolicy,
+            vec![encode(ResourceKind::TrafficPolicy, &p.service, version, p)],
+            &[],
+        )
+    };
+    p.retry_budget = Some(pb::RetryBudget {
+        percent: 50,
+        min_retries_per_second: 1,
+        ttl: None,
+    });
+    let config = applied(&mut b, &versioned(&p, "2"));
+    let budget = &config
+        .service("demo/articles")
+        .expect("articles")
+        .traffic_policy
+        .retry_budget;
+    assert_eq!((budget.percent, budget.min_retries_per_second), (50, 1));
+    assert_eq!(budget.ttl, RetryBudget::DEFAULT_TTL);
+    p.retry_budget = Some(pb::RetryBudget {
+        percent: 101,
+        min_retries_per_second: 1,
+        ttl: None,
+    });
+    let e = rejected(&mut b, &versioned(&p, "3"));
+    assert_invalid(
+        &e,
+        ResourceKind::TrafficPolicy,
+        "demo/articles",
+        "retry_budget.percent",
+        |p| matches!(p, Problem::OutOfRange { value: 101, .. }),
+    );
 }
 
 #[test]

@@ -1,0 +1,561 @@
+//! High availability end to end: a client pod with a real sidecar calls service `web`, whose
+//! endpoints are real processes (`keel-test-endpoint`) in their own pods, and the test injects
+//! faults: it kills endpoint processes, makes one answer 503 half the time or always, makes one
+//! hang, takes a pod's link down, takes a whole zone away, marks endpoints not ready, and floods
+//! a failing or slow service. Each test asserts behaviour (no client request lost, where requests
+//! go, what the sidecar counted), never speed: intervals and ejection times are short so that the
+//! tests are quick, and every wait has a generous deadline.
+//!
+//! Without root (or ip, iptables, setpriv, curl) each test prints `SKIP: <reason>` and passes.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, ensure};
+use keel_tests::endpoint::Mode;
+use keel_tests::fleet::{self, EndpointSpec, Fleet, FleetSpec};
+use keel_tests::skip_unless_root;
+use keel_tests::traffic::{self, Outcome, Traffic};
+
+/// How long traffic may take to converge after a change.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn spec(endpoints: Vec<EndpointSpec>, traffic_policy: &str, routes: &str) -> FleetSpec {
+    FleetSpec {
+        endpoints,
+        traffic_policy: traffic_policy.to_owned(),
+        routes: routes.to_owned(),
+        endpoint_command: vec![OsString::from(env!("CARGO_BIN_EXE_keel-test-endpoint"))],
+    }
+}
+
+/// Three meshed endpoints in one zone.
+fn three(mode_of_c: Mode) -> Vec<EndpointSpec> {
+    let mut eps: Vec<EndpointSpec> = ["b", "c", "d"]
+        .into_iter()
+        .map(|n| EndpointSpec::new(n, "r1", "zone-a", true))
+        .collect();
+    eps[2].mode = mode_of_c;
+    eps
+}
+
+fn failures(outcomes: &[Outcome]) -> Vec<&str> {
+    traffic::failures(outcomes)
+}
+
+/// Polls `check` on fresh client metrics until it holds.
+async fn eventually(
+    fleet: &Fleet,
+    what: &str,
+    mut check: impl FnMut(&keel_tests::netns::Metrics) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let metrics = fleet.client_metrics().await?;
+        if check(&metrics) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(anyhow!("never happened: {what}\n{}", fleet.logs()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ip_of(fleet: &Fleet, name: &str) -> anyhow::Result<std::net::Ipv4Addr> {
+    fleet.endpoint(name)?.ip().context("no pod")
+}
+
+/// Under steady traffic, waits until the client's sidecar ejects `name`, then for 100 more
+/// requests, and checks that none failed. Returns every outcome.
+async fn ejected_without_loss(fleet: &Fleet, name: &str) -> anyhow::Result<Vec<Outcome>> {
+    let ip = ip_of(fleet, name)?;
+    let traffic = Traffic::start(fleet.target(), 4, Duration::from_millis(2));
+    eventually(fleet, &format!("{name} ejected"), |m| {
+        fleet::ejections(m, ip) >= 1.0
+    })
+    .await?;
+    traffic.wait_for_more(100, CONVERGE).await?;
+    let outcomes = traffic.finish().await;
+    let lost = failures(&outcomes);
+    ensure!(
+        lost.is_empty(),
+        "{} of {} requests failed: {:?}\n{}",
+        lost.len(),
+        outcomes.len(),
+        &lost[..lost.len().min(5)],
+        fleet.logs()
+    );
+    Ok(outcomes)
+}
+
+const OUTLIER: &str = "  loadBalancer: {policy: ROUND_ROBIN}
+  outlierDetection: {consecutive5xx: 3, interval: 200ms, baseEjectionTime: 2s, maxEjectionPercent: 50}
+";
+
+/// Under steady idempotent load, killing one of three endpoint processes loses no request: the
+/// dead endpoint's sidecar answers that its app is unreachable, the client's sidecar retries
+/// elsewhere, and after three such failures the endpoint is ejected and gets nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_of_three_endpoints_loses_no_request() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let mut fleet = Fleet::start(spec(three(Mode::Ok), OUTLIER, "")).await?;
+    let d = ip_of(&fleet, "d")?;
+    let traffic = Traffic::start(fleet.target(), 4, Duration::from_millis(2));
+    traffic
+        .wait_for_last(60, CONVERGE, "all three endpoints answering", |o| {
+            o.result.is_ok()
+        })
+        .await?;
+    let warm = traffic::count(&traffic.snapshot());
+    ensure!(
+        ["b", "c", "d"].iter().all(|n| warm.contains_key(*n)),
+        "before the kill every endpoint must answer: {warm:?}"
+    );
+    fleet.kill("d")?;
+    let killed_at = traffic.len();
+    eventually(&fleet, "d ejected by the client's sidecar", |m| {
+        fleet::ejections(m, d) >= 1.0 && fleet::endpoint_healthy(m, d) == Some(0.0)
+    })
+    .await?;
+    // While d is ejected nothing reaches its pod.
+    let before = fleet.endpoint_metrics("d").await?;
+    traffic.wait_for_more(100, CONVERGE).await?;
+    let after = fleet.endpoint_metrics("d").await?;
+    let outcomes = traffic.finish().await;
+    let reached = after.sum("keel_requests_total", &[("direction", "inbound")])
+        - before.sum("keel_requests_total", &[("direction", "inbound")]);
+    let lost = failures(&outcomes);
+    ensure!(
+        lost.is_empty(),
+        "{} of {} requests failed around the kill: {:?}\n{}",
+        lost.len(),
+        outcomes.len(),
+        &lost[..lost.len().min(5)],
+        fleet.logs()
+    );
+    ensure!(
+        reached == 0.0,
+        "{reached} requests reached d's pod while it was ejected"
+    );
+    let after_kill = traffic::count(&outcomes[killed_at..]);
+    assert!(!after_kill.contains_key("d"), "{after_kill:?}");
+    eprintln!(
+        "before the kill {:?}; after {after_kill:?}",
+        traffic::count(&outcomes[..killed_at])
+    );
+    Ok(())
+}
+
+/// An endpoint that fails every request is ejected after the configured consecutive failures,
+/// gets nothing while ejected, and returns after the ejection time once it works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_ejected_after_the_configured_failures_and_returns()
+-> anyhow::Result<()> {
+    skip_unless_root!();
+    let fleet = Fleet::start(spec(three(Mode::Fail), OUTLIER, "")).await?;
+    let d = ip_of(&fleet, "d")?;
+    let started = Instant::now();
+    // One request at a time, so that the count of failures at ejection is close to exact.
+    let traffic = Traffic::start(fleet.target(), 1, Duration::from_millis(5));
+    eventually(&fleet, "d ejected", |m| fleet::ejections(m, d) >= 1.0).await?;
+    let ejected_at = Instant::now();
+    let failed = fleet.stats("d").await?.failed;
+    // Requests already past the balancer when the detection lands may still reach d.
+    ensure!(
+        (3..=6).contains(&failed),
+        "d answered {failed} requests with 503 before its ejection; consecutive5xx is 3"
+    );
+    fleet.set_mode("d", Mode::Ok).await?;
+    // Nothing reaches d until the ejection time (2 s) has passed; then it serves again.
+    let returned = traffic
+        .wait_for_last(1, CONVERGE, "d serving again", |o| {
+            o.served_by() == Some("d")
+        })
+        .await;
+    let returned_at = Instant::now();
+    let outcomes = traffic.finish().await;
+    returned.map_err(|e| anyhow!("{e}\n{}", fleet.logs()))?;
+    let stats = fleet.stats("d").await?;
+    ensure!(
+        stats.failed == failed,
+        "d failed more requests after its ejection"
+    );
+    assert!(
+        returned_at - ejected_at >= Duration::from_millis(1500),
+        "d came back {:?} after its ejection; the ejection time is 2s",
+        returned_at - ejected_at
+    );
+    let lost = failures(&outcomes);
+    ensure!(
+        lost.is_empty(),
+        "retries must hide d's 503s from the client: {:?}",
+        &lost[..lost.len().min(5)]
+    );
+    eprintln!(
+        "d ejected after {failed} failures, {:?} after the start; back after {:?}: {:?}",
+        ejected_at - started,
+        returned_at - ejected_at,
+        traffic::count(&outcomes)
+    );
+    Ok(())
+}
+
+/// An endpoint answering 503 half the time is ejected, and the client never sees its 503s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_503_half_the_time_is_ejected_and_hidden() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fleet = Fleet::start(spec(three(Mode::Flaky), OUTLIER, "")).await?;
+    let outcomes = ejected_without_loss(&fleet, "d").await?;
+    let metrics = fleet.client_metrics().await?;
+    let retried = metrics.sum(
+        "keel_retries_total",
+        &[("service", fleet::SERVICE), ("reason", "status")],
+    );
+    ensure!(retried >= 1.0, "the 503s must have been retried");
+    eprintln!("{:?}, {retried} retries", traffic::count(&outcomes));
+    Ok(())
+}
+
+/// An endpoint that accepts requests and never answers is cut off by the per-try timeout, the
+/// request retried elsewhere, and the endpoint ejected for its timeouts (gateway errors).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_hangs_is_bypassed_and_ejected() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let policy = "  loadBalancer: {policy: ROUND_ROBIN}
+  outlierDetection: {consecutive5xx: 0, consecutiveGatewayErrors: 2, interval: 200ms, baseEjectionTime: 30s, maxEjectionPercent: 50}
+";
+    let routes = "  routes:
+  - name: all
+    destinations: [{service: web}]
+    retries: {attempts: 2, perTryTimeout: 300ms, retryOn: [gateway-error, connect-failure]}
+";
+    let fleet = Fleet::start(spec(three(Mode::Hang), policy, routes)).await?;
+    ejected_without_loss(&fleet, "d").await?;
+    let metrics = fleet.client_metrics().await?;
+    let timeouts = metrics.sum(
+        "keel_retries_total",
+        &[("service", fleet::SERVICE), ("reason", "timeout")],
+    );
+    ensure!(
+        timeouts >= 2.0,
+        "per-try timeouts must have been retried: {timeouts}"
+    );
+    Ok(())
+}
+
+/// A pod whose link goes down (packets silently dropped, nothing refused) is bypassed by per-try
+/// and connect timeouts and ejected; with its link back, it serves again after the ejection time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_veth_taken_down_is_bypassed_and_comes_back() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let policy = "  loadBalancer: {policy: ROUND_ROBIN}
+  outlierDetection: {consecutiveGatewayErrors: 2, interval: 200ms, baseEjectionTime: 2s, maxEjectionPercent: 50}
+  connectTimeout: 300ms
+";
+    let routes = "  routes:
+  - name: all
+    destinations: [{service: web}]
+    retries: {attempts: 2, perTryTimeout: 300ms, retryOn: [gateway-error, connect-failure]}
+";
+    let fleet = Fleet::start(spec(three(Mode::Ok), policy, routes)).await?;
+    let d = ip_of(&fleet, "d")?;
+    let traffic = Traffic::start(fleet.target(), 4, Duration::from_millis(2));
+    traffic
+        .wait_for_last(60, CONVERGE, "every request answered", |o| o.result.is_ok())
+        .await?;
+    fleet.link("d", false)?;
+    let down_at = traffic.len();
+    let ejected = eventually(&fleet, "d ejected with its link down", |m| {
+        fleet::ejections(m, d) >= 1.0
+    })
+    .await;
+    fleet.link("d", true)?;
+    ejected?;
+    let back = traffic
+        .wait_for_last(1, CONVERGE, "d serving again", |o| {
+            o.served_by() == Some("d")
+        })
+        .await;
+    let outcomes = traffic.finish().await;
+    back.map_err(|e| anyhow!("{e}\n{}", fleet.logs()))?;
+    let lost = failures(&outcomes[down_at..]);
+    ensure!(
+        lost.is_empty(),
+        "{} requests failed with d's link down: {:?}\n{}",
+        lost.len(),
+        &lost[..lost.len().min(5)],
+        fleet.logs()
+    );
+    eprintln!(
+        "after the link went down: {:?}",
+        traffic::count(&outcomes[down_at..])
+    );
+    Ok(())
+}
+
+fn zone_of(who: &str) -> Option<char> {
+    who.chars().next()
+}
+
+fn by_zone(outcomes: &[Outcome]) -> BTreeMap<char, usize> {
+    let mut zones = BTreeMap::new();
+    for o in outcomes {
+        let key = o.served_by().and_then(zone_of).unwrap_or('!');
+        *zones.entry(key).or_insert(0) += 1;
+    }
+    zones
+}
+
+const LOCALITY: &str = "  loadBalancer: {policy: LEAST_REQUEST}
+  outlierDetection: {consecutive5xx: 3, interval: 200ms, baseEjectionTime: 2s, maxEjectionPercent: 50}
+  localityFailover: {enabled: true}
+";
+
+/// With three zones, requests stay in the caller's zone while it is healthy, fail over to the
+/// next zone (same region) when every endpoint of it dies, without losing requests, and come back
+/// once the zone recovers; the zone in another region gets nothing while the nearer one serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_fails_over_to_the_next_and_comes_back() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let mut fleet = Fleet::start(spec(fleet::three_zones(), LOCALITY, "")).await?;
+    let traffic = Traffic::start(fleet.target(), 4, Duration::from_millis(2));
+    traffic.wait_for_more(400, CONVERGE).await?;
+    let healthy = traffic.snapshot();
+    let zones = by_zone(&healthy);
+    let in_zone = zones.get(&'a').copied().unwrap_or(0);
+    ensure!(
+        in_zone * 100 >= healthy.len() * 99,
+        "while zone-a is healthy at least 99% of requests stay there: {zones:?}"
+    );
+    // The whole zone goes.
+    fleet.kill("a1")?;
+    fleet.kill("a2")?;
+    let killed_at = traffic.len();
+    traffic
+        .wait_for_last(200, CONVERGE, "every request served by zone-b", |o| {
+            o.served_by().and_then(zone_of) == Some('b')
+        })
+        .await
+        .map_err(|e| anyhow!("{e}\n{}", fleet.logs()))?;
+    let failed_over = traffic.snapshot();
+    // It comes back.
+    fleet.restart("a1", Mode::Ok).await?;
+    fleet.restart("a2", Mode::Ok).await?;
+    let restarted_at = traffic.len();
+    let back = traffic
+        .wait_for_last(200, CONVERGE, "every request served by zone-a again", |o| {
+            o.served_by().and_then(zone_of) == Some('a')
+        })
+        .await;
+    let outcomes = traffic.finish().await;
+    back.map_err(|e| anyhow!("{e}\n{}", fleet.logs()))?;
+    let during = by_zone(&failed_over[killed_at..]);
+    ensure!(
+        !during.contains_key(&'c'),
+        "zone-c (another region) must get nothing while zone-b serves: {during:?}"
+    );
+    let lost = failures(&outcomes);
+    ensure!(
+        lost.is_empty(),
+        "{} of {} requests were lost: {:?}\n{}",
+        lost.len(),
+        outcomes.len(),
+        &lost[..lost.len().min(5)],
+        fleet.logs()
+    );
+    eprintln!(
+        "healthy {zones:?}; zone-a dead {during:?}; recovering {:?}",
+        by_zone(&outcomes[restarted_at..])
+    );
+    Ok(())
+}
+
+/// Without outlier detection, readiness from the control plane drives failover alone: zone-a
+/// marked not ready sends everything to zone-b, without a failed request, and back when ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_alone_fails_a_zone_over_and_back() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let policy = "  localityFailover: {enabled: true}\n";
+    let fleet = Fleet::start(spec(fleet::three_zones(), policy, "")).await?;
+    let traffic = Traffic::start(fleet.target(), 4, Duration::from_millis(2));
+    traffic
+        .wait_for_last(100, CONVERGE, "zone-a serving", |o| {
+            o.served_by().and_then(zone_of) == Some('a')
+        })
+        .await?;
+    fleet.set_not_ready(&["a1", "a2"])?;
+    let moved = traffic
+        .wait_for_last(100, CONVERGE, "zone-b serving", |o| {
+            o.served_by().and_then(zone_of) == Some('b')
+        })
+        .await;
+    fleet.set_not_ready(&[])?;
+    let back = traffic
+        .wait_for_last(100, CONVERGE, "zone-a serving again", |o| {
+            o.served_by().and_then(zone_of) == Some('a')
+        })
+        .await;
+    let outcomes = traffic.finish().await;
+    moved
+        .and(back)
+        .map_err(|e| anyhow!("{e}\n{}", fleet.logs()))?;
+    let lost = failures(&outcomes);
+    ensure!(
+        lost.is_empty(),
+        "requests failed: {:?}",
+        &lost[..lost.len().min(5)]
+    );
+    ensure!(
+        !by_zone(&outcomes).contains_key(&'c'),
+        "zone-c must get nothing: {:?}",
+        by_zone(&outcomes)
+    );
+    Ok(())
+}
+
+/// When every endpoint fails, the retry budget (20% of the requests of the last 10 s, plus 10
+/// per second) keeps retries to a fraction of requests although the route allows three each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_caps_retries_when_everything_fails() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let mut eps = three(Mode::Fail);
+    for e in &mut eps {
+        e.mode = Mode::Fail;
+    }
+    let routes = "  routes:
+  - name: all
+    destinations: [{service: web}]
+    retries: {attempts: 3, retryOn: [retriable-status-codes], retriableStatusCodes: [503]}
+";
+    let fleet = Fleet::start(spec(eps, "  loadBalancer: {policy: ROUND_ROBIN}\n", routes)).await?;
+    let before = fleet.client_metrics().await?;
+    let traffic = Traffic::start(fleet.target(), 16, Duration::ZERO);
+    traffic.wait_for_more(1000, CONVERGE).await?;
+    let outcomes = traffic.finish().await;
+    let after = fleet.client_metrics().await?;
+    let grew =
+        |name: &str, filter: &[(&str, &str)]| after.sum(name, filter) - before.sum(name, filter);
+    let requests = grew(
+        "keel_requests_total",
+        &[("direction", "outbound"), ("service", fleet::SERVICE)],
+    );
+    let retries = grew("keel_retries_total", &[("service", fleet::SERVICE)]);
+    let denied = grew(
+        "keel_retries_skipped_total",
+        &[("service", fleet::SERVICE), ("reason", "budget")],
+    );
+    ensure!(
+        failures(&outcomes).len() == outcomes.len(),
+        "every endpoint fails, so every request must"
+    );
+    ensure!(
+        requests >= 1000.0,
+        "the sidecar counted {requests} requests"
+    );
+    // Without a budget each request would be retried 3 times.
+    ensure!(
+        retries < requests,
+        "{retries} retries for {requests} requests: the budget must keep retries below one per request"
+    );
+    ensure!(denied > 0.0, "the budget must have refused retries");
+    eprintln!("{requests} requests, {retries} retries, {denied} refused by the budget");
+    Ok(())
+}
+
+/// A circuit breaker of two requests in flight answers a burst against a slow service with
+/// immediate 503s naming the limit, counts them, and lets requests through again once the
+/// requests in flight finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breakers_trip_and_recover() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let mut eps = three(Mode::Ok);
+    for e in &mut eps {
+        e.mode = Mode::Delay(Duration::from_millis(1500));
+    }
+    let policy = "  loadBalancer: {policy: ROUND_ROBIN}
+  circuitBreaker: {maxRequests: 2}
+";
+    let fleet = Fleet::start(spec(eps, policy, "")).await?;
+    let target = fleet.target();
+    // A burst of eight at once.
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            let target = target.clone();
+            tokio::spawn(async move { one_request(&target).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for request in burst {
+        answers.push(request.await??);
+    }
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let open: Vec<&(u16, String, String)> = answers
+        .iter()
+        .filter(|a| a.0 == 503 && a.1 == "circuit-open")
+        .collect();
+    ensure!(
+        ok + open.len() == answers.len(),
+        "every answer is a 200 or a circuit-open 503: {answers:?}"
+    );
+    ensure!(
+        ok >= 2 && !open.is_empty(),
+        "the breaker must admit two and refuse some: {answers:?}"
+    );
+    ensure!(
+        open.iter().all(|a| a.2 == "max-requests"),
+        "the limit must be named: {answers:?}"
+    );
+    let metrics = fleet.client_metrics().await?;
+    let counted = metrics.sum(
+        "keel_circuit_breaker_rejections_total",
+        &[("service", fleet::SERVICE), ("limit", "max-requests")],
+    );
+    ensure!(
+        counted == open.len() as f64,
+        "the sidecar counted {counted} rejections, the clients saw {}",
+        open.len()
+    );
+    // Recovered: with the burst over, requests go through.
+    for _ in 0..2 {
+        let (status, error, _) = one_request(&target).await?;
+        ensure!(status == 200, "after the burst: {status} {error}");
+    }
+    Ok(())
+}
+
+/// One GET on a new connection: status, `keel-error` and `keel-circuit-breaker`.
+async fn one_request(
+    target: &keel_tests::traffic::Target,
+) -> anyhow::Result<(u16, String, String)> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = keel_tests::netns::connect_from(&target.from, target.to).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = http::Request::get("/")
+        .header(http::header::HOST, target.host.as_str())
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
+        .await
+        .map_err(|_| anyhow!("no answer within 20s"))??;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let answer = (
+        response.status().as_u16(),
+        header("keel-error"),
+        header("keel-circuit-breaker"),
+    );
+    response.into_body().collect().await?;
+    task.abort();
+    Ok(answer)
+}
