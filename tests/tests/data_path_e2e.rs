@@ -1,0 +1,539 @@
+//! The data path's edges, end to end on a real kernel: the proxy's own answers with their
+//! `keel-error` reasons, request and response bodies streamed through both sidecars, many
+//! HTTP/1.1 client connections sharing one connection between sidecars, upgraded connections,
+//! gRPC errors in trailers, and `keelctl status` with real proxies.
+//!
+//! Pods: `a` (the client, with a sidecar), `b` (an app with a sidecar), `r` (no sidecar: a server
+//! that resets every connection, and a port where nothing listens). The mesh runs with a CA, as
+//! users run it, and with `REGISTRY_ONLY` so that destinations outside it are refused. Without
+//! root each test prints `SKIP: <reason>` and passes.
+//!
+//! The pods' servers run on this test's runtime while curl and keelctl block a thread waiting for
+//! them, so the tests run on a multi-threaded runtime.
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, ensure};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keel_control_plane::server::IdentityConfig;
+use keel_control_plane::{ControlPlane, ControlPlaneConfig};
+use keel_tests::netns::{self, MeshedPod, Task, TestNetwork};
+use keel_tests::skip_unless_root;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const NS: &str = "dp";
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+const SLOW_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 51);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 52);
+const DEAD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+const RESET_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 54);
+const APP_PORT: u16 = 8080;
+const DEAD_PORT: u16 = 8081;
+const READY: Duration = Duration::from_secs(30);
+
+fn yaml(a: Ipv4Addr, b: Ipv4Addr, r: Ipv4Addr) -> String {
+    format!(
+        "\
+apiVersion: keel.dev/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh}}
+spec: {{trustDomain: dp.local, outboundTrafficPolicy: REGISTRY_ONLY}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Service
+metadata: {{name: web, namespace: {NS}}}
+spec:
+  vips: [{WEB_VIP}]
+  ports: [{{name: http, port: 80, targetPort: {APP_PORT}, protocol: HTTP}}]
+  selector: {{app: web}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Service
+metadata: {{name: slow, namespace: {NS}}}
+spec:
+  vips: [{SLOW_VIP}]
+  ports: [{{name: http, port: 80, targetPort: {APP_PORT}, protocol: HTTP}}]
+  selector: {{app: web}}
+  routes:
+  - name: impatient
+    destinations: [{{service: slow}}]
+    timeout: 300ms
+    retries: {{attempts: 0}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Service
+metadata: {{name: empty, namespace: {NS}}}
+spec:
+  vips: [{EMPTY_VIP}]
+  ports: [{{name: http, port: 80, targetPort: {APP_PORT}, protocol: HTTP}}]
+  selector: {{app: nobody}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Service
+metadata: {{name: dead, namespace: {NS}}}
+spec:
+  vips: [{DEAD_VIP}]
+  ports: [{{name: http, port: 80, targetPort: {DEAD_PORT}, protocol: HTTP}}]
+  selector: {{app: outside}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Service
+metadata: {{name: reset, namespace: {NS}}}
+spec:
+  vips: [{RESET_VIP}]
+  ports: [{{name: http, port: 80, targetPort: {APP_PORT}, protocol: HTTP}}]
+  selector: {{app: outside}}
+  routes:
+  - name: once
+    destinations: [{{service: reset}}]
+    retries: {{attempts: 0}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Workload
+metadata: {{name: a, namespace: {NS}, labels: {{app: client}}}}
+spec: {{serviceAccount: a, addresses: [{a}]}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Workload
+metadata: {{name: b, namespace: {NS}, labels: {{app: web}}}}
+spec: {{serviceAccount: b, addresses: [{b}]}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Workload
+metadata: {{name: r, namespace: {NS}, labels: {{app: outside}}}}
+spec: {{serviceAccount: r, addresses: [{r}], meshed: false}}
+"
+    )
+}
+
+/// Fields drop in order: servers, pods, control plane, files, network.
+struct Fixture {
+    _servers: Vec<Task>,
+    a: MeshedPod,
+    b: MeshedPod,
+    _r: keel_control_plane::demo::netns::Pod,
+    control_plane: ControlPlane,
+    /// HTTP/1 and HTTP/2 connections b's app accepted.
+    app_connections: Arc<AtomicUsize>,
+    _dir: tempfile::TempDir,
+    _net: TestNetwork,
+}
+
+impl Fixture {
+    async fn start() -> anyhow::Result<Fixture> {
+        let net = TestNetwork::create()?;
+        let (ip_a, ip_b, ip_r) = (net.host(2), net.host(3), net.host(4));
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("mesh.yaml"), yaml(ip_a, ip_b, ip_r))?;
+        let control_plane = ControlPlane::start(ControlPlaneConfig {
+            config_dir: dir.path().to_path_buf(),
+            discovery_addr: SocketAddr::from((net.gateway(), 0)),
+            admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            identity: Some(IdentityConfig::ephemeral(SocketAddr::from((
+                net.gateway(),
+                0,
+            )))),
+        })
+        .await?;
+        let pods = net.add_certified_pods(
+            &control_plane,
+            "dp.local",
+            NS,
+            &[("a", ip_a), ("b", ip_b)],
+            "zone-a",
+            "info",
+        )?;
+        let [mut a, mut b]: [MeshedPod; 2] = pods.try_into().map_err(|_| anyhow!("two pods"))?;
+        let r = net.add_pod("r", ip_r)?;
+        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let app_connections = Arc::new(AtomicUsize::new(0));
+        let servers = vec![
+            Task(tokio::spawn(serve_app(
+                netns::listen(&b, any(APP_PORT))?,
+                app_connections.clone(),
+            ))),
+            Task(tokio::spawn(serve_resets(netns::listen(
+                &r,
+                any(APP_PORT),
+            )?))),
+        ];
+        for pod in [&mut a, &mut b] {
+            pod.wait_ready(READY).await?;
+        }
+        Ok(Fixture {
+            _servers: servers,
+            a,
+            b,
+            _r: r,
+            control_plane,
+            app_connections,
+            _dir: dir,
+            _net: net,
+        })
+    }
+
+    fn logs(&self) -> String {
+        format!("{}{}", self.a.logs(), self.b.logs())
+    }
+}
+
+/// FNV-1a, to compare bodies without keeping them.
+fn fnv(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The app in b:
+/// - `/body`: reads the request body and answers `<bytes> <fnv> <HTTP version>`;
+/// - `/big/<n>`: answers `n` bytes, streamed in 64 KiB chunks without a length;
+/// - `/slow`: answers after 2 s;
+/// - a WebSocket-style upgrade: 101, then echoes bytes until the client half-closes, then
+///   writes `bye` and closes;
+/// - anything else: `version=<HTTP version>`.
+async fn serve_app(listener: tokio::net::TcpListener, connections: Arc<AtomicUsize>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        connections.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(|mut req: http::Request<Incoming>| async move {
+                    let version = format!("{:?}", req.version());
+                    let path = req.uri().path().to_owned();
+                    type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+                    let text = |s: String| -> http::Response<Body> {
+                        http::Response::new(Full::new(Bytes::from(s)).boxed())
+                    };
+                    if req.headers().contains_key(http::header::UPGRADE) {
+                        let upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let Ok(upgraded) = upgrade.await else { return };
+                            let mut io = TokioIo::new(upgraded);
+                            let mut buf = [0u8; 1024];
+                            loop {
+                                match io.read(&mut buf).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => {
+                                        if io.write_all(&buf[..n]).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                            }
+                            // The client half-closed; the other direction still works.
+                            let _ = io.write_all(b"bye").await;
+                            let _ = io.shutdown().await;
+                        });
+                        let mut response = http::Response::new(Full::new(Bytes::new()).boxed());
+                        *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                        response
+                            .headers_mut()
+                            .insert(http::header::UPGRADE, "websocket".parse().expect("value"));
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONNECTION, "upgrade".parse().expect("value"));
+                        return Ok::<_, Infallible>(response);
+                    }
+                    if path == "/body" {
+                        let mut body = req.into_body();
+                        let (mut len, mut hash) = (0usize, FNV_START);
+                        while let Some(Ok(frame)) = body.frame().await {
+                            if let Ok(data) = frame.into_data() {
+                                len += data.len();
+                                hash = fnv(hash, &data);
+                            }
+                        }
+                        return Ok(text(format!("{len} {hash:x} {version}")));
+                    }
+                    if let Some(n) = path.strip_prefix("/big/") {
+                        let n: usize = n.parse().unwrap_or(0);
+                        let chunks = (0..n.div_ceil(65536)).map(move |i| {
+                            let size = (n - i * 65536).min(65536);
+                            Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; size])))
+                        });
+                        let body = StreamBody::new(futures::stream::iter(chunks));
+                        return Ok(http::Response::new(BodyExt::boxed(body)));
+                    }
+                    if path == "/slow" {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    Ok(text(format!("version={version}")))
+                });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// A server that reads what a client sends, then resets the connection.
+async fn serve_resets(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.set_zero_linger();
+            drop(stream);
+        });
+    }
+}
+
+/// Runs curl in pod `a` (through its sidecar); returns (status code, headers, body).
+fn curl(pod: &MeshedPod, args: &[&str]) -> anyhow::Result<(u16, String, Vec<u8>)> {
+    let mut argv = vec!["curl", "-sS", "-m", "20", "-D", "/dev/stderr", "-o", "-"];
+    argv.extend_from_slice(args);
+    let output = pod.exec(&argv)?;
+    let headers = String::from_utf8_lossy(&output.stderr).into_owned();
+    let code = headers
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("HTTP/"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("curl {args:?} printed no status: {headers}"))?;
+    Ok((code, headers.to_ascii_lowercase(), output.stdout))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_names_why_it_answered_itself() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start().await?;
+    let cases = [
+        (format!("http://{EMPTY_VIP}/"), 503, "no-endpoints"),
+        (
+            format!("http://{DEAD_VIP}/"),
+            503,
+            "upstream-connect-failed",
+        ),
+        (format!("http://{SLOW_VIP}/slow"), 504, "timeout"),
+        // Outside the mesh under REGISTRY_ONLY (the gateway's address, any port).
+        (
+            format!("http://{}:9/", fx.control_plane.discovery_addr.ip()),
+            502,
+            "registry-only",
+        ),
+    ];
+    for (url, status, reason) in &cases {
+        let (code, headers, _) = curl(&fx.a, &[url])?;
+        ensure!(
+            code == *status && headers.contains(&format!("keel-error: {reason}")),
+            "{url}: {code}, expected {status} with keel-error: {reason}; headers:\n{headers}\n{}",
+            fx.logs()
+        );
+    }
+    // A POST (never retried) to an endpoint that resets the connection.
+    let url = format!("http://{RESET_VIP}/");
+    let (code, headers, _) =
+        curl(&fx.a, &["-X", "POST", "-d", "x", &url]).with_context(|| fx.logs())?;
+    ensure!(
+        code == 502 && headers.contains("keel-error: upstream-reset"),
+        "reset: {code}\n{headers}"
+    );
+    // Garbage to a declared HTTP port, and a request head over the limit.
+    let mut raw = netns::connect(&fx.a, SocketAddr::from((WEB_VIP, 80))).await?;
+    raw.write_all(b"\x00\x01\x02 this is not HTTP\r\n\r\n")
+        .await?;
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).await?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("keel-error: not-http"),
+        "garbage: {answer:?}"
+    );
+    let big = format!("x-big: {}", "a".repeat(100 << 10));
+    let (code, headers, _) = curl(&fx.a, &["-H", &big, &format!("http://{WEB_VIP}/")])?;
+    ensure!(
+        code == 431 && headers.contains("keel-error: headers-too-large"),
+        "a 100 KiB header: {code}\n{headers}"
+    );
+    // The sidecar still serves.
+    let (code, _, _) = curl(&fx.a, &[&format!("http://{WEB_VIP}/")])?;
+    ensure!(code == 200, "after the errors: {code}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_through_both_sidecars() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start().await?;
+    // 5 MiB up, chunked (no length), as HTTP/1.1.
+    let upload: Vec<u8> = (0..5u32 << 20).map(|i| (i % 251) as u8).collect();
+    let file = fx._net.stage_file("upload.bin", &upload, false)?;
+    let url = format!("http://{WEB_VIP}/body");
+    let data = format!("@{}", file.display());
+    let (code, _, body) = curl(
+        &fx.a,
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &data,
+            &url,
+        ],
+    )?;
+    let expected = format!("{} {:x} HTTP/1.1", upload.len(), fnv(FNV_START, &upload));
+    ensure!(
+        code == 200 && String::from_utf8_lossy(&body) == expected,
+        "upload: {code} {:?}, expected {expected:?}\n{}",
+        String::from_utf8_lossy(&body),
+        fx.logs()
+    );
+    // 3 MiB down, streamed without a length.
+    let (code, headers, body) = curl(&fx.a, &[&format!("http://{WEB_VIP}/big/3145728")])?;
+    ensure!(
+        code == 200 && body.len() == 3 << 20 && body.iter().all(|b| *b == b'x'),
+        "download: {code}, {} bytes\n{headers}",
+        body.len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_share_one_connection_between_sidecars() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start().await?;
+    let before = fx.b.metrics().await?;
+    let app_before = fx.app_connections.load(Ordering::Relaxed);
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let from = fx.a.netns_path();
+        clients.push(tokio::spawn(async move {
+            let stream = netns::connect_from(&from, SocketAddr::from((WEB_VIP, 80))).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut versions = Vec::new();
+            for _ in 0..5 {
+                let req = http::Request::get("/")
+                    .header("host", "web")
+                    .body(http_body_util::Empty::<Bytes>::new())?;
+                let response = sender.send_request(req).await?;
+                let body = response.into_body().collect().await?.to_bytes();
+                versions.push(String::from_utf8_lossy(&body).into_owned());
+            }
+            Ok::<_, anyhow::Error>(versions)
+        }));
+    }
+    for client in clients {
+        for version in client.await?? {
+            // The app speaks HTTP/1.1 with b's sidecar, whatever crossed between sidecars.
+            ensure!(version == "version=HTTP/1.1", "the app saw {version}");
+        }
+    }
+    let after = fx.b.metrics().await?;
+    let opened = |m: &netns::Metrics| {
+        m.sum(
+            "keel_tcp_connections_opened_total",
+            &[("direction", "inbound"), ("protocol", "mtls")],
+        )
+    };
+    let between = opened(&after) - opened(&before);
+    let requests = after.sum("keel_requests_total", &[("direction", "inbound")])
+        - before.sum("keel_requests_total", &[("direction", "inbound")]);
+    ensure!(
+        requests >= 40.0,
+        "b's sidecar counted {requests} of the 40 requests"
+    );
+    ensure!(
+        between == 1.0,
+        "8 client connections opened {between} connections between the sidecars\n{}",
+        fx.logs()
+    );
+    let to_app = fx.app_connections.load(Ordering::Relaxed) - app_before;
+    ensure!(
+        to_app <= 8,
+        "b's sidecar opened {to_app} connections to the app"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connections_pass_through_with_half_close() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start().await?;
+    let mut stream = netns::connect(&fx.a, SocketAddr::from((WEB_VIP, 80))).await?;
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ensure!(stream.read(&mut byte).await? == 1, "closed during the 101");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    ensure!(
+        head.starts_with("http/1.1 101"),
+        "no 101: {head}\n{}",
+        fx.logs()
+    );
+    stream.write_all(b"ping through the mesh").await?;
+    let mut echo = [0u8; 21];
+    stream.read_exact(&mut echo).await?;
+    ensure!(&echo == b"ping through the mesh", "echo: {echo:?}");
+    // Half-close: the app sees EOF, and its answer still comes back.
+    stream.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .map_err(|_| anyhow!("the upgraded connection did not close"))??;
+    ensure!(rest == b"bye", "after the half-close: {rest:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keelctl_status_lists_the_connected_proxies() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start().await?;
+    let keelctl = netns::workspace_binary("keelctl", "keel-control-plane")?;
+    let admin = format!("http://{}", fx.control_plane.admin_addr);
+    let run = |args: &[&str]| {
+        std::process::Command::new(&keelctl)
+            .args(args)
+            .args(["--control-plane", &admin])
+            .output()
+    };
+    let json = run(&["status", "-o", "json"])?;
+    ensure!(json.status.success(), "keelctl status -o json failed");
+    let status: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    let proxies = status["proxies"].as_array().context("proxies")?;
+    let ids: Vec<&str> = proxies.iter().filter_map(|p| p["id"].as_str()).collect();
+    ensure!(ids == ["a.dp", "b.dp"], "proxies: {ids:?}");
+    for p in proxies {
+        ensure!(
+            p["types"]["Endpoints"]["acked_version"].as_u64() == status["version"].as_u64(),
+            "{} has not acknowledged the current version: {p}",
+            p["id"]
+        );
+        ensure!(p["nacks_total"] == 0, "{} has NACKs: {p}", p["id"]);
+    }
+    let human = run(&["status"])?;
+    let text = String::from_utf8_lossy(&human.stdout);
+    ensure!(
+        human.status.success() && text.contains("Proxies: 2") && text.contains("a.dp"),
+        "keelctl status:\n{text}"
+    );
+    let ca = run(&["ca", "status"])?;
+    let text = String::from_utf8_lossy(&ca.stdout);
+    ensure!(
+        ca.status.success()
+            && text.contains("a.dp")
+            && text.contains("spiffe://dp.local/ns/dp/sa/b"),
+        "keelctl ca status:\n{text}"
+    );
+    Ok(())
+}
