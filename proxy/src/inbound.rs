@@ -102,11 +102,11 @@ impl HttpInbound {
         let started = Instant::now();
         let mut labels = RequestLabels {
             direction: Direction::inbound,
-            service: String::new(),
-            route: String::new(),
-            endpoint: self.app.to_string(),
+            service: "",
+            route: "",
+            endpoint: Some(self.app),
             status: 0,
-            error: String::new(),
+            error: "",
         };
         let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some();
         let upgrade = serve::upgrade_protocol(&req);
@@ -159,7 +159,7 @@ impl HttpInbound {
                     (StatusCode::BAD_GATEWAY, "app-reset")
                 };
                 labels.status = status.as_u16();
-                labels.error = reason.to_owned();
+                labels.error = reason;
                 self.shared.metrics.request(labels, started.elapsed());
                 serve::error_response(status, reason)
             }

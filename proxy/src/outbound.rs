@@ -206,11 +206,11 @@ impl HttpOutbound {
         };
         let mut labels = RequestLabels {
             direction: Direction::outbound,
-            service: dest.service.name().to_owned(),
-            route: dest.route.clone(),
-            endpoint: String::new(),
+            service: dest.service.name(),
+            route: &dest.route,
+            endpoint: None,
             status: 0,
-            error: String::new(),
+            error: "",
         };
         let Some(balancer) = self.shared.balancers.get(dest.service.name()) else {
             return self.answer(
@@ -243,7 +243,7 @@ impl HttpOutbound {
                 break;
             };
             let addr = endpoint.socket_addr(&dest.port);
-            labels.endpoint = addr.to_string();
+            labels.endpoint = Some(addr);
             let in_flight = endpoint.start();
             let Some(request_body) = body.take() else {
                 break;
@@ -355,11 +355,11 @@ impl HttpOutbound {
     ) -> Response<Body> {
         let labels = RequestLabels {
             direction: Direction::outbound,
-            service: String::new(),
-            route: String::new(),
-            endpoint: self.orig.to_string(),
+            service: "",
+            route: "",
+            endpoint: Some(self.orig),
             status: 0,
-            error: String::new(),
+            error: "",
         };
         if config.mesh().outbound_traffic_policy == OutboundTrafficPolicy::RegistryOnly {
             return self.answer(labels, started, StatusCode::BAD_GATEWAY, "registry-only");
@@ -395,13 +395,13 @@ impl HttpOutbound {
 
     fn answer(
         &self,
-        mut labels: RequestLabels,
+        mut labels: RequestLabels<'_>,
         started: Instant,
         status: StatusCode,
         reason: &'static str,
     ) -> Response<Body> {
         labels.status = status.as_u16();
-        labels.error = reason.to_owned();
+        labels.error = reason;
         self.shared.metrics.request(labels, started.elapsed());
         serve::error_response(status, reason)
     }
