@@ -288,6 +288,11 @@ impl ReturnToPool {
 /// Headers that describe one connection, not the message; never forwarded (RFC 9110 §7.6.1),
 /// and forbidden in HTTP/2.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the few names present decides, where
+    // removing each name in turn would hash every one of them.
+    if !headers.keys().any(is_hop_by_hop_or_te) {
+        return;
+    }
     let named: Vec<header::HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -318,9 +323,38 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `name` is one of the headers [`strip_hop_by_hop`] may remove (the connection-specific
+/// headers and TE; headers named by `Connection` are only removed when it is present).
+fn is_hop_by_hop_or_te(name: &header::HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+    ]
+    .contains(name)
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_without_hop_by_hop_ones_are_left_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "svc".parse().expect("v"));
+        h.insert("x-app", "kept".parse().expect("v"));
+        h.append("x-app", "twice".parse().expect("v"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        h.insert("proxy-connection", "keep-alive".parse().expect("v"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
 
     #[test]
     fn hop_by_hop_headers_are_stripped() {
