@@ -96,8 +96,9 @@ pub struct Options {
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub churn_interval: Duration,
     /// Simulated proxies for the control-plane scenario (the `discovery` benchmark, run once per
-    /// count after the data-plane runs), comma-separated; empty skips it.
-    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    /// count after the data-plane runs), comma-separated; the flag alone, without a value,
+    /// skips it.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000", num_args = 0..)]
     pub discovery_proxies: Vec<usize>,
     /// Services (of 10 endpoints each) in the control-plane scenario's mesh.
     #[arg(long, default_value_t = 1000)]
