@@ -24,6 +24,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustc_hash::FxBuildHasher;
 use tokio::net::TcpStream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -96,8 +97,9 @@ type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 /// Pooled upstream connections.
 #[derive(Default)]
 pub struct Upstreams {
-    idle_h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
-    h2: Mutex<HashMap<SocketAddr, H2Slot>>,
+    // FxHash: looked up twice per request (take, give back); keys are endpoint addresses.
+    idle_h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>, FxBuildHasher>>,
+    h2: Mutex<HashMap<SocketAddr, H2Slot, FxBuildHasher>>,
 }
 
 impl std::fmt::Debug for Upstreams {
