@@ -2,11 +2,12 @@
 //!
 //! - [`dataplane`]: the data-plane benchmark (direct, one hop, sidecar pair) and its report;
 //! - [`openloop`]: the open-loop load generator (`openloop` binary);
-//! - [`wrk`]: running `wrk` and reading its report;
+//! - [`wrk`], [`h2load`]: running `wrk` and `h2load` and reading their reports;
 //! - [`procfs`]: a measured process's CPU time and memory;
 //! - [`summary`]: the median and spread of a figure over runs.
 
 pub mod dataplane;
+pub mod h2load;
 pub mod openloop;
 pub mod procfs;
 pub mod summary;

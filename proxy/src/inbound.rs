@@ -328,16 +328,16 @@ impl HttpInbound {
         let started = Instant::now();
         let mut labels = RequestLabels {
             direction: Direction::inbound,
-            service: String::new(),
-            route: String::new(),
-            endpoint: self.app.to_string(),
+            service: "",
+            route: "",
+            endpoint: Some(self.app),
             status: 0,
-            error: String::new(),
+            error: "",
         };
         if let Some(reason) = self.denied(&req) {
             tracing::debug!(client = %self.client, peer = ?self.peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), %reason, "request denied");
             labels.status = StatusCode::FORBIDDEN.as_u16();
-            labels.error = "forbidden".to_owned();
+            labels.error = "forbidden";
             self.shared.metrics.request(labels, started.elapsed());
             return serve::error_response(StatusCode::FORBIDDEN, "forbidden");
         }
@@ -398,7 +398,7 @@ impl HttpInbound {
                     (StatusCode::BAD_GATEWAY, "app-reset")
                 };
                 labels.status = status.as_u16();
-                labels.error = reason.to_owned();
+                labels.error = reason;
                 self.shared.metrics.request(labels, started.elapsed());
                 serve::error_response(status, reason)
             }

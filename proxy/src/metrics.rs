@@ -3,17 +3,28 @@
 //! The resilience families (see [`Resilience`]) show outlier ejections, endpoint health, priority
 //! load, retries and circuit-breaker rejections per service.
 //!
-//! Recording is lock-free apart from the label-set lookup inside prometheus-client's families;
-//! nothing here allocates per request beyond the label values.
+//! Recording a request must stay cheap: it is on every request's path. The caller describes the
+//! request with [`RequestLabels`], borrowed from its own state (no label is formatted or
+//! allocated per request), and the series' counter and histogram are found in a cache keyed by
+//! those borrowed labels; only the first request of a new label set builds the owned label set
+//! and registers the series with prometheus-client's families, which the admin server encodes.
+//! This module must never take a lock on the request path that `/metrics` can hold for long
+//! (the cache's read lock is only contended while a new series is inserted).
 
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use rustc_hash::FxBuildHasher;
 
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -66,17 +77,44 @@ impl From<crate::detect::Protocol> for ConnProtocol {
     }
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+/// One request's labels, borrowed from the request's own state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestLabels<'a> {
     pub direction: Direction,
     /// `<namespace>/<name>` of the destination service; "" when unknown (passthrough, inbound).
-    pub service: String,
-    pub route: String,
-    /// The endpoint's `ip:port`, or "" when none was reached.
-    pub endpoint: String,
+    pub service: &'a str,
+    pub route: &'a str,
+    /// The endpoint reached, if any.
+    pub endpoint: Option<SocketAddr>,
     pub status: u16,
     /// The proxy's own reason when it answered itself (`keel-error`), else "".
-    pub error: String,
+    pub error: &'static str,
+}
+
+/// The `endpoint` label: `ip:port`, or "" when no endpoint was reached. Formatted only when
+/// `/metrics` is encoded.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub struct EndpointLabel(Option<SocketAddr>);
+
+impl EncodeLabelValue for EndpointLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        match self.0 {
+            Some(addr) => write!(encoder, "{addr}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The owned label set of `keel_requests_total`, built once per series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabelSet {
+    pub direction: Direction,
+    pub service: String,
+    pub route: String,
+    pub endpoint: EndpointLabel,
+    pub status: u16,
+    pub error: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,10 +135,89 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
 }
 
+/// The cache's key: a request's labels, owned.
+#[derive(Debug)]
+struct RequestKey {
+    direction: Direction,
+    service: Box<str>,
+    route: Box<str>,
+    endpoint: Option<SocketAddr>,
+    status: u16,
+    error: &'static str,
+}
+
+/// What the cache's lookups hash and compare: the same for a [`RequestKey`] and for borrowed
+/// [`RequestLabels`], so that a lookup needs no owned key.
+trait RequestKeyView {
+    fn labels(&self) -> RequestLabels<'_>;
+}
+
+impl RequestKeyView for RequestKey {
+    fn labels(&self) -> RequestLabels<'_> {
+        RequestLabels {
+            direction: self.direction,
+            service: &self.service,
+            route: &self.route,
+            endpoint: self.endpoint,
+            status: self.status,
+            error: self.error,
+        }
+    }
+}
+
+impl RequestKeyView for RequestLabels<'_> {
+    fn labels(&self) -> RequestLabels<'_> {
+        *self
+    }
+}
+
+impl Hash for dyn RequestKeyView + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.labels().hash(state);
+    }
+}
+
+impl PartialEq for dyn RequestKeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.labels() == other.labels()
+    }
+}
+
+impl Eq for dyn RequestKeyView + '_ {}
+
+impl Hash for RequestKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn RequestKeyView).hash(state);
+    }
+}
+
+impl PartialEq for RequestKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.labels() == other.labels()
+    }
+}
+
+impl Eq for RequestKey {}
+
+impl<'a> Borrow<dyn RequestKeyView + 'a> for RequestKey {
+    fn borrow(&self) -> &(dyn RequestKeyView + 'a) {
+        self
+    }
+}
+
+/// A request series' counter and its route's latency histogram (handles shared with the
+/// families that `/metrics` encodes).
+#[derive(Clone)]
+struct RequestSeries {
+    count: Counter,
+    latency: Histogram,
+}
+
 pub struct Metrics {
     registry: Registry,
     resilience: Resilience,
-    requests: Family<RequestLabels, Counter>,
+    series: RwLock<HashMap<RequestKey, RequestSeries, FxBuildHasher>>,
+    requests: Family<RequestLabelSet, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     opened: Family<ConnLabels, Counter>,
     closed: Family<ConnLabels, Counter>,
@@ -119,7 +236,7 @@ impl std::fmt::Debug for Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("keel");
-        let requests = Family::<RequestLabels, Counter>::default();
+        let requests = Family::<RequestLabelSet, Counter>::default();
         registry.register(
             "requests",
             "HTTP requests by direction, service, route, endpoint and status",
@@ -173,6 +290,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             resilience,
+            series: RwLock::new(HashMap::default()),
             requests,
             latency,
             opened,
@@ -221,15 +339,59 @@ impl Metrics {
         self.received.get_or_create(&labels).inc_by(received);
     }
 
-    pub fn request(&self, labels: RequestLabels, latency: Duration) {
-        self.latency
-            .get_or_create(&LatencyLabels {
-                direction: labels.direction,
-                service: labels.service.clone(),
-                route: labels.route.clone(),
-            })
-            .observe(latency.as_secs_f64());
-        self.requests.get_or_create(&labels).inc();
+    /// Counts one request and its latency (to its response headers).
+    pub fn request(&self, labels: RequestLabels<'_>, latency: Duration) {
+        let found = self
+            .series
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&labels as &dyn RequestKeyView)
+            .cloned();
+        let series = match found {
+            Some(series) => series,
+            None => self.new_series(labels),
+        };
+        series.count.inc();
+        series.latency.observe(latency.as_secs_f64());
+    }
+
+    /// Registers the series of `labels` with the families and caches its handles.
+    fn new_series(&self, labels: RequestLabels<'_>) -> RequestSeries {
+        let series = RequestSeries {
+            count: self
+                .requests
+                .get_or_create(&RequestLabelSet {
+                    direction: labels.direction,
+                    service: labels.service.to_owned(),
+                    route: labels.route.to_owned(),
+                    endpoint: EndpointLabel(labels.endpoint),
+                    status: labels.status,
+                    error: labels.error,
+                })
+                .clone(),
+            latency: self
+                .latency
+                .get_or_create(&LatencyLabels {
+                    direction: labels.direction,
+                    service: labels.service.to_owned(),
+                    route: labels.route.to_owned(),
+                })
+                .clone(),
+        };
+        let key = RequestKey {
+            direction: labels.direction,
+            service: labels.service.into(),
+            route: labels.route.into(),
+            endpoint: labels.endpoint,
+            status: labels.status,
+            error: labels.error,
+        };
+        self.series
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_insert(series)
+            .clone()
     }
 
     pub fn refused(&self, reason: Refusal) {
@@ -468,21 +630,41 @@ mod tests {
         {
             let _c = m.connection(Direction::outbound, ConnProtocol::http1);
         }
+        let labels = RequestLabels {
+            direction: Direction::outbound,
+            service: "demo/articles",
+            route: "reads",
+            endpoint: Some("10.0.0.1:8080".parse().expect("addr")),
+            status: 200,
+            error: "",
+        };
+        m.request(labels, Duration::from_millis(3));
+        // The second request finds the series in the cache: the same counter counts it.
+        m.request(labels, Duration::from_millis(5));
         m.request(
             RequestLabels {
-                direction: Direction::outbound,
-                service: "demo/articles".into(),
-                route: "reads".into(),
-                endpoint: "10.0.0.1:8080".into(),
-                status: 200,
-                error: String::new(),
+                direction: Direction::inbound,
+                service: "",
+                route: "",
+                endpoint: None,
+                status: 503,
+                error: "app-unreachable",
             },
-            Duration::from_millis(3),
+            Duration::from_millis(1),
         );
         let text = m.encode();
         assert!(text.contains(
-            r#"keel_requests_total{direction="outbound",service="demo/articles",route="reads",endpoint="10.0.0.1:8080",status="200",error=""} 1"#
+            r#"keel_requests_total{direction="outbound",service="demo/articles",route="reads",endpoint="10.0.0.1:8080",status="200",error=""} 2"#
         ), "{text}");
+        assert!(text.contains(
+            r#"keel_requests_total{direction="inbound",service="",route="",endpoint="",status="503",error="app-unreachable"} 1"#
+        ), "{text}");
+        assert!(
+            text.contains(
+                r#"keel_request_duration_seconds_count{direction="outbound",service="demo/articles",route="reads"} 2"#
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(
                 r#"keel_tcp_connections_opened_total{direction="outbound",protocol="http1"} 1"#

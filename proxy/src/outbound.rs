@@ -398,11 +398,11 @@ impl HttpOutbound {
         };
         let mut labels = RequestLabels {
             direction: Direction::outbound,
-            service: dest.service.name().to_owned(),
-            route: dest.route.clone(),
-            endpoint: String::new(),
+            service: dest.service.name(),
+            route: &dest.route,
+            endpoint: None,
             status: 0,
-            error: String::new(),
+            error: "",
         };
         let Some(balancer) = self.shared.balancers.get(dest.service.name()) else {
             return self.answer(
@@ -465,7 +465,7 @@ impl HttpOutbound {
                 };
                 return self.answer(labels, started, StatusCode::SERVICE_UNAVAILABLE, reason);
             };
-            labels.endpoint = endpoint.socket_addr(&dest.port).to_string();
+            labels.endpoint = Some(endpoint.socket_addr(&dest.port));
             let Some(request_body) = body.attempt() else {
                 // Checked before deciding the retry, but the failed attempt's connection went on
                 // reading the body past what can be replayed.
@@ -564,7 +564,7 @@ impl HttpOutbound {
             // The failed response (if any) is dropped before the retry.
             drop(last_answer);
             self.shared.metrics.retry(dest.service.name(), condition);
-            tracing::debug!(service = dest.service.name(), endpoint = %labels.endpoint, condition, retry = retries, "retrying");
+            tracing::debug!(service = dest.service.name(), endpoint = ?labels.endpoint, condition, retry = retries, "retrying");
             tried.push(endpoint);
             tokio::time::sleep(wait).await;
         }
@@ -595,9 +595,9 @@ impl HttpOutbound {
         started: Instant,
         limit: &'static str,
     ) -> Response<Body> {
-        self.shared.metrics.circuit_open(&labels.service, limit);
+        self.shared.metrics.circuit_open(labels.service, limit);
         labels.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
-        labels.error = "circuit-open".to_owned();
+        labels.error = "circuit-open";
         self.shared.metrics.request(labels, started.elapsed());
         let mut response = serve::error_response(StatusCode::SERVICE_UNAVAILABLE, "circuit-open");
         response
@@ -656,11 +656,11 @@ impl HttpOutbound {
     ) -> Response<Body> {
         let labels = RequestLabels {
             direction: Direction::outbound,
-            service: String::new(),
-            route: String::new(),
-            endpoint: self.orig.to_string(),
+            service: "",
+            route: "",
+            endpoint: Some(self.orig),
             status: 0,
-            error: String::new(),
+            error: "",
         };
         if config.mesh().outbound_traffic_policy == OutboundTrafficPolicy::RegistryOnly {
             return self.answer(labels, started, StatusCode::BAD_GATEWAY, "registry-only");
@@ -696,13 +696,13 @@ impl HttpOutbound {
 
     fn answer(
         &self,
-        mut labels: RequestLabels,
+        mut labels: RequestLabels<'_>,
         started: Instant,
         status: StatusCode,
         reason: &'static str,
     ) -> Response<Body> {
         labels.status = status.as_u16();
-        labels.error = reason.to_owned();
+        labels.error = reason;
         self.shared.metrics.request(labels, started.elapsed());
         serve::error_response(status, reason)
     }

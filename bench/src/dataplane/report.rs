@@ -1,16 +1,17 @@
 //! The data-plane benchmark's report: a markdown section with the machine, the versions, the
-//! exact command and one table of medians with their spread, and its place in `RESULTS.md`.
+//! exact command, one table of medians with their spread per case, the keel/Envoy ratios, keel's
+//! targets, the scenarios beyond steady state, and its place in `RESULTS.md`.
 //!
-//! Every number in the table comes from the measurements passed in; the only numbers written here
-//! are the reference figures of other proxies, printed apart and labelled as not measured.
+//! Every measured number comes from the measurements passed in; the only numbers written here
+//! are keel's targets (from issue 6), labelled as targets.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
 
-use super::{Measurement, Role, Scenario};
-use crate::openloop::Percentiles;
+use super::{Case, ChurnMeasurement, Measurement, Options, Role};
+use crate::openloop::{Percentiles, Report};
 use crate::summary::Summary;
 
 /// Marks the start of the data-plane section in a results file.
@@ -34,45 +35,52 @@ const PERCENTILES: [(&str, Pick); 4] = [
 pub struct Environment {
     /// Cores, CPU model, kernel.
     pub machine: String,
-    /// The load average (1, 5, 15 minutes) when the benchmark started and when it ended.
+    /// The load average (1, 5, 15 minutes) when the benchmark started and when the data-plane
+    /// runs ended.
     pub load_average: (String, String),
-    /// keel's revision, nginx's and wrk's versions.
+    /// keel's revision and the other programs' versions.
     pub versions: String,
     /// How the processes were placed on CPUs.
     pub pinning: String,
-    /// The load: wrk's and the open-loop generator's settings.
+    /// The load: wrk's, h2load's and the open-loop generator's settings.
     pub load: String,
     /// The command line, as run.
     pub command: String,
 }
 
-/// Renders the section (with its markers) for `measurements` over `runs` runs.
+/// Renders the section (with its markers).
 pub fn render(
     environment: &Environment,
-    runs: usize,
-    rates: &[u32],
-    wrk_label: &str,
+    options: &Options,
+    cases: &[Case],
     measurements: &[Measurement],
+    churn: &[ChurnMeasurement],
+    discovery: &[String],
 ) -> String {
+    let runs = options.runs;
+    let rates = &options.rates;
     let mut out = String::new();
     let _ = writeln!(out, "{SECTION_BEGIN}");
+    let _ = writeln!(out, "## Data plane: direct, keel and Envoy\n");
     let _ = writeln!(
         out,
-        "## Data plane: direct, keel one hop, keel sidecar pair\n"
-    );
-    let _ = writeln!(
-        out,
-        "Client pod → nginx in a server pod over a bridge (network namespaces and veths), \
-         HTTP/1.1 keep-alive. *direct*: no proxy. *keel one hop*: the client's sidecar \
-         (outbound) → nginx (endpoint `meshed: false`). *keel sidecar pair*: the client's sidecar \
-         → HTTP/2 → the server's sidecar (inbound) → nginx. The control plane and the network \
-         are set up once; every run starts fresh sidecars for each case, and runs interleave the \
-         three cases so that the machine's noise falls on all of them alike.\n"
+        "Client pod → nginx in a server pod over a bridge (network namespaces and veths). \
+         *direct*: no proxy. *one hop*: the client's sidecar (outbound, transparent) → nginx, \
+         HTTP/1.1 to the endpoint (it has no sidecar). *pair*: the client's sidecar → HTTP/2 → \
+         the server's sidecar (inbound) → nginx. Envoy is configured to do keel's work \
+         (bench/dataplane/envoy.yaml: the same iptables redirect, original_dst, routing by \
+         Host to a cluster of the endpoints, HTTP/2 between sidecars, no access log). The \
+         control plane and the network are set up once; every run starts fresh sidecars for \
+         each case, and runs interleave the cases so that the machine's noise falls on all of \
+         them alike. HTTP/2 (h2load) goes to nginx's h2c port directly and through the pairs; \
+         through one hop the sidecar speaks HTTP/1.1 to nginx. keel's sidecar pair over mTLS \
+         is not measured: keel has no mTLS in this build.\n"
     );
     let _ = writeln!(out, "- Machine: {}", environment.machine);
     let _ = writeln!(
         out,
-        "- Load average: {} at the start, {} at the end",
+        "- Load average (1, 5, 15 min): {} at the start, {} after the data-plane runs (2 cores; \
+         other work on the machine shares them)",
         environment.load_average.0, environment.load_average.1
     );
     let _ = writeln!(out, "- Versions: {}", environment.versions);
@@ -85,26 +93,36 @@ pub fn render(
     );
     let _ = writeln!(out, "- Command: `{}`\n", environment.command);
 
-    let table = Table { measurements };
+    let table = Table {
+        cases,
+        measurements,
+    };
     let _ = writeln!(
         out,
-        "| figure | {} | {} | {} |",
-        Scenario::Direct.title(),
-        Scenario::OneHop.title(),
-        Scenario::Pair.title()
+        "| figure | {} |",
+        cases
+            .iter()
+            .map(|c| c.title())
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
-    let _ = writeln!(out, "|---|---|---|---|");
-    let mut row = |label: String, cells: [String; 3]| {
-        let _ = writeln!(
-            out,
-            "| {label} | {} | {} | {} |",
-            cells[0], cells[1], cells[2]
-        );
+    let _ = writeln!(out, "|---|{}", "---|".repeat(cases.len()));
+    let mut row = |label: String, cells: Vec<String>| {
+        let _ = writeln!(out, "| {label} | {} |", cells.join(" | "));
     };
     row(
-        format!("max throughput, `{wrk_label}` (req/s)"),
+        format!(
+            "max throughput HTTP/1.1, `{}` (req/s)",
+            super::wrk_label(options)
+        ),
         table.cells(0, false, |m| Some(m.wrk.requests_per_second)),
     );
+    if let Some(h2) = options.h2load() {
+        row(
+            format!("max throughput HTTP/2, `{}` (req/s)", h2.label()),
+            table.cells(0, false, |m| Some(m.h2load?.requests_per_second)),
+        );
+    }
     for (i, rate) in rates.iter().enumerate() {
         for (name, pick) in PERCENTILES {
             row(
@@ -114,7 +132,7 @@ pub fn render(
                 }),
             );
         }
-        for (name, pick) in &PERCENTILES[..3] {
+        for (name, pick) in PERCENTILES {
             row(
                 format!("added latency at {rate} req/s vs direct, {name} (ms)"),
                 table.added(|m| Some(pick(&m.open_loop.get(i)?.latency_us) / 1000.0)),
@@ -122,25 +140,43 @@ pub fn render(
         }
     }
     row(
-        "sidecar CPU per request under wrk, all sidecars (µs)".to_owned(),
+        "proxy CPU per request, HTTP/1.1 max load, all sidecars (µs)".to_owned(),
         table.cells(1, false, |m| m.cpu_per_request_wrk(None)),
     );
     for role in [Role::Client, Role::Server] {
         row(
-            format!("sidecar CPU per request under wrk, {} (µs)", role.title()),
-            table.cells(1, false, |m| m.cpu_per_request_wrk(Some(role))),
+            format!(
+                "proxy CPU per request, HTTP/1.1 max load, {} (µs)",
+                role.title()
+            ),
+            table.cells(1, false, |m| {
+                m.sidecar(role)?;
+                m.cpu_per_request_wrk(Some(role))
+            }),
+        );
+    }
+    if options.h2load().is_some() {
+        row(
+            "proxy CPU per request, HTTP/2 max load, all sidecars (µs)".to_owned(),
+            table.cells(1, false, |m| m.cpu_per_request_h2load()),
         );
     }
     for (i, rate) in rates.iter().enumerate() {
         row(
-            format!("sidecar CPU per request at {rate} req/s, all sidecars (µs)"),
+            format!("proxy CPU per request at {rate} req/s, all sidecars (µs)"),
             table.cells(1, false, |m| m.cpu_per_request_open_loop(i)),
         );
     }
+    row(
+        "nginx CPU per request, HTTP/1.1 max load (µs; for scale: one recv and one send per \
+         request)"
+            .to_owned(),
+        table.cells(1, false, |m| Some(m.upstream_cpu_per_request())),
+    );
     for role in [Role::Client, Role::Server] {
         let mib = |kib: u64| kib as f64 / 1024.0;
         row(
-            format!("{} RSS idle, after `/ready` (MiB)", role.title()),
+            format!("{} RSS idle, once ready (MiB)", role.title()),
             table.cells(1, false, |m| Some(mib(m.sidecar(role)?.idle.rss_kib))),
         );
         row(
@@ -161,74 +197,301 @@ pub fn render(
         );
     }
     row(
-        "errors in all runs: wrk (socket + non-2xx) / open loop".to_owned(),
+        "errors in all runs: wrk (socket + non-2xx) / h2load / open loop".to_owned(),
         table.errors(),
     );
 
-    let _ = writeln!(
-        out,
-        "\nReference (not measured in this run; measured earlier on this kind of machine, one \
-         worker, HTTP/1.1 keep-alive):\n"
-    );
-    let _ = writeln!(
-        out,
-        "| proxy, one hop | CPU per request | added p99 at 2000 req/s |"
-    );
-    let _ = writeln!(out, "|---|---|---|");
-    let _ = writeln!(out, "| Envoy | 66 µs | +0.30 ms |");
-    let _ = writeln!(out, "| HAProxy, nginx | ~20 µs | +0.05 ms |");
+    ratios(&mut out, &table, options);
+    targets(&mut out, &table, options);
+    churn_section(&mut out, churn, options);
+    if !discovery.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### Control plane: a change reaching many proxies\n\nThe `discovery` benchmark \
+             (bench/src/bin/discovery.rs), run by this command after the data-plane runs with \
+             `--services {} --endpoints 10 --runs {}`; its own tables follow.\n",
+            options.discovery_services, options.discovery_runs
+        );
+        for report in discovery {
+            // Its headings one level down, under this one.
+            for line in report.lines() {
+                if line.starts_with('#') {
+                    let _ = writeln!(out, "##{line}");
+                } else {
+                    let _ = writeln!(out, "{line}");
+                }
+            }
+            let _ = writeln!(out);
+        }
+    }
     let _ = writeln!(out, "{SECTION_END}");
     out
 }
 
+/// keel's figures over Envoy's doing the same work, from the medians.
+fn ratios(out: &mut String, table: &Table<'_>, options: &Options) {
+    let pairs: Vec<(Case, Case)> = table
+        .cases
+        .iter()
+        .filter_map(|envoy| Some((envoy.keel_counterpart()?, *envoy)))
+        .filter(|(keel, _)| table.cases.contains(keel))
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n### keel / Envoy\n\nkeel's median over Envoy's median, doing the same work: above 1 \
+         is keel's advantage for throughput, below 1 for CPU, latency and memory.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| figure | {} |",
+        pairs
+            .iter()
+            .map(|(k, e)| format!("{} / {}", k.title(), e.title()))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(out, "|---|{}", "---|".repeat(pairs.len()));
+    let mut row = |label: &str, figure: &dyn Fn(Case) -> Option<f64>| {
+        let cells: Vec<String> = pairs
+            .iter()
+            .map(|(keel, envoy)| match (figure(*keel), figure(*envoy)) {
+                (Some(k), Some(e)) if e != 0.0 => format!("{:.2}", k / e),
+                _ => "—".to_owned(),
+            })
+            .collect();
+        let _ = writeln!(out, "| {label} | {} |", cells.join(" | "));
+    };
+    row("max throughput HTTP/1.1", &|c| {
+        table.median(c, |m| Some(m.wrk.requests_per_second))
+    });
+    if options.h2load().is_some() {
+        row("max throughput HTTP/2", &|c| {
+            table.median(c, |m| Some(m.h2load?.requests_per_second))
+        });
+    }
+    row("proxy CPU per request, HTTP/1.1 max load", &|c| {
+        table.median(c, |m| m.cpu_per_request_wrk(None))
+    });
+    for (i, rate) in options.rates.iter().enumerate() {
+        row(&format!("added p99 latency at {rate} req/s"), &|c| {
+            table.added_median(c, |m| Some(m.open_loop.get(i)?.latency_us.p99 / 1000.0))
+        });
+    }
+    row("client sidecar RSS after the load", &|c| {
+        table.median(c, |m| Some(m.sidecar(Role::Client)?.loaded.rss_kib as f64))
+    });
+}
+
+/// keel's targets (issue 6) against this run's medians.
+fn targets(out: &mut String, table: &Table<'_>, options: &Options) {
+    let one_hop = Case::KeelOneHop;
+    if !table.cases.contains(&one_hop) {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n### keel one hop against its targets\n\n| target | measured (median) | met |\n|---|---|---|"
+    );
+    let mut row =
+        |target: &str, measured: Option<f64>, decimals: usize, met: &dyn Fn(f64) -> bool| {
+            let (value, verdict) = match measured {
+                Some(v) => (format!("{v:.decimals$}"), if met(v) { "yes" } else { "no" }),
+                None => ("—".to_owned(), "—"),
+            };
+            let _ = writeln!(out, "| {target} | {value} | {verdict} |");
+        };
+    row(
+        "proxy CPU per request ≤ 15 µs (HTTP/1.1 max load)",
+        table.median(one_hop, |m| m.cpu_per_request_wrk(None)),
+        1,
+        &|v| v <= 15.0,
+    );
+    if table.cases.contains(&Case::EnvoyOneHop) {
+        let ratio = table
+            .median(one_hop, |m| Some(m.wrk.requests_per_second))
+            .zip(table.median(Case::EnvoyOneHop, |m| Some(m.wrk.requests_per_second)))
+            .map(|(k, e)| k / e);
+        row(
+            "max req/s ≥ 3 × Envoy's one hop (ratio)",
+            ratio,
+            2,
+            &|v| v >= 3.0,
+        );
+    }
+    if let Some(i) = options.rates.iter().position(|r| *r == 2000) {
+        row(
+            "added p99 at 2000 req/s ≤ 0.05 ms",
+            table.added_median(one_hop, |m| {
+                Some(m.open_loop.get(i)?.latency_us.p99 / 1000.0)
+            }),
+            3,
+            &|v| v <= 0.05,
+        );
+    }
+    row(
+        "RSS after the load ≤ 12 MB (MiB; 12 MB = 11.44 MiB)",
+        table.median(one_hop, |m| {
+            Some(m.sidecar(Role::Client)?.loaded.rss_kib as f64 / 1024.0)
+        }),
+        1,
+        &|v| v * 1024.0 * 1024.0 <= 12e6,
+    );
+}
+
+/// The endpoint-churn scenario's table.
+fn churn_section(out: &mut String, churn: &[ChurnMeasurement], options: &Options) {
+    if churn.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n### keel one hop while its endpoints change\n\nOpen loop at {rate} req/s for {d} \
+         (after a {w} warm-up) through keel one hop, first steady, then while the control \
+         plane's YAML directory is rewritten every {i} (service `plain` cycling through its \
+         endpoints {{server}}, {{server, server-b}}, {{server-b}}, {{server, server-b}}; both \
+         nginx), then `wrk` for {d} during the churn. Median (min–max) of {n} runs.\n",
+        rate = options.churn_rate,
+        d = humantime::format_duration(options.churn_duration),
+        w = humantime::format_duration(options.warmup),
+        i = humantime::format_duration(options.churn_interval),
+        n = churn.len(),
+    );
+    let _ = writeln!(
+        out,
+        "| figure | steady | endpoints changing | change |\n|---|---|---|---|"
+    );
+    let summary = |f: &dyn Fn(&ChurnMeasurement) -> f64, decimals: usize| {
+        let values: Vec<f64> = churn.iter().map(f).collect();
+        cell(Summary::of(&values), decimals, false)
+    };
+    for (name, pick) in PERCENTILES {
+        let of = |r: &Report| pick(&r.latency_us) / 1000.0;
+        let _ = writeln!(
+            out,
+            "| latency {name} (ms) | {} | {} | {} |",
+            summary(&|c| of(&c.steady), 3),
+            summary(&|c| of(&c.churning), 3),
+            cell(
+                Summary::of(
+                    &churn
+                        .iter()
+                        .map(|c| of(&c.churning) - of(&c.steady))
+                        .collect::<Vec<_>>()
+                ),
+                3,
+                true
+            ),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| failed requests, open loop | {} | {} | |",
+        churn.iter().map(|c| c.steady.errors).sum::<u64>(),
+        churn.iter().map(|c| c.churning.errors).sum::<u64>(),
+    );
+    let _ = writeln!(
+        out,
+        "| failed requests, wrk (socket + non-2xx) | | {} | |",
+        churn
+            .iter()
+            .map(|c| c.wrk.socket_errors + c.wrk.bad_status)
+            .sum::<u64>(),
+    );
+    let _ = writeln!(
+        out,
+        "| wrk max throughput while churning (req/s) | | {} | |",
+        summary(&|c| c.wrk.requests_per_second, 0)
+    );
+    let _ = writeln!(
+        out,
+        "| endpoint-set changes written / discovery responses the sidecar applied (ACKed), per run | | {} / {} | |",
+        summary(&|c| c.changes_written as f64, 0),
+        summary(&|c| c.updates_applied as f64, 0),
+    );
+}
+
 /// Builds the table's cells from the measurements.
 struct Table<'a> {
+    cases: &'a [Case],
     measurements: &'a [Measurement],
 }
 
 impl Table<'_> {
-    /// One cell per scenario: the summary of `figure` over that scenario's runs, or "—".
+    fn values(&self, case: Case, figure: impl Fn(&Measurement) -> Option<f64>) -> Vec<f64> {
+        self.measurements
+            .iter()
+            .filter(|m| m.case == case)
+            .filter_map(figure)
+            .collect()
+    }
+
+    fn median(&self, case: Case, figure: impl Fn(&Measurement) -> Option<f64>) -> Option<f64> {
+        Summary::of(&self.values(case, figure)).map(|s| s.median)
+    }
+
+    /// The median over runs of `figure` minus direct's `figure` in the same run.
+    fn added_median(
+        &self,
+        case: Case,
+        figure: impl Fn(&Measurement) -> Option<f64>,
+    ) -> Option<f64> {
+        self.median(case, |m| Some(figure(m)? - figure(self.direct(m.run)?)?))
+    }
+
+    fn direct(&self, run: usize) -> Option<&Measurement> {
+        self.measurements
+            .iter()
+            .find(|m| m.case == Case::Direct && m.run == run)
+    }
+
+    /// One cell per case: the summary of `figure` over that case's runs, or "—".
     fn cells(
         &self,
         decimals: usize,
         signed: bool,
         figure: impl Fn(&Measurement) -> Option<f64>,
-    ) -> [String; 3] {
-        Scenario::ALL.map(|scenario| {
-            let values: Vec<f64> = self
-                .measurements
-                .iter()
-                .filter(|m| m.scenario == scenario)
-                .filter_map(&figure)
-                .collect();
-            cell(Summary::of(&values), decimals, signed)
-        })
+    ) -> Vec<String> {
+        self.cases
+            .iter()
+            .map(|case| cell(Summary::of(&self.values(*case, &figure)), decimals, signed))
+            .collect()
     }
 
-    /// One cell per proxied scenario: `figure` minus direct's `figure` of the same run.
-    fn added(&self, figure: impl Fn(&Measurement) -> Option<f64>) -> [String; 3] {
-        let direct = |run: usize| {
-            self.measurements
-                .iter()
-                .find(|m| m.scenario == Scenario::Direct && m.run == run)
-        };
-        let mut cells = self.cells(3, true, |m| Some(figure(m)? - figure(direct(m.run)?)?));
-        cells[0] = "—".to_owned();
+    /// One cell per proxied case: `figure` minus direct's `figure` of the same run.
+    fn added(&self, figure: impl Fn(&Measurement) -> Option<f64>) -> Vec<String> {
+        let mut cells = self.cells(3, true, |m| {
+            if m.case == Case::Direct {
+                return None;
+            }
+            Some(figure(m)? - figure(self.direct(m.run)?)?)
+        });
+        for (cell, case) in cells.iter_mut().zip(self.cases) {
+            if *case == Case::Direct {
+                *cell = "—".to_owned();
+            }
+        }
         cells
     }
 
-    /// Total wrk and open-loop errors per scenario.
-    fn errors(&self) -> [String; 3] {
-        Scenario::ALL.map(|scenario| {
-            let runs = self.measurements.iter().filter(|m| m.scenario == scenario);
-            let (wrk, open_loop) = runs.fold((0, 0), |(wrk, open_loop), m| {
-                (
-                    wrk + m.wrk.socket_errors + m.wrk.bad_status,
-                    open_loop + m.open_loop.iter().map(|r| r.errors).sum::<u64>(),
-                )
-            });
-            format!("{wrk} / {open_loop}")
-        })
+    /// Total wrk, h2load and open-loop errors per case.
+    fn errors(&self) -> Vec<String> {
+        self.cases
+            .iter()
+            .map(|case| {
+                let runs = self.measurements.iter().filter(|m| m.case == *case);
+                let (wrk, h2, open_loop) = runs.fold((0, 0, 0), |(wrk, h2, open_loop), m| {
+                    (
+                        wrk + m.wrk.socket_errors + m.wrk.bad_status,
+                        h2 + m.h2load.map_or(0, |h| h.failed),
+                        open_loop + m.open_loop.iter().map(|r| r.errors).sum::<u64>(),
+                    )
+                });
+                format!("{wrk} / {h2} / {open_loop}")
+            })
+            .collect()
     }
 }
 

@@ -1,9 +1,11 @@
-//! The benchmark's world: the network and its four pods, the control plane, nginx in the server
-//! pods, and the sidecars of one case; and how one case is measured in it.
+//! The benchmark's world: the network and its pods, the control plane, nginx in the server
+//! pods, the sidecars of one case; how one case is measured in it, and the endpoint-churn
+//! scenario.
 //!
-//! The network, the control plane, nginx and the redirect rules are set up once. Sidecars are
-//! started for each case of each run and killed after it, so that every case measures a fresh
-//! process (its idle memory, its peak) and no case inherits another's connections.
+//! The network, the control plane, nginx, the mTLS certificates and the redirect rules are set
+//! up once. Sidecars (keel's or Envoy's) are started for each case of each run and killed after
+//! it, so that every case measures a fresh process (its idle memory, its peak) and no case
+//! inherits another's connections.
 //!
 //! It must never send traffic anywhere but to its own pods, and never leave a process or a
 //! namespace behind: everything here is owned by a value whose `Drop` removes it.
@@ -12,6 +14,8 @@ use std::ffi::OsStr;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -21,8 +25,15 @@ use keel_control_plane::{ControlPlane, ControlPlaneConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::mesh::{ADMIN_PORT, APP_PORT, DISCOVERY_PORT, Layout, MESHED_VIP, NAMESPACE, PLAIN_VIP};
-use super::{Measurement, Options, Role, Scenario, SidecarUsage, Tools};
+use super::envoy::{self, Certificates};
+use super::mesh::{
+    ADMIN_PORT, APP_PORT, DISCOVERY_PORT, H2_APP_PORT, H2_SERVICE_PORT, Layout, MESHED_VIP,
+    NAMESPACE, PLAIN_VIP,
+};
+use super::{
+    Case, ChurnMeasurement, Measurement, Options, ProxyKind, Role, SidecarUsage, Tools, Topology,
+};
+use crate::h2load::{self, H2load, H2loadReport};
 use crate::openloop;
 use crate::procfs::{self, Memory};
 use crate::wrk::{self, Wrk, WrkReport};
@@ -35,37 +46,65 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 /// Everything set up once. Fields drop in order: nginx, the control plane, the pods, then the
 /// network (which removes whatever is left); those only kept to be dropped start with `_`.
 pub struct Testbed {
-    _upstreams: Vec<Process>,
+    /// nginx in `server`, `server-mesh` and `server-b`, in that order.
+    upstreams: Vec<Process>,
     _control_plane: ControlPlane,
     client: Pod,
     client_mesh: Pod,
     server_mesh: Pod,
     _server: Pod,
-    _network: Network,
+    _server_b: Pod,
+    network: Network,
     layout: Layout,
+    /// The directory the control plane watches.
+    mesh_dir: PathBuf,
     /// keel-proxy, staged where uid 1337 can run it.
     proxy: PathBuf,
+    /// Envoy, staged likewise, if an Envoy case runs.
+    envoy: Option<PathBuf>,
+    /// The mTLS cases' certificates.
+    certificates: Certificates,
     openloop: PathBuf,
     /// The size of nginx's response body.
     pub response_bytes: usize,
 }
 
+/// The nginx answering a case's traffic.
+#[derive(Debug, Clone, Copy)]
+enum Upstream {
+    Server = 0,
+    ServerMesh = 1,
+}
+
 impl Testbed {
     /// Creates the network named by `suffix` and everything in it: the control plane (in this
-    /// process) on the gateway, the pods, nginx, and the redirect rules of the meshed pods.
+    /// process) on the gateway, the pods, nginx, the certificates, and the redirect rules of the
+    /// meshed pods.
     pub async fn start(suffix: &str, layout: Layout, tools: &Tools) -> anyhow::Result<Testbed> {
         let network = Network::builder(suffix, layout.subnet)
             .gateway(layout.gateway)
             .create()
             .context("creating the benchmark's network")?;
         let proxy = network.stage_executable(&tools.proxy)?;
+        let envoy = match &tools.envoy {
+            Some(envoy) => Some(network.stage_executable(envoy)?),
+            None => None,
+        };
+        let certificates = Certificates::generate(
+            &network.workdir().join("certs"),
+            &["client-mesh", "server-mesh"],
+        )
+        .context("generating the mTLS certificates")?;
         let mesh_dir = network.workdir().join("mesh");
         fs::create_dir_all(&mesh_dir)?;
-        fs::write(mesh_dir.join("mesh.yaml"), layout.mesh_yaml())?;
+        fs::write(
+            mesh_dir.join("mesh.yaml"),
+            layout.mesh_yaml(&[layout.server]),
+        )?;
         // In this process, so that it cannot outlive the benchmark, even a killed one.
         let discovery_addr = SocketAddr::from((layout.gateway, DISCOVERY_PORT));
         let control_plane = ControlPlane::start(ControlPlaneConfig {
-            config_dir: mesh_dir,
+            config_dir: mesh_dir.clone(),
             discovery_addr,
             admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             identity: None,
@@ -77,9 +116,10 @@ impl Testbed {
         let client_mesh = network.add_pod("client-mesh", layout.client_mesh)?;
         let server = network.add_pod("server", layout.server)?;
         let server_mesh = network.add_pod("server-mesh", layout.server_mesh)?;
+        let server_b = network.add_pod("server-b", layout.server_b)?;
         let mut upstreams = Vec::new();
         let mut response_bytes = 0;
-        for pod in [&server, &server_mesh] {
+        for pod in [&server, &server_mesh, &server_b] {
             let mut nginx = start_nginx(&network, pod, &tools.nginx)?;
             // Probed from the host before the pod's redirect rules exist.
             response_bytes =
@@ -97,60 +137,100 @@ impl Testbed {
             );
         }
         Ok(Testbed {
-            _upstreams: upstreams,
+            upstreams,
             _control_plane: control_plane,
             client,
             client_mesh,
             server_mesh,
             _server: server,
-            _network: network,
+            _server_b: server_b,
+            network,
             layout,
+            mesh_dir,
             proxy,
+            envoy,
+            certificates,
             openloop: tools.openloop.clone(),
             response_bytes,
         })
     }
 
-    /// Measures one case: fresh sidecars, idle memory, a warm-up, wrk, each open-loop rate, memory
-    /// after the load, and a check that the sidecars carried all of it.
+    /// The client pod, its HTTP/1.1 and HTTP/2 URLs, and the nginx that answers, for `case`.
+    fn route(&self, case: Case) -> (&Pod, String, String, Upstream) {
+        match case.path() {
+            Topology::Direct => (
+                &self.client,
+                format!("http://{}:{APP_PORT}/", self.layout.server),
+                format!("http://{}:{H2_APP_PORT}/", self.layout.server),
+                Upstream::Server,
+            ),
+            // The endpoint has no sidecar: the proxy speaks HTTP/1.1 to it whatever the client
+            // speaks.
+            Topology::OneHop => (
+                &self.client_mesh,
+                format!("http://{PLAIN_VIP}/"),
+                format!("http://{PLAIN_VIP}/"),
+                Upstream::Server,
+            ),
+            Topology::Pair => (
+                &self.client_mesh,
+                format!("http://{MESHED_VIP}/"),
+                format!("http://{MESHED_VIP}:{H2_SERVICE_PORT}/"),
+                Upstream::ServerMesh,
+            ),
+        }
+    }
+
+    /// Measures one case: fresh sidecars, idle memory, a warm-up, wrk, h2load, each open-loop
+    /// rate, memory after the load, and a check that the sidecars carried all of it.
     pub async fn measure(
         &self,
-        scenario: Scenario,
+        case: Case,
         run: usize,
         options: &Options,
     ) -> anyhow::Result<Measurement> {
         let mut sidecars = Vec::new();
-        for role in scenario.sidecars() {
-            sidecars.push(self.start_sidecar(*role, options.pinned_cpus())?);
+        if let Some(kind) = case.proxy() {
+            for role in case.sidecars() {
+                sidecars.push(self.start_sidecar(kind, case, *role, options)?);
+            }
         }
         for sidecar in &mut sidecars {
-            sidecar.wait_ready().await?;
+            sidecar.wait_ready(options.proxy_wrapper.is_none()).await?;
         }
         let idle = memories(&sidecars)?;
-        let (pod, url) = match scenario {
-            Scenario::Direct => (
-                &self.client,
-                format!("http://{}:{APP_PORT}/", self.layout.server),
-            ),
-            Scenario::OneHop => (&self.client_mesh, format!("http://{PLAIN_VIP}/")),
-            Scenario::Pair => (&self.client_mesh, format!("http://{MESHED_VIP}/")),
-        };
+        let (pod, url, h2_url, upstream) = self.route(case);
+        let upstream_pid = self.upstreams[upstream as usize].pid();
 
         let warmup = self
             .wrk(pod, &url, &options.wrk(options.warmup))
             .await
             .context("warming up")?;
         let before = cpu_times(&sidecars)?;
+        let upstream_before = procfs::cpu_time(upstream_pid)?;
         let wrk = self
             .wrk(pod, &url, &options.wrk(options.wrk_duration))
             .await?;
+        let upstream_cpu_wrk = procfs::cpu_time(upstream_pid)?.saturating_sub(upstream_before);
         let cpu_wrk = elapsed_since(&before, &cpu_times(&sidecars)?);
+
+        let (h2load, cpu_h2load) = match options.h2load() {
+            Some(h2) => {
+                let before = cpu_times(&sidecars)?;
+                let report = self.h2load(pod, &h2_url, &h2).await?;
+                let spent = elapsed_since(&before, &cpu_times(&sidecars)?);
+                (Some(report), spent.into_iter().map(Some).collect())
+            }
+            None => (None, vec![None; sidecars.len()]),
+        };
 
         let mut open_loop = Vec::new();
         let mut cpu_open_loop = vec![Vec::new(); sidecars.len()];
         for rate in &options.rates {
             let before = cpu_times(&sidecars)?;
-            let report = self.open_loop(pod, &url, *rate, options).await?;
+            let report = self
+                .open_loop(pod, &url, *rate, options.open_loop_duration, options)
+                .await?;
             for (cpu, spent) in cpu_open_loop
                 .iter_mut()
                 .zip(elapsed_since(&before, &cpu_times(&sidecars)?))
@@ -163,6 +243,7 @@ impl Testbed {
 
         let answered = warmup.requests
             + wrk.requests
+            + h2load.map_or(0, |h| h.succeeded)
             + open_loop
                 .iter()
                 .map(|r| r.completed_with_warmup)
@@ -170,61 +251,164 @@ impl Testbed {
         for sidecar in &sidecars {
             sidecar.check_carried(answered).await?;
         }
+        if options.proxy_wrapper.is_some() {
+            // A profiler writes its report when its process exits: let it.
+            eprintln!("  {answered} requests answered; stopping the sidecars with SIGTERM");
+            for sidecar in &mut sidecars {
+                sidecar.stop().await;
+            }
+        }
         let usage = sidecars
             .iter()
             .zip(cpu_wrk)
+            .zip(cpu_h2load)
             .zip(cpu_open_loop)
             .zip(idle.into_iter().zip(loaded))
             .map(
-                |(((sidecar, cpu_wrk), cpu_open_loop), (idle, loaded))| SidecarUsage {
-                    role: sidecar.role,
-                    cpu_wrk,
-                    cpu_open_loop,
-                    idle,
-                    loaded,
+                |((((sidecar, cpu_wrk), cpu_h2load), cpu_open_loop), (idle, loaded))| {
+                    SidecarUsage {
+                        role: sidecar.role,
+                        cpu_wrk,
+                        cpu_h2load,
+                        cpu_open_loop,
+                        idle,
+                        loaded,
+                    }
                 },
             )
             .collect();
         Ok(Measurement {
-            scenario,
+            case,
             run,
             wrk,
+            h2load,
             open_loop,
             sidecars: usage,
+            upstream_cpu_wrk,
         })
     }
 
-    /// Starts the sidecar of `role` (`keel-proxy run` as uid 1337, one worker thread, pinned to
-    /// `cpus` if given). Does not wait for it.
-    fn start_sidecar(&self, role: Role, cpus: Option<&str>) -> anyhow::Result<Sidecar> {
+    /// The endpoint-churn scenario: keel one hop at `--churn-rate`, first steady, then while the
+    /// service's endpoint set is rewritten every `--churn-interval` (cycling through `server`,
+    /// `server` + `server-b`, `server-b`), then wrk during the churn too.
+    pub async fn measure_churn(&self, options: &Options) -> anyhow::Result<ChurnMeasurement> {
+        let mut sidecar =
+            self.start_sidecar(ProxyKind::Keel, Case::KeelOneHop, Role::Client, options)?;
+        sidecar.wait_ready(options.proxy_wrapper.is_none()).await?;
+        let (pod, url, _, _) = self.route(Case::KeelOneHop);
+        let duration = options.churn_duration;
+        let steady = self
+            .open_loop(pod, &url, options.churn_rate, duration, options)
+            .await?;
+        let acks_before = sidecar.acks().await?;
+        let written = Arc::new(AtomicU64::new(0));
+        let churner = tokio::spawn(churn(
+            self.mesh_dir.clone(),
+            self.network.workdir().to_path_buf(),
+            self.layout,
+            options.churn_interval,
+            written.clone(),
+        ));
+        let measured = async {
+            let churning = self
+                .open_loop(pod, &url, options.churn_rate, duration, options)
+                .await?;
+            let wrk = self.wrk(pod, &url, &options.wrk(duration)).await?;
+            anyhow::Ok((churning, wrk))
+        }
+        .await;
+        churner.abort();
+        let _ = churner.await;
+        let changes_written = written.load(Ordering::Relaxed);
+        // Back to the steady set, for the cases of the next run.
+        replace_mesh(
+            &self.mesh_dir,
+            self.network.workdir(),
+            &self.layout.mesh_yaml(&[self.layout.server]),
+        )?;
+        let (churning, wrk) = measured?;
+        let acks_after = sidecar.acks().await?;
+        Ok(ChurnMeasurement {
+            steady,
+            churning,
+            wrk,
+            changes_written,
+            updates_applied: acks_after.saturating_sub(acks_before),
+        })
+    }
+
+    /// Starts the `kind` sidecar of `role` for `case` (one worker thread, as uid 1337, pinned if
+    /// asked, under the wrapper if given). Does not wait for it.
+    fn start_sidecar(
+        &self,
+        kind: ProxyKind,
+        case: Case,
+        role: Role,
+        options: &Options,
+    ) -> anyhow::Result<Sidecar> {
         let (pod, workload) = match role {
             Role::Client => (&self.client_mesh, "client-mesh"),
             Role::Server => (&self.server_mesh, "server-mesh"),
         };
-        let mut command = match cpus {
-            Some(cpus) => {
-                let mut command = pod.proxy_command("taskset");
-                command.args(["-c", cpus]).arg(&self.proxy);
-                command
-            }
-            None => pod.proxy_command(&self.proxy),
+        let program = match kind {
+            ProxyKind::Keel => self.proxy.clone(),
+            ProxyKind::Envoy => self
+                .envoy
+                .clone()
+                .context("an Envoy case runs, but Envoy was not found")?,
         };
+        let mut argv: Vec<&OsStr> = Vec::new();
+        if let Some(cpus) = options.pinned_cpus() {
+            argv.extend([OsStr::new("taskset"), OsStr::new("-c"), OsStr::new(cpus)]);
+        }
+        if let Some(wrapper) = &options.proxy_wrapper {
+            argv.extend(wrapper.split_whitespace().map(OsStr::new));
+        }
+        argv.push(program.as_os_str());
+        let mut command = pod.proxy_command(argv[0]);
+        command.args(&argv[1..]);
         // The sidecar reads its flags' KEEL_* variables: only the flags below may configure it.
         for (variable, _) in std::env::vars_os() {
             if variable.to_string_lossy().starts_with("KEEL_") {
                 command.env_remove(variable);
             }
         }
-        command
-            .arg("run")
-            .arg("--control-plane")
-            .arg(format!("http://{}:{DISCOVERY_PORT}", self.layout.gateway))
-            .args(["--workload", workload, "--namespace", NAMESPACE])
-            .arg("--pod-ip")
-            .arg(pod.ip().to_string())
-            .args(["--worker-threads", "1"])
-            .env("KEEL_LOG", "warn");
+        match kind {
+            ProxyKind::Keel => {
+                ensure!(
+                    !case.mtls(),
+                    "{}: keel's sidecars have no mTLS in this build",
+                    case.title()
+                );
+                command
+                    .arg("run")
+                    .arg("--control-plane")
+                    .arg(format!("http://{}:{DISCOVERY_PORT}", self.layout.gateway))
+                    .args(["--workload", workload, "--namespace", NAMESPACE])
+                    .args(["--service-account", workload])
+                    .arg("--pod-ip")
+                    .arg(pod.ip().to_string())
+                    .args(["--worker-threads", "1"])
+                    .env("KEEL_LOG", "warn");
+            }
+            ProxyKind::Envoy => {
+                let certs = case.mtls().then(|| self.certificates.of(workload));
+                let config = envoy::config(&self.layout, workload, pod.ip(), certs.as_ref());
+                envoy::check_filled(&config)?;
+                let path = self
+                    .network
+                    .workdir()
+                    .join(format!("envoy-{workload}.yaml"));
+                fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+                command
+                    .arg("-c")
+                    .arg(&path)
+                    .args(["--concurrency", "1", "--disable-hot-restart"])
+                    .args(["--log-level", "warn"]);
+            }
+        }
         Ok(Sidecar {
+            kind,
             role,
             admin: SocketAddr::from((pod.ip(), ADMIN_PORT)),
             process: pod.spawn_command("proxy", command)?,
@@ -248,12 +432,30 @@ impl Testbed {
         Ok(wrk::parse(&stdout)?)
     }
 
-    /// Runs the open-loop generator in `pod` against `url` at `rate`.
+    /// Runs h2load in `pod` against `url`.
+    async fn h2load(&self, pod: &Pod, url: &str, h2: &H2load) -> anyhow::Result<H2loadReport> {
+        let mut command = tokio::process::Command::from(pod.command("h2load"));
+        command.args(h2.args(url)).kill_on_drop(true);
+        let output = command.output().await.context("running h2load")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        ensure!(
+            output.status.success(),
+            "h2load {} failed ({}): {}{}",
+            h2.args(url).join(" "),
+            output.status,
+            stdout,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(h2load::parse(&stdout)?)
+    }
+
+    /// Runs the open-loop generator in `pod` against `url` at `rate` for `duration`.
     async fn open_loop(
         &self,
         pod: &Pod,
         url: &str,
         rate: u32,
+        duration: Duration,
         options: &Options,
     ) -> anyhow::Result<openloop::Report> {
         let mut command = tokio::process::Command::from(pod.command(&self.openloop));
@@ -261,7 +463,7 @@ impl Testbed {
             .args(["--url", url])
             .args(["--rate", &rate.to_string()])
             .arg("--duration")
-            .arg(humantime::format_duration(options.open_loop_duration).to_string())
+            .arg(humantime::format_duration(duration).to_string())
             .arg("--warmup")
             .arg(humantime::format_duration(options.warmup).to_string())
             .args(["--connections", &options.open_loop_connections.to_string()])
@@ -277,17 +479,56 @@ impl Testbed {
     }
 }
 
+/// Rewrites the mesh every `interval`, cycling service `plain` through three endpoint sets, and
+/// counts the writes in `written`; runs until aborted.
+async fn churn(
+    mesh_dir: PathBuf,
+    workdir: PathBuf,
+    layout: Layout,
+    interval: Duration,
+    written: Arc<AtomicU64>,
+) {
+    let sets = [
+        vec![layout.server, layout.server_b],
+        vec![layout.server_b],
+        vec![layout.server, layout.server_b],
+        vec![layout.server],
+    ];
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for set in sets.iter().cycle() {
+        tick.tick().await;
+        match replace_mesh(&mesh_dir, &workdir, &layout.mesh_yaml(set)) {
+            Ok(()) => {
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "rewriting the mesh failed"),
+        }
+    }
+}
+
+/// Replaces the watched `mesh.yaml` in one step (written beside the directory, then renamed
+/// over it), so that the control plane never reads half a file.
+fn replace_mesh(mesh_dir: &Path, workdir: &Path, yaml: &str) -> anyhow::Result<()> {
+    let staged = workdir.join("mesh.yaml.next");
+    fs::write(&staged, yaml).with_context(|| format!("writing {}", staged.display()))?;
+    let target = mesh_dir.join("mesh.yaml");
+    fs::rename(&staged, &target).with_context(|| format!("replacing {}", target.display()))
+}
+
 /// A running sidecar of one case; killed when dropped.
 struct Sidecar {
+    kind: ProxyKind,
     role: Role,
     admin: SocketAddr,
     process: Process,
 }
 
 impl Sidecar {
-    /// Waits for `/ready`, then checks that the process being measured is the proxy itself (the
-    /// `ip netns exec`, `setpriv` and `taskset` in front of it each exec into the next).
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+    /// Waits for `/ready` (keel's and Envoy's admin both answer it), then, if `check_process`,
+    /// checks that the process being measured is the proxy itself (the `ip netns exec`,
+    /// `setpriv` and `taskset` in front of it each exec into the next).
+    async fn wait_ready(&mut self, check_process: bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_WITHIN;
         loop {
             if let Some(status) = self.process.exited() {
@@ -309,14 +550,17 @@ impl Sidecar {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let name = procfs::command_name(self.pid())?;
-        ensure!(
-            name == "keel-proxy",
-            "process {} of the {} is {name:?}, not keel-proxy: its CPU time would not be the \
-             proxy's",
-            self.pid(),
-            self.role.title()
-        );
+        if check_process {
+            let expected = self.kind.command_name();
+            let name = procfs::command_name(self.pid())?;
+            ensure!(
+                name == expected,
+                "process {} of the {} is {name:?}, not {expected}: its CPU time would not be \
+                 the proxy's",
+                self.pid(),
+                self.role.title()
+            );
+        }
         Ok(())
     }
 
@@ -324,24 +568,60 @@ impl Sidecar {
         self.process.pid()
     }
 
-    /// Fails unless the sidecar answered at least `answered` requests with 200 (what the clients
-    /// saw completed): otherwise traffic went around it and its figures mean nothing.
+    /// Fails unless the sidecar answered at least `answered` requests with 2xx (what the
+    /// clients saw completed): otherwise traffic went around it and its figures mean nothing.
     async fn check_carried(&self, answered: u64) -> anyhow::Result<()> {
         let direction = match self.role {
             Role::Client => "outbound",
             Role::Server => "inbound",
         };
-        let counted = metrics::scrape(self.admin).await?.sum(
-            "keel_requests_total",
-            &[("direction", direction), ("status", "200")],
-        );
+        let counted = match self.kind {
+            ProxyKind::Keel => metrics::scrape(self.admin).await?.sum(
+                "keel_requests_total",
+                &[("direction", direction), ("status", "200")],
+            ) as u64,
+            ProxyKind::Envoy => {
+                let Some((200, stats)) = probe(self.admin, "/stats?filter=downstream_rq_2xx").await
+                else {
+                    bail!("the {}'s admin did not answer /stats", self.role.title());
+                };
+                envoy::answered_2xx(&String::from_utf8_lossy(&stats), direction)?
+            }
+        };
         ensure!(
-            counted >= answered as f64,
-            "the {} counted {counted} {direction} requests answered 200, fewer than the \
+            counted >= answered,
+            "the {} counted {counted} {direction} requests answered 2xx, fewer than the \
              {answered} the clients completed: traffic went around it",
             self.role.title()
         );
         Ok(())
+    }
+
+    /// Asks the sidecar to exit (SIGTERM) and waits up to 30 s for it; dropping it kills it
+    /// if it is still there.
+    async fn stop(&mut self) {
+        let Ok(pid) = libc::pid_t::try_from(self.pid()) else {
+            return;
+        };
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's, which
+        // has not been reaped (we still hold it), so it cannot name another process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.process.exited().is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Discovery responses the (keel) sidecar has ACKed, from its `/config`.
+    async fn acks(&self) -> anyhow::Result<u64> {
+        let Some((200, body)) = probe(self.admin, "/config").await else {
+            bail!("the {}'s admin did not answer /config", self.role.title());
+        };
+        let config: serde_json::Value =
+            serde_json::from_slice(&body).context("reading the sidecar's /config")?;
+        config["discovery"]["acks"]
+            .as_u64()
+            .context("the sidecar's /config has no discovery.acks")
     }
 }
 
@@ -414,26 +694,65 @@ async fn wait_for_nginx(nginx: &mut Process, addr: SocketAddr) -> anyhow::Result
     }
 }
 
-/// `GET path` at `addr` over HTTP/1.0, which the server closes after answering: the status and
-/// the body, or `None` if no complete answer came within two seconds.
+/// `GET path` at `addr` over HTTP/1.1 with `Connection: close` (Envoy's admin refuses HTTP/1.0):
+/// the status and the body, or `None` if no complete answer came within two seconds.
 async fn probe(addr: SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer).await.ok()?;
-        let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
-        let status = std::str::from_utf8(&answer[..head_end])
-            .ok()?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        Some((status, answer[head_end + 4..].to_vec()))
+        parse_answer(&answer)
     };
     tokio::time::timeout(Duration::from_secs(2), exchange)
         .await
         .ok()
         .flatten()
+}
+
+/// The status and body of a whole HTTP/1.1 answer, its body de-chunked if it was chunked.
+fn parse_answer(answer: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&answer[..head_end]).ok()?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let chunked = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("transfer-encoding")
+                && value.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    let mut body = &answer[head_end + 4..];
+    if !chunked {
+        return Some((status, body.to_vec()));
+    }
+    let mut decoded = Vec::new();
+    loop {
+        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&body[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return Some((status, decoded));
+        }
+        decoded.extend_from_slice(body.get(..size)?);
+        body = body.get(size + 2..)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_plain_and_chunked() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(parse_answer(plain), Some((200, b"hello".to_vec())));
+        let chunked =
+            b"HTTP/1.1 503 x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\n!!!\r\n0\r\n\r\n";
+        assert_eq!(parse_answer(chunked), Some((503, b"hello!!!".to_vec())));
+        assert_eq!(parse_answer(b"HTTP/1.1 200 OK\r\n"), None);
+        let cut = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhe";
+        assert_eq!(parse_answer(cut), None);
+    }
 }
