@@ -98,12 +98,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
             let _conn = shared
                 .metrics
                 .connection(Direction::inbound, protocol.into());
-            let handler = HttpInbound {
-                shared: shared.clone(),
-                app,
-                client,
-                peer: None,
-            };
+            let handler = HttpInbound::new(shared.clone(), app, client, None);
             serve::serve_http(stream, http2, drain, move |req| {
                 let handler = handler.clone();
                 async move { handler.request(req).await }
@@ -259,12 +254,7 @@ async fn mesh(
         .connection(Direction::inbound, ConnProtocol::mtls);
     match carried {
         Some(Carried::Http2 | Carried::Http1) => {
-            let handler = HttpInbound {
-                shared: shared.clone(),
-                app,
-                client,
-                peer: Some(peer),
-            };
+            let handler = HttpInbound::new(shared.clone(), app, client, Some(peer));
             let http2 = carried == Some(Carried::Http2);
             serve::serve_http(tls, http2, drain, move |req| {
                 let handler = handler.clone();
@@ -290,9 +280,37 @@ struct HttpInbound {
     client: SocketAddr,
     /// The verified identity of the client's sidecar, over mTLS.
     peer: Option<Arc<SpiffeId>>,
+    /// `peer` as the `client_id` label and the `keel-client-id` value, formatted once per
+    /// connection ("" and none without a peer).
+    peer_label: Arc<str>,
+    peer_header: Option<HeaderValue>,
 }
 
 impl HttpInbound {
+    fn new(
+        shared: Arc<Shared>,
+        app: SocketAddr,
+        client: SocketAddr,
+        peer: Option<Arc<SpiffeId>>,
+    ) -> HttpInbound {
+        let peer_label: Arc<str> = peer
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_default()
+            .into();
+        let peer_header = HeaderValue::from_str(&peer_label)
+            .ok()
+            .filter(|_| peer.is_some());
+        HttpInbound {
+            shared,
+            app,
+            client,
+            peer,
+            peer_label,
+            peer_header,
+        }
+    }
+
     /// Why the access policies refuse `req`, if they do.
     fn denied(&self, req: &Request<Incoming>) -> Option<String> {
         let config = self.shared.config.current();
@@ -333,6 +351,7 @@ impl HttpInbound {
             endpoint: Some(self.app),
             status: 0,
             error: "",
+            client_id: &self.peer_label,
         };
         if let Some(reason) = self.denied(&req) {
             tracing::debug!(client = %self.client, peer = ?self.peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), %reason, "request denied");
@@ -343,10 +362,8 @@ impl HttpInbound {
         }
         let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some();
         req.headers_mut().remove(CLIENT_ID);
-        if let Some(peer) = &self.peer
-            && let Ok(value) = HeaderValue::from_str(&peer.to_string())
-        {
-            req.headers_mut().insert(CLIENT_ID, value);
+        if let Some(value) = &self.peer_header {
+            req.headers_mut().insert(CLIENT_ID, value.clone());
         }
         let upgrade = serve::upgrade_protocol(&req);
         let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));

@@ -1,5 +1,6 @@
-//! The proxy's Prometheus metrics: requests per route and endpoint with their latency, and TCP
-//! connections and bytes per direction and protocol. Served by the admin server at `/metrics`.
+//! The proxy's Prometheus metrics: requests per route and endpoint (and, inbound over mTLS, per
+//! verified client identity, `client_id`) with their latency, and TCP connections and bytes per
+//! direction and protocol. Served by the admin server at `/metrics`.
 //! The resilience families (see [`Resilience`]) show outlier ejections, endpoint health, priority
 //! load, retries and circuit-breaker rejections per service.
 //!
@@ -89,6 +90,8 @@ pub struct RequestLabels<'a> {
     pub status: u16,
     /// The proxy's own reason when it answered itself (`keel-error`), else "".
     pub error: &'static str,
+    /// Inbound over mTLS: the client's verified SPIFFE ID; else "".
+    pub client_id: &'a str,
 }
 
 /// The `endpoint` label: `ip:port`, or "" when no endpoint was reached. Formatted only when
@@ -115,6 +118,7 @@ pub struct RequestLabelSet {
     pub endpoint: EndpointLabel,
     pub status: u16,
     pub error: &'static str,
+    pub client_id: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,6 +148,7 @@ struct RequestKey {
     endpoint: Option<SocketAddr>,
     status: u16,
     error: &'static str,
+    client_id: Box<str>,
 }
 
 /// What the cache's lookups hash and compare: the same for a [`RequestKey`] and for borrowed
@@ -161,6 +166,7 @@ impl RequestKeyView for RequestKey {
             endpoint: self.endpoint,
             status: self.status,
             error: self.error,
+            client_id: &self.client_id,
         }
     }
 }
@@ -367,6 +373,7 @@ impl Metrics {
                     endpoint: EndpointLabel(labels.endpoint),
                     status: labels.status,
                     error: labels.error,
+                    client_id: labels.client_id.to_owned(),
                 })
                 .clone(),
             latency: self
@@ -385,6 +392,7 @@ impl Metrics {
             endpoint: labels.endpoint,
             status: labels.status,
             error: labels.error,
+            client_id: labels.client_id.into(),
         };
         self.series
             .write()
@@ -637,6 +645,7 @@ mod tests {
             endpoint: Some("10.0.0.1:8080".parse().expect("addr")),
             status: 200,
             error: "",
+            client_id: "",
         };
         m.request(labels, Duration::from_millis(3));
         // The second request finds the series in the cache: the same counter counts it.
@@ -649,15 +658,16 @@ mod tests {
                 endpoint: None,
                 status: 503,
                 error: "app-unreachable",
+                client_id: "spiffe://keel.local/ns/demo/sa/frontend",
             },
             Duration::from_millis(1),
         );
         let text = m.encode();
         assert!(text.contains(
-            r#"keel_requests_total{direction="outbound",service="demo/articles",route="reads",endpoint="10.0.0.1:8080",status="200",error=""} 2"#
+            r#"keel_requests_total{direction="outbound",service="demo/articles",route="reads",endpoint="10.0.0.1:8080",status="200",error="",client_id=""} 2"#
         ), "{text}");
         assert!(text.contains(
-            r#"keel_requests_total{direction="inbound",service="",route="",endpoint="",status="503",error="app-unreachable"} 1"#
+            r#"keel_requests_total{direction="inbound",service="",route="",endpoint="",status="503",error="app-unreachable",client_id="spiffe://keel.local/ns/demo/sa/frontend"} 1"#
         ), "{text}");
         assert!(
             text.contains(

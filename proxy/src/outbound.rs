@@ -403,6 +403,7 @@ impl HttpOutbound {
             endpoint: None,
             status: 0,
             error: "",
+            client_id: "",
         };
         let Some(balancer) = self.shared.balancers.get(dest.service.name()) else {
             return self.answer(
@@ -661,6 +662,7 @@ impl HttpOutbound {
             endpoint: Some(self.orig),
             status: 0,
             error: "",
+            client_id: "",
         };
         if config.mesh().outbound_traffic_policy == OutboundTrafficPolicy::RegistryOnly {
             return self.answer(labels, started, StatusCode::BAD_GATEWAY, "registry-only");

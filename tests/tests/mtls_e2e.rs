@@ -629,6 +629,27 @@ async fn the_app_sees_the_verified_peer_identity() -> anyhow::Result<()> {
             answer.body
         );
     }
+    // The inbound sidecars count the requests by the verified client identity.
+    let client = id("a").to_string();
+    let counted: f64 = [&fx.b, &fx.c]
+        .into_iter()
+        .map(|pod| async move { pod.metrics().await })
+        .collect::<futures::future::JoinAll<_>>()
+        .await
+        .into_iter()
+        .map(|m| {
+            m.map(|m| {
+                m.sum(
+                    "keel_requests_total",
+                    &[("direction", "inbound"), ("client_id", client.as_str())],
+                )
+            })
+        })
+        .sum::<anyhow::Result<f64>>()?;
+    ensure!(
+        counted >= 4.0,
+        "b and c counted {counted} requests from {client}"
+    );
     Ok(())
 }
 
