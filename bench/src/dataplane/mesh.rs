@@ -77,8 +77,9 @@ impl Layout {
 
     /// The mesh YAML the control plane serves, with `plain_endpoints` (some of `server` and
     /// `server-b`) selected by service `plain`; the others are parked under a label nothing
-    /// selects.
-    pub fn mesh_yaml(&self, plain_endpoints: &[Ipv4Addr]) -> String {
+    /// selects. `mtls` says whether `server-mesh` takes mTLS (PERMISSIVE) or plaintext only
+    /// (DISABLE, so its callers do not originate mTLS): the plaintext and the mTLS keel pairs.
+    pub fn mesh_yaml(&self, plain_endpoints: &[Ipv4Addr], mtls: bool) -> String {
         let http =
             format!("{{name: http, port: {SERVICE_PORT}, targetPort: {APP_PORT}, protocol: HTTP}}");
         let h2 = format!(
@@ -104,16 +105,17 @@ spec:
                 "parked"
             }
         };
-        let workload = |name: &str, app: &str, ip: Ipv4Addr, meshed: bool| {
+        let workload = |name: &str, app: &str, ip: Ipv4Addr, meshed: bool, mode: &str| {
             format!(
                 "apiVersion: keel.dev/v1alpha1
 kind: Workload
 metadata: {{name: {name}, namespace: {NAMESPACE}, labels: {{app: {app}}}}}
-spec: {{addresses: [{ip}], meshed: {meshed}, serviceAccount: {name}}}
+spec: {{addresses: [{ip}], meshed: {meshed}, serviceAccount: {name}{mode}}}
 ---
 "
             )
         };
+        let server_mesh_mode = if mtls { "" } else { ", mtlsMode: DISABLE" };
         [
             "# Written by the data-plane benchmark (bench/src/dataplane/mesh.rs).\n".to_owned(),
             format!(
@@ -122,10 +124,22 @@ spec: {{addresses: [{ip}], meshed: {meshed}, serviceAccount: {name}}}
             ),
             service("plain", PLAIN_VIP, &http),
             service("meshed", MESHED_VIP, &format!("{http}, {h2}")),
-            workload("client-mesh", "client", self.client_mesh, true),
-            workload("server", plain_app(self.server), self.server, false),
-            workload("server-b", plain_app(self.server_b), self.server_b, false),
-            workload("server-mesh", "meshed", self.server_mesh, true),
+            workload("client-mesh", "client", self.client_mesh, true, ""),
+            workload("server", plain_app(self.server), self.server, false, ""),
+            workload(
+                "server-b",
+                plain_app(self.server_b),
+                self.server_b,
+                false,
+                "",
+            ),
+            workload(
+                "server-mesh",
+                "meshed",
+                self.server_mesh,
+                true,
+                server_mesh_mode,
+            ),
         ]
         .concat()
     }
@@ -141,15 +155,19 @@ mod tests {
         assert_eq!(layout.gateway, Ipv4Addr::new(10, 91, 0, 1));
         assert_eq!(layout.server_mesh, Ipv4Addr::new(10, 91, 0, 5));
         assert_eq!(layout.server_b, Ipv4Addr::new(10, 91, 0, 6));
-        let yaml = layout.mesh_yaml(&[layout.server]);
+        let yaml = layout.mesh_yaml(&[layout.server], false);
         assert!(
             yaml.contains("spec: {addresses: [10.91.0.4], meshed: false, serviceAccount: server}")
         );
+        assert!(yaml.contains(
+            "spec: {addresses: [10.91.0.5], meshed: true, serviceAccount: server-mesh, mtlsMode: DISABLE}"
+        ));
+        assert!(!layout.mesh_yaml(&[layout.server], true).contains("DISABLE"));
         assert!(yaml.contains("vips: [10.96.91.2]"));
         assert!(
             yaml.contains("metadata: {name: server-b, namespace: bench, labels: {app: parked}}")
         );
-        let both = layout.mesh_yaml(&[layout.server, layout.server_b]);
+        let both = layout.mesh_yaml(&[layout.server, layout.server_b], false);
         assert!(
             both.contains("metadata: {name: server-b, namespace: bench, labels: {app: plain}}")
         );
@@ -161,8 +179,12 @@ mod tests {
     fn the_control_plane_accepts_the_mesh() {
         let layout = Layout::new("10.91.0.0/24".parse().unwrap()).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        for plain in [vec![layout.server], vec![layout.server, layout.server_b]] {
-            std::fs::write(dir.path().join("mesh.yaml"), layout.mesh_yaml(&plain)).unwrap();
+        for (plain, mtls) in [
+            (vec![layout.server], false),
+            (vec![layout.server, layout.server_b], false),
+            (vec![layout.server], true),
+        ] {
+            std::fs::write(dir.path().join("mesh.yaml"), layout.mesh_yaml(&plain, mtls)).unwrap();
             let (model, _) = keel_control_plane::model::load_dir(dir.path())
                 .unwrap_or_else(|errors| panic!("invalid mesh: {errors}"));
             assert_eq!(model.services.len(), 2);

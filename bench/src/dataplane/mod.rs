@@ -238,6 +238,8 @@ pub enum Case {
     KeelOneHop,
     /// Client → keel (outbound) → HTTP/2 → keel (inbound) → nginx.
     KeelPair,
+    /// Client → keel (outbound) → HTTP/2 over mTLS → keel (inbound) → nginx.
+    KeelPairMtls,
     /// Client → Envoy → nginx.
     EnvoyOneHop,
     /// Client → Envoy → HTTP/2 → Envoy → nginx.
@@ -255,10 +257,11 @@ pub enum Topology {
 }
 
 impl Case {
-    pub const ALL: [Case; 6] = [
+    pub const ALL: [Case; 7] = [
         Case::Direct,
         Case::KeelOneHop,
         Case::KeelPair,
+        Case::KeelPairMtls,
         Case::EnvoyOneHop,
         Case::EnvoyPair,
         Case::EnvoyPairMtls,
@@ -269,6 +272,7 @@ impl Case {
             Case::Direct => "direct",
             Case::KeelOneHop => "keel one hop",
             Case::KeelPair => "keel pair",
+            Case::KeelPairMtls => "keel pair mTLS",
             Case::EnvoyOneHop => "Envoy one hop",
             Case::EnvoyPair => "Envoy pair",
             Case::EnvoyPairMtls => "Envoy pair mTLS",
@@ -278,7 +282,7 @@ impl Case {
     pub fn proxy(self) -> Option<ProxyKind> {
         match self {
             Case::Direct => None,
-            Case::KeelOneHop | Case::KeelPair => Some(ProxyKind::Keel),
+            Case::KeelOneHop | Case::KeelPair | Case::KeelPairMtls => Some(ProxyKind::Keel),
             Case::EnvoyOneHop | Case::EnvoyPair | Case::EnvoyPairMtls => Some(ProxyKind::Envoy),
         }
     }
@@ -287,13 +291,15 @@ impl Case {
         match self {
             Case::Direct => Topology::Direct,
             Case::KeelOneHop | Case::EnvoyOneHop => Topology::OneHop,
-            Case::KeelPair | Case::EnvoyPair | Case::EnvoyPairMtls => Topology::Pair,
+            Case::KeelPair | Case::KeelPairMtls | Case::EnvoyPair | Case::EnvoyPairMtls => {
+                Topology::Pair
+            }
         }
     }
 
     /// Whether the sidecars talk mTLS to each other.
     pub fn mtls(self) -> bool {
-        matches!(self, Case::EnvoyPairMtls)
+        matches!(self, Case::KeelPairMtls | Case::EnvoyPairMtls)
     }
 
     /// The sidecars this case runs.
@@ -310,6 +316,7 @@ impl Case {
         match self {
             Case::EnvoyOneHop => Some(Case::KeelOneHop),
             Case::EnvoyPair => Some(Case::KeelPair),
+            Case::EnvoyPairMtls => Some(Case::KeelPairMtls),
             _ => None,
         }
     }

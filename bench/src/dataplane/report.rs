@@ -293,7 +293,7 @@ fn targets(out: &mut String, table: &Table<'_>, options: &Options) {
     }
     let _ = writeln!(
         out,
-        "\n### keel one hop against its targets\n\n| target | measured (median) | met |\n|---|---|---|"
+        "\n### keel against its targets\n\n| target | measured (median) | met |\n|---|---|---|"
     );
     let mut row =
         |target: &str, measured: Option<f64>, decimals: usize, met: &dyn Fn(f64) -> bool| {
@@ -339,6 +339,24 @@ fn targets(out: &mut String, table: &Table<'_>, options: &Options) {
         1,
         &|v| v * 1024.0 * 1024.0 <= 12e6,
     );
+    // The sidecar pair with mTLS: its added p99 against Envoy's pair doing the same (mTLS).
+    if table.cases.contains(&Case::KeelPairMtls)
+        && table.cases.contains(&Case::EnvoyPairMtls)
+        && let Some(i) = options.rates.iter().position(|r| *r == 2000)
+    {
+        let added =
+            |case| table.added_median(case, |m| Some(m.open_loop.get(i)?.latency_us.p99 / 1000.0));
+        let ratio = added(Case::KeelPairMtls)
+            .zip(added(Case::EnvoyPairMtls))
+            .filter(|(_, envoy)| *envoy > 0.0)
+            .map(|(keel, envoy)| keel / envoy);
+        row(
+            "pair with mTLS: added p99 at 2000 req/s ≤ 0.5 × Envoy's pair with mTLS (ratio)",
+            ratio,
+            2,
+            &|v| v <= 0.5,
+        );
+    }
 }
 
 /// The endpoint-churn scenario's table.

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use keel_control_plane::demo::metrics;
 use keel_control_plane::demo::netns::{Network, Pod, Process};
+use keel_control_plane::server::IdentityConfig;
 use keel_control_plane::{ControlPlane, ControlPlaneConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -28,7 +29,7 @@ use tokio::net::TcpStream;
 use super::envoy::{self, Certificates};
 use super::mesh::{
     ADMIN_PORT, APP_PORT, DISCOVERY_PORT, H2_APP_PORT, H2_SERVICE_PORT, Layout, MESHED_VIP,
-    NAMESPACE, PLAIN_VIP,
+    NAMESPACE, PLAIN_VIP, TRUST_DOMAIN,
 };
 use super::{
     Case, ChurnMeasurement, Measurement, Options, ProxyKind, Role, SidecarUsage, Tools, Topology,
@@ -42,13 +43,52 @@ use crate::wrk::{self, Wrk, WrkReport};
 const NGINX_CONF: &str = include_str!("../../dataplane/nginx.conf");
 /// How long a process may take to become ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);
+/// The control plane's secure port (discovery and certificates over TLS), on the gateway.
+const SECURE_PORT: u16 = 15012;
+
+/// The CA's roots and the workloads' bootstrap tokens, staged for keel's sidecars.
+struct KeelIdentity {
+    root_file: PathBuf,
+    tokens: Arc<keel_control_plane::identity::BootstrapTokens>,
+}
+
+impl KeelIdentity {
+    fn stage(network: &Network, control_plane: &ControlPlane) -> anyhow::Result<KeelIdentity> {
+        let ca = control_plane
+            .ca
+            .as_ref()
+            .context("the control plane's CA")?;
+        let root_file = network.stage_file(
+            "roots.pem",
+            keel_control_plane::identity::ca::bundle_pem(&ca.bundle()).as_bytes(),
+            false,
+        )?;
+        Ok(KeelIdentity {
+            root_file,
+            tokens: control_plane
+                .tokens
+                .clone()
+                .context("the control plane's bootstrap tokens")?,
+        })
+    }
+
+    /// Stages `workload`'s bootstrap token where only the proxy's user reads it.
+    fn token_file(&self, network: &Network, workload: &str) -> anyhow::Result<PathBuf> {
+        let token = self.tokens.mint(NAMESPACE, workload);
+        Ok(network.stage_file(&format!("{workload}.token"), token.as_bytes(), true)?)
+    }
+}
 
 /// Everything set up once. Fields drop in order: nginx, the control plane, the pods, then the
 /// network (which removes whatever is left); those only kept to be dropped start with `_`.
 pub struct Testbed {
     /// nginx in `server`, `server-mesh` and `server-b`, in that order.
     upstreams: Vec<Process>,
-    _control_plane: ControlPlane,
+    control_plane: ControlPlane,
+    /// What keel's sidecars need for certificates (the mTLS pair).
+    identity: KeelIdentity,
+    /// Whether `server-mesh` now takes mTLS (see [`Layout::mesh_yaml`]).
+    server_mtls: std::sync::atomic::AtomicBool,
     client: Pod,
     client_mesh: Pod,
     server_mesh: Pod,
@@ -99,18 +139,21 @@ impl Testbed {
         fs::create_dir_all(&mesh_dir)?;
         fs::write(
             mesh_dir.join("mesh.yaml"),
-            layout.mesh_yaml(&[layout.server]),
+            layout.mesh_yaml(&[layout.server], false),
         )?;
-        // In this process, so that it cannot outlive the benchmark, even a killed one.
+        // In this process, so that it cannot outlive the benchmark, even a killed one. With a CA
+        // (in memory), for the keel mTLS pair.
         let discovery_addr = SocketAddr::from((layout.gateway, DISCOVERY_PORT));
+        let secure_addr = SocketAddr::from((layout.gateway, SECURE_PORT));
         let control_plane = ControlPlane::start(ControlPlaneConfig {
             config_dir: mesh_dir.clone(),
             discovery_addr,
             admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            identity: None,
+            identity: Some(IdentityConfig::ephemeral(secure_addr)),
         })
         .await
         .with_context(|| format!("starting the control plane on {discovery_addr}"))?;
+        let identity = KeelIdentity::stage(&network, &control_plane)?;
 
         let client = network.add_pod("client", layout.client)?;
         let client_mesh = network.add_pod("client-mesh", layout.client_mesh)?;
@@ -138,7 +181,9 @@ impl Testbed {
         }
         Ok(Testbed {
             upstreams,
-            _control_plane: control_plane,
+            control_plane,
+            identity,
+            server_mtls: std::sync::atomic::AtomicBool::new(false),
             client,
             client_mesh,
             server_mesh,
@@ -189,6 +234,9 @@ impl Testbed {
         run: usize,
         options: &Options,
     ) -> anyhow::Result<Measurement> {
+        if case.proxy() == Some(ProxyKind::Keel) {
+            self.serve_mtls(case.mtls()).await?;
+        }
         let mut sidecars = Vec::new();
         if let Some(kind) = case.proxy() {
             for role in case.sidecars() {
@@ -249,7 +297,7 @@ impl Testbed {
                 .map(|r| r.completed_with_warmup)
                 .sum::<u64>();
         for sidecar in &sidecars {
-            sidecar.check_carried(answered).await?;
+            sidecar.check_carried(answered, case.mtls()).await?;
         }
         if options.proxy_wrapper.is_some() {
             // A profiler writes its report when its process exits: let it.
@@ -288,6 +336,34 @@ impl Testbed {
         })
     }
 
+    /// Makes `server-mesh` take mTLS (or plaintext only) and waits until the control plane
+    /// serves it, before a keel case starts its sidecars.
+    async fn serve_mtls(&self, mtls: bool) -> anyhow::Result<()> {
+        if self.server_mtls.swap(mtls, Ordering::Relaxed) == mtls {
+            return Ok(());
+        }
+        replace_mesh(
+            &self.mesh_dir,
+            self.network.workdir(),
+            &self.layout.mesh_yaml(&[self.layout.server], mtls),
+        )?;
+        let key = keel_control_plane::model::ObjectKey::new(NAMESPACE, "server-mesh");
+        let wanted = if mtls {
+            keel_control_plane::model::MtlsMode::Permissive
+        } else {
+            keel_control_plane::model::MtlsMode::Disable
+        };
+        let deadline = Instant::now() + READY_WITHIN;
+        while self.control_plane.store.current().model.mtls_mode_for(&key) != wanted {
+            ensure!(
+                Instant::now() < deadline,
+                "the control plane did not load server-mesh's mTLS mode {wanted:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     /// The endpoint-churn scenario: keel one hop at `--churn-rate`, first steady, then while the
     /// service's endpoint set is rewritten every `--churn-interval` (cycling through `server`,
     /// `server` + `server-b`, `server-b`), then wrk during the churn too.
@@ -324,7 +400,10 @@ impl Testbed {
         replace_mesh(
             &self.mesh_dir,
             self.network.workdir(),
-            &self.layout.mesh_yaml(&[self.layout.server]),
+            &self.layout.mesh_yaml(
+                &[self.layout.server],
+                self.server_mtls.load(Ordering::Relaxed),
+            ),
         )?;
         let (churning, wrk) = measured?;
         let acks_after = sidecar.acks().await?;
@@ -375,15 +454,24 @@ impl Testbed {
         }
         match kind {
             ProxyKind::Keel => {
-                ensure!(
-                    !case.mtls(),
-                    "{}: keel's sidecars have no mTLS in this build",
-                    case.title()
-                );
+                command.arg("run");
+                if case.mtls() {
+                    // An identity: certificates from the CA over the secure port, mTLS to the
+                    // other sidecar.
+                    command
+                        .arg("--control-plane")
+                        .arg(format!("https://{}:{SECURE_PORT}", self.layout.gateway))
+                        .arg("--ca-root-file")
+                        .arg(&self.identity.root_file)
+                        .arg("--identity-token-file")
+                        .arg(self.identity.token_file(&self.network, workload)?)
+                        .args(["--trust-domain", TRUST_DOMAIN]);
+                } else {
+                    command
+                        .arg("--control-plane")
+                        .arg(format!("http://{}:{DISCOVERY_PORT}", self.layout.gateway));
+                }
                 command
-                    .arg("run")
-                    .arg("--control-plane")
-                    .arg(format!("http://{}:{DISCOVERY_PORT}", self.layout.gateway))
                     .args(["--workload", workload, "--namespace", NAMESPACE])
                     .args(["--service-account", workload])
                     .arg("--pod-ip")
@@ -498,7 +586,7 @@ async fn churn(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for set in sets.iter().cycle() {
         tick.tick().await;
-        match replace_mesh(&mesh_dir, &workdir, &layout.mesh_yaml(set)) {
+        match replace_mesh(&mesh_dir, &workdir, &layout.mesh_yaml(set, false)) {
             Ok(()) => {
                 written.fetch_add(1, Ordering::Relaxed);
             }
@@ -570,16 +658,33 @@ impl Sidecar {
 
     /// Fails unless the sidecar answered at least `answered` requests with 2xx (what the
     /// clients saw completed): otherwise traffic went around it and its figures mean nothing.
-    async fn check_carried(&self, answered: u64) -> anyhow::Result<()> {
+    /// Checks that the sidecar counted at least `answered` requests, and, for keel's server
+    /// sidecar, that they came over mTLS exactly when `mtls`.
+    async fn check_carried(&self, answered: u64, mtls: bool) -> anyhow::Result<()> {
         let direction = match self.role {
             Role::Client => "outbound",
             Role::Server => "inbound",
         };
         let counted = match self.kind {
-            ProxyKind::Keel => metrics::scrape(self.admin).await?.sum(
-                "keel_requests_total",
-                &[("direction", direction), ("status", "200")],
-            ) as u64,
+            ProxyKind::Keel => {
+                let scraped = metrics::scrape(self.admin).await?;
+                if self.role == Role::Server {
+                    let over_mtls = scraped.sum(
+                        "keel_tcp_connections_opened_total",
+                        &[("direction", "inbound"), ("protocol", "mtls")],
+                    );
+                    ensure!(
+                        (over_mtls > 0.0) == mtls,
+                        "the server sidecar accepted {over_mtls} mTLS connections in a case \
+                         {} mTLS",
+                        if mtls { "with" } else { "without" }
+                    );
+                }
+                scraped.sum(
+                    "keel_requests_total",
+                    &[("direction", direction), ("status", "200")],
+                ) as u64
+            }
             ProxyKind::Envoy => {
                 let Some((200, stats)) = probe(self.admin, "/stats?filter=downstream_rq_2xx").await
                 else {
