@@ -5,7 +5,9 @@
 //! store turns it into a [`Snapshot`] whose resources are encoded once and versioned by content,
 //! so that every discovery stream shares the same bytes and can tell what changed by comparing
 //! short version strings. A source that fails validation only records its error here: the last
-//! good snapshot keeps being served.
+//! good snapshot keeps being served. Until a source has published a valid model at least once,
+//! the snapshot is a placeholder (`loaded` is false, whatever trust bundle it carries) and the
+//! discovery server sends nothing from it.
 //!
 //! The store never blocks on a consumer: snapshots are published through a `watch` channel, so a
 //! slow discovery stream simply sees the latest snapshot when it looks again (coalescing).
@@ -41,6 +43,10 @@ pub struct Delta {
 #[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
+    /// Whether a source has published a valid model. Until then `model` is an empty placeholder
+    /// (the directory may be invalid, or not read yet): nothing may be served from it, or a
+    /// proxy that holds a good configuration would be told to remove all of it.
+    pub loaded: bool,
     pub model: Arc<Model>,
     /// The CA's roots, which every proxy's MeshConfig carries (empty without a CA).
     pub trust: Arc<TrustBundle>,
@@ -55,6 +61,7 @@ pub struct Snapshot {
 impl Snapshot {
     fn build(
         version: u64,
+        loaded: bool,
         model: Arc<Model>,
         trust: Arc<TrustBundle>,
         previous: Option<&Snapshot>,
@@ -98,6 +105,7 @@ impl Snapshot {
         }
         Snapshot {
             version,
+            loaded,
             model,
             trust,
             shared,
@@ -157,9 +165,30 @@ pub struct Store {
 }
 
 impl Store {
-    /// A store serving `model` (often empty, until a source loads the real one).
+    /// A store serving `model`, as if a source had published it.
     pub fn new(model: Model) -> Arc<Store> {
-        let first = Snapshot::build(1, Arc::new(model), Arc::default(), None);
+        Store::starting(Snapshot::build(
+            1,
+            true,
+            Arc::new(model),
+            Arc::default(),
+            None,
+        ))
+    }
+
+    /// A store with nothing loaded yet: discovery streams wait until a source publishes a valid
+    /// model (the first [`Store::publish`]).
+    pub fn awaiting_source() -> Arc<Store> {
+        Store::starting(Snapshot::build(
+            1,
+            false,
+            Arc::new(Model::default()),
+            Arc::default(),
+            None,
+        ))
+    }
+
+    fn starting(first: Snapshot) -> Arc<Store> {
         Arc::new(Store {
             snapshots: watch::Sender::new(Arc::new(first)),
             status: Mutex::new(SourceStatus::default()),
@@ -177,17 +206,19 @@ impl Store {
         self.snapshots.subscribe()
     }
 
-    /// Publishes a validated model as the next snapshot, if it differs from the current one.
-    /// Returns the version now served.
+    /// Publishes a validated model as the next snapshot, if it differs from the current one (the
+    /// first model published always makes a snapshot, even an empty one: it is the first that may
+    /// be served). Returns the version now served.
     pub fn publish(&self, model: Model) -> u64 {
         let mut version = 0;
         self.snapshots.send_if_modified(|current| {
-            if *current.model == model {
+            if current.loaded && *current.model == model {
                 version = current.version;
                 return false;
             }
             let next = Snapshot::build(
                 current.version + 1,
+                true,
                 Arc::new(model),
                 current.trust.clone(),
                 Some(current),
@@ -213,8 +244,10 @@ impl Store {
                 version = current.version;
                 return false;
             }
+            // A new trust bundle does not make a placeholder model servable.
             let next = Snapshot::build(
                 current.version + 1,
+                current.loaded,
                 current.model.clone(),
                 trust,
                 Some(current),
@@ -279,4 +312,36 @@ fn summary(snapshot: &Snapshot) -> BTreeMap<&'static str, usize> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_is_loaded_until_a_model_is_published_and_trust_alone_does_not_count() {
+        let store = Store::awaiting_source();
+        assert!(!store.current().loaded);
+        let version = store.set_trust(Arc::new(TrustBundle {
+            anchors: vec![crate::identity::ca::Anchor {
+                id: "root".to_owned(),
+                der: rustls_pki_types::CertificateDer::from(Vec::new()),
+                signing: true,
+            }],
+        }));
+        assert_eq!(version, 2);
+        assert!(
+            !store.current().loaded,
+            "a trust bundle is not a mesh model"
+        );
+
+        // An empty model equals the placeholder, yet publishing it is what makes it servable.
+        assert_eq!(store.publish(Model::default()), 3);
+        let current = store.current();
+        assert!(current.loaded);
+        assert_eq!(current.trust.anchors.len(), 1);
+        assert_eq!(store.publish(Model::default()), 3, "nothing changed");
+        assert!(store.set_trust(Arc::default()) > 3);
+        assert!(store.current().loaded, "a loaded model stays loaded");
+    }
 }

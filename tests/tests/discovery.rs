@@ -1,8 +1,12 @@
 //! The discovery stream, end to end: a control plane serving a watched directory, and real tonic
 //! clients behaving as proxies do (and as broken ones do).
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use keel_control_plane::server::IdentityConfig;
+use keel_control_plane::{ControlPlane, ControlPlaneConfig};
 
 use keel_proto::v1::{DiscoveryRequest, Endpoints, type_url};
 use keel_tests::{DiscoveryClient, node, start_control_plane};
@@ -381,6 +385,107 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
 
     // A new client still gets the full view.
     synced_client(cp.discovery_addr, "late").await;
+}
+
+/// A workload whose address is not an IP: the whole directory is invalid.
+fn break_articles(dir: &Path) {
+    std::fs::write(
+        dir.join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.300"),
+    )
+    .expect("bad edit");
+}
+
+fn fix_articles(dir: &Path) {
+    std::fs::write(
+        dir.join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.3"),
+    )
+    .expect("fix");
+}
+
+#[tokio::test]
+async fn a_control_plane_started_on_an_invalid_directory_sends_nothing_until_it_is_fixed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    break_articles(dir.path());
+    // With a CA, so that the trust bundle is published before any model: a snapshot that only
+    // carries trust must not be served as if it were an (empty) mesh.
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let cp = ControlPlane::start(ControlPlaneConfig {
+        config_dir: dir.path().to_path_buf(),
+        discovery_addr: any,
+        admin_addr: any,
+        identity: Some(IdentityConfig::ephemeral(any)),
+    })
+    .await
+    .expect("starts on an invalid directory");
+    assert!(cp.store.source_status().rejected.is_some());
+    assert!(!cp.store.current().trust.anchors.is_empty());
+
+    let mut client = DiscoveryClient::connect(cp.discovery_addr, node("frontend-1", "demo"))
+        .await
+        .expect("connect");
+    client.subscribe_all().await.expect("subscribe");
+    client
+        .quiet_for(Duration::from_millis(500))
+        .await
+        .expect("no response, not even an empty view, before a valid model");
+    assert_eq!(cp.registry.list().len(), 1, "the stream is held open");
+
+    fix_articles(dir.path());
+    client
+        .sync(&type_url::ALL, SOON)
+        .await
+        .expect("the full view once the directory is valid");
+    assert_eq!(
+        client.names(type_url::SERVICE),
+        ["demo/articles", "demo/frontend"]
+    );
+    assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.3"]);
+    assert_eq!(client.names(type_url::MESH_CONFIG), ["mesh"]);
+}
+
+#[tokio::test]
+async fn a_proxy_loses_nothing_when_the_control_plane_restarts_on_an_invalid_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+    let held = synced_client(cp.discovery_addr, "frontend-1")
+        .await
+        .into_held();
+    let services = held[type_url::SERVICE].len();
+    assert_eq!(services, 2);
+    cp.shutdown().await;
+
+    // The control plane comes back on a directory someone broke meanwhile.
+    break_articles(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("restart");
+    assert!(cp.store.source_status().rejected.is_some());
+    let mut client =
+        DiscoveryClient::reconnect(cp.discovery_addr, node("frontend-1", "demo"), held)
+            .await
+            .expect("reconnect");
+    client.subscribe_all().await.expect("subscribe");
+    client
+        .quiet_for(Duration::from_millis(500))
+        .await
+        .expect("nothing sent, above all no removals, while no valid model is loaded");
+
+    // Once fixed, the proxy is told what differs from what it holds: nothing.
+    fix_articles(dir.path());
+    for _ in type_url::ALL {
+        let r = client.recv(SOON).await.expect("first response per type");
+        assert!(
+            r.resources.is_empty() && r.removed_resources.is_empty(),
+            "{}: {} resources, {} removals",
+            r.type_url,
+            r.resources.len(),
+            r.removed_resources.len()
+        );
+        client.ack(&r).await.expect("ack");
+    }
+    assert_eq!(client.names(type_url::SERVICE).len(), services);
 }
 
 async fn wait_for(mut condition: impl FnMut() -> bool) {

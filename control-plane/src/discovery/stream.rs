@@ -306,6 +306,13 @@ pub(super) async fn serve(
     let snapshot = snapshots.borrow_and_update().clone();
     registry.connect(id, first.node.clone().unwrap_or_default(), peer);
     tracing::info!(stream = id, node = %node.id, ?peer, "proxy connected");
+    if !snapshot.loaded {
+        tracing::info!(
+            stream = id,
+            node = %node.id,
+            "no valid mesh configuration loaded yet; the stream waits for one"
+        );
+    }
     let mut stream = ProxyStream {
         id,
         own: resources::node_resources(&snapshot.model, &snapshot.trust, &node),
@@ -442,6 +449,12 @@ impl ProxyStream {
     /// what differs between the current snapshot and what the proxy holds.
     fn pending_responses(&mut self) -> Vec<DiscoveryResponse> {
         let mut out = Vec::new();
+        if !self.snapshot.loaded {
+            // No valid model yet: the stream stays open and silent, so the proxy keeps what it
+            // holds (and is not ready if it holds nothing) instead of being told the mesh is
+            // empty. Subscriptions are recorded meanwhile and answered once a model is loaded.
+            return out;
+        }
         for type_url in resources::ALL_TYPES {
             let Some(subscription) = self.subscriptions.get_mut(type_url) else {
                 continue;
