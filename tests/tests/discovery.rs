@@ -313,22 +313,40 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         .expect_err("refused without a node");
     assert!(err.to_string().contains("workload"), "{err}");
 
-    // An unknown type URL is recorded; the stream keeps working for known types.
+    // An unknown type URL gets one response naming it (INVALID_ARGUMENT) and is recorded; the
+    // stream keeps working for known types.
+    const NONSENSE: &str = "type.googleapis.com/keel.mesh.v1.Nonsense";
     let mut client = DiscoveryClient::connect(cp.discovery_addr, node("frontend-1", "demo"))
         .await
         .expect("connect");
     client
         .send(DiscoveryRequest {
-            type_url: "type.googleapis.com/keel.mesh.v1.Nonsense".to_owned(),
+            type_url: NONSENSE.to_owned(),
             ..Default::default()
         })
         .await
         .expect("send");
+    let refused = client.recv(SOON).await.expect("the refusal");
+    assert_eq!(refused.type_url, NONSENSE);
+    assert!(refused.resources.is_empty() && refused.removed_resources.is_empty());
+    let detail = refused.error_detail.as_ref().expect("an error detail");
+    assert_eq!(detail.code, tonic::Code::InvalidArgument as i32);
+    assert!(
+        detail.message.contains("Nonsense") && detail.message.contains(type_url::SERVICE),
+        "{}",
+        detail.message
+    );
+    // Answering the refusal (as a generic client ACKs every response) gets no second one.
+    client.ack(&refused).await.expect("answer the refusal");
     client.subscribe_all().await.expect("subscribe");
     client
         .sync(&type_url::ALL, SOON)
         .await
         .expect("known types still served");
+    client
+        .quiet_for(Duration::from_millis(200))
+        .await
+        .expect("the unknown type is refused once");
     let status = cp.registry.list();
     let me = status
         .iter()
@@ -340,6 +358,27 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
             .unwrap_or_default()
             .contains("Nonsense")
     );
+
+    // A client spraying unknown types gets one refusal each, up to a bound, then its stream
+    // ends with the reason.
+    let mut sprayer = DiscoveryClient::connect(cp.discovery_addr, node("sprayer", "demo"))
+        .await
+        .expect("connect");
+    for i in 0..=16 {
+        sprayer
+            .send(DiscoveryRequest {
+                type_url: format!("{NONSENSE}{i}"),
+                ..Default::default()
+            })
+            .await
+            .expect("send");
+    }
+    for _ in 0..16 {
+        let r = sprayer.recv(SOON).await.expect("a refusal");
+        assert!(r.error_detail.is_some(), "{}", r.type_url);
+    }
+    let err = sprayer.recv(SOON).await.expect_err("cut off");
+    assert!(err.to_string().contains("unknown type URLs"), "{err}");
 
     // Raw garbage on the gRPC port: the connection fails, the server does not.
     {

@@ -13,11 +13,11 @@
 //!
 //! This module must never block on the store or on another stream.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse, Node, Resource};
+use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse, ErrorDetail, Node, Resource};
 use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
@@ -32,6 +32,13 @@ const RESPONSE_BUDGET: usize = 64 << 10;
 
 /// When a stream's deviations from its base grow past this, it re-bases on the current set.
 const MAX_CHANGES: usize = 64;
+
+/// How many distinct unknown type URLs a stream may ask for (each is answered once with an
+/// error); past this the proxy is broken or hostile, and its stream ends.
+const MAX_REFUSED_TYPES: usize = 16;
+
+/// A longer type URL is garbage, not a type this server might not know yet; the stream ends.
+const MAX_TYPE_URL: usize = 512;
 
 /// The state of one resource type on one stream.
 ///
@@ -214,6 +221,7 @@ impl Subscription {
             removed_resources: removed,
             nonce,
             incomplete,
+            error_detail: None,
         })
     }
 
@@ -271,6 +279,10 @@ pub(super) struct ProxyStream {
     /// Resources computed for this node alone (mesh settings, inbound policy).
     own: BTreeMap<TypeUrl, TypeSet>,
     subscriptions: BTreeMap<TypeUrl, Subscription>,
+    /// Unknown type URLs the proxy asked for; each was refused once.
+    refused: HashSet<String>,
+    /// Refusals not yet sent.
+    refusals: Vec<DiscoveryResponse>,
     nonces: u64,
 }
 
@@ -320,6 +332,8 @@ pub(super) async fn serve(
         registry,
         snapshot,
         subscriptions: BTreeMap::new(),
+        refused: HashSet::new(),
+        refusals: Vec::new(),
         nonces: 0,
     };
     let end = tokio::select! {
@@ -348,11 +362,14 @@ impl ProxyStream {
         snapshots: &mut watch::Receiver<Arc<Snapshot>>,
         responses: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
     ) -> Result<(), String> {
-        self.handle(first);
+        self.handle_or_end(first, responses).await?;
         loop {
-            for response in self.pending_responses() {
-                self.registry
-                    .sent(self.id, &response.type_url, &response.nonce);
+            let refusals = std::mem::take(&mut self.refusals);
+            for response in refusals.into_iter().chain(self.pending_responses()) {
+                if response.error_detail.is_none() {
+                    self.registry
+                        .sent(self.id, &response.type_url, &response.nonce);
+                }
                 responses
                     .send(Ok(response))
                     .await
@@ -360,7 +377,7 @@ impl ProxyStream {
             }
             tokio::select! {
                 request = requests.message() => match request {
-                    Ok(Some(request)) => self.handle(request),
+                    Ok(Some(request)) => self.handle_or_end(request, responses).await?,
                     Ok(None) => return Ok(()),
                     Err(status) => return Err(format!("receive failed: {}", status.message())),
                 },
@@ -375,20 +392,29 @@ impl ProxyStream {
         }
     }
 
-    /// Applies one request: subscription changes, then the ACK or NACK it carries.
-    fn handle(&mut self, request: DiscoveryRequest) {
+    /// Applies one request; a request that ends the stream is answered with its status.
+    async fn handle_or_end(
+        &mut self,
+        request: DiscoveryRequest,
+        responses: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> Result<(), String> {
+        let Err(status) = self.handle(request) else {
+            return Ok(());
+        };
+        let reason = status.message().to_owned();
+        self.registry.error(self.id, reason.clone());
+        let _ = responses.send(Err(status)).await;
+        Err(reason)
+    }
+
+    /// Applies one request: subscription changes, then the ACK or NACK it carries. An error ends
+    /// the stream.
+    fn handle(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
         if request.type_url.is_empty() {
-            return;
+            return Ok(());
         }
         let Some(type_url) = resources::known_type(&request.type_url) else {
-            let reason = format!(
-                "unknown type URL {:?}; this control plane serves: {}",
-                request.type_url,
-                resources::ALL_TYPES.join(", ")
-            );
-            tracing::warn!(stream = self.id, node = %self.node.id, "{reason}");
-            self.registry.error(self.id, reason);
-            return;
+            return self.refuse(request.type_url);
         };
         let subscription = self.subscriptions.entry(type_url).or_insert_with(|| {
             // The proxy reconnected holding these versions: nothing equal is resent.
@@ -401,7 +427,7 @@ impl ProxyStream {
         subscription.apply_names(&request.subscribe, &request.unsubscribe);
 
         if request.response_nonce.is_empty() {
-            return;
+            return Ok(());
         }
         let in_flight = subscription
             .in_flight
@@ -410,7 +436,7 @@ impl ProxyStream {
             // A stale or unknown nonce: the subscription change above still counts, the
             // ACK does not.
             tracing::debug!(stream = self.id, nonce = %request.response_nonce, "stale nonce");
-            return;
+            return Ok(());
         };
         match request.error_detail {
             None => {
@@ -443,6 +469,47 @@ impl ProxyStream {
                 subscription.rejected_in_flight(flight);
             }
         }
+        Ok(())
+    }
+
+    /// A request for a type this server does not serve. The proxy gets one response saying so
+    /// (xDS servers commonly ignore such a request, leaving the proxy waiting for nothing); its
+    /// other subscriptions go on. Requests repeating the type (an answer to that response) are
+    /// ignored.
+    fn refuse(&mut self, type_url: String) -> Result<(), Status> {
+        if type_url.len() > MAX_TYPE_URL {
+            return Err(Status::invalid_argument(format!(
+                "a type URL of {} bytes is not a type URL (at most {MAX_TYPE_URL})",
+                type_url.len()
+            )));
+        }
+        if self.refused.contains(&type_url) {
+            tracing::debug!(stream = self.id, %type_url, "unknown type asked for again");
+            return Ok(());
+        }
+        if self.refused.len() >= MAX_REFUSED_TYPES {
+            return Err(Status::invalid_argument(format!(
+                "more than {MAX_REFUSED_TYPES} unknown type URLs on one stream; the last was {type_url:?}"
+            )));
+        }
+        let reason = format!(
+            "unknown type URL {type_url:?}; this control plane serves: {}",
+            resources::ALL_TYPES.join(", ")
+        );
+        tracing::warn!(stream = self.id, node = %self.node.id, "{reason}");
+        self.registry.error(self.id, reason.clone());
+        self.nonces += 1;
+        self.refusals.push(DiscoveryResponse {
+            type_url: type_url.clone(),
+            nonce: self.nonces.to_string(),
+            error_detail: Some(ErrorDetail {
+                code: tonic::Code::InvalidArgument as i32,
+                message: reason,
+            }),
+            ..DiscoveryResponse::default()
+        });
+        self.refused.insert(type_url);
+        Ok(())
     }
 
     /// Every response that can be sent now: for each subscribed type with nothing in flight,

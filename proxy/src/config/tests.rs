@@ -37,6 +37,7 @@ fn response(
         removed_resources: removed.iter().map(|s| (*s).to_owned()).collect(),
         nonce: "n".to_owned(),
         incomplete: false,
+        error_detail: None,
     }
 }
 
