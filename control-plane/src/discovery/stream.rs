@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse, ErrorDetail, Node, Resource};
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
@@ -27,8 +28,9 @@ use crate::store::{Snapshot, TypeSet};
 
 /// The most bytes of resources in one response; larger updates are sent in several, each after
 /// the previous one is answered. Bounds what a stream buffers (tonic keeps an encode buffer the
-/// size of the largest message a stream ever sent, for the stream's life).
-const RESPONSE_BUDGET: usize = 64 << 10;
+/// size of the largest message a stream ever sent, for the stream's life). A response may exceed
+/// it by one resource.
+pub const RESPONSE_BUDGET: usize = 64 << 10;
 
 /// When a stream's deviations from its base grow past this, it re-bases on the current set.
 const MAX_CHANGES: usize = 64;
@@ -367,8 +369,12 @@ impl ProxyStream {
             let refusals = std::mem::take(&mut self.refusals);
             for response in refusals.into_iter().chain(self.pending_responses()) {
                 if response.error_detail.is_none() {
-                    self.registry
-                        .sent(self.id, &response.type_url, &response.nonce);
+                    self.registry.sent(
+                        self.id,
+                        &response.type_url,
+                        &response.nonce,
+                        response.encoded_len(),
+                    );
                 }
                 responses
                     .send(Ok(response))
