@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method};
 
@@ -88,12 +89,13 @@ fn decode_resource(
 }
 
 fn set_origin(resource: &mut Resource, origin: Origin) {
+    // The resource was just decoded, so nothing else holds it and nothing is copied.
     match resource {
-        Resource::MeshConfig(r) => r.origin = origin,
-        Resource::Workload(r) => r.origin = origin,
-        Resource::Service(r) => r.origin = origin,
-        Resource::TrafficPolicy(r) => r.origin = origin,
-        Resource::AuthorizationPolicy(r) => r.origin = origin,
+        Resource::MeshConfig(r) => Arc::make_mut(r).origin = origin,
+        Resource::Workload(r) => Arc::make_mut(r).origin = origin,
+        Resource::Service(r) => Arc::make_mut(r).origin = origin,
+        Resource::TrafficPolicy(r) => Arc::make_mut(r).origin = origin,
+        Resource::AuthorizationPolicy(r) => Arc::make_mut(r).origin = origin,
     }
 }
 
@@ -202,21 +204,21 @@ fn decode_kind(
                 Some(field) => mesh_config_spec(dec, field),
                 None => Some(MeshConfigSpec::default()),
             };
-            Resource::MeshConfig(MeshConfig {
+            Resource::MeshConfig(Arc::new(MeshConfig {
                 meta: meta?,
                 origin,
                 spec: spec?,
-            })
+            }))
         }
         Kind::Workload => {
             let spec = root
                 .require(dec, "spec")
                 .and_then(|f| workload_spec(dec, f));
-            Resource::Workload(Workload {
+            Resource::Workload(Arc::new(Workload {
                 meta: meta?,
                 origin,
                 spec: spec?,
-            })
+            }))
         }
         Kind::Service => {
             let name = meta.as_ref().map(|m| m.name.clone()).unwrap_or_default();
@@ -224,31 +226,31 @@ fn decode_kind(
             let spec = root
                 .require(dec, "spec")
                 .and_then(|f| service_spec(dec, f, &key));
-            Resource::Service(Service {
+            Resource::Service(Arc::new(Service {
                 meta: meta?,
                 origin,
                 spec: spec?,
-            })
+            }))
         }
         Kind::TrafficPolicy => {
             let spec = root
                 .require(dec, "spec")
                 .and_then(|f| traffic_policy_spec(dec, f, &namespace));
-            Resource::TrafficPolicy(TrafficPolicy {
+            Resource::TrafficPolicy(Arc::new(TrafficPolicy {
                 meta: meta?,
                 origin,
                 spec: spec?,
-            })
+            }))
         }
         Kind::AuthorizationPolicy => {
             let spec = root
                 .require(dec, "spec")
                 .and_then(|f| authorization_policy_spec(dec, f));
-            Resource::AuthorizationPolicy(AuthorizationPolicy {
+            Resource::AuthorizationPolicy(Arc::new(AuthorizationPolicy {
                 meta: meta?,
                 origin,
                 spec: spec?,
-            })
+            }))
         }
     };
     Some(resource)

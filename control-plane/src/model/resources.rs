@@ -792,17 +792,16 @@ pub struct AuthorizationPolicy {
 
 // ---------------------------------------------------------------------------------------------
 
-/// Any one resource, as read from a document.
-// A TrafficPolicy carries every resilience knob inline; resources are built once per reload and
-// held in maps, so boxing the largest variant would buy nothing measurable.
-#[allow(clippy::large_enum_variant)]
+/// Any one resource, as read from a document. Shared: the file it came from and every model
+/// built from that file hold the same allocation, so a model is rebuilt without copying the
+/// resources that did not change.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
-    MeshConfig(MeshConfig),
-    Workload(Workload),
-    Service(Service),
-    TrafficPolicy(TrafficPolicy),
-    AuthorizationPolicy(AuthorizationPolicy),
+    MeshConfig(Arc<MeshConfig>),
+    Workload(Arc<Workload>),
+    Service(Arc<Service>),
+    TrafficPolicy(Arc<TrafficPolicy>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
 }
 
 impl Resource {
