@@ -55,6 +55,9 @@ struct Subscription {
     base: Option<TypeSet>,
     /// Name -> the version held, or `None` for not held; overrides `base`.
     changes: HashMap<String, Option<String>>,
+    /// How many resources the proxy holds, kept as `changes` change (counting would cost a
+    /// lookup in `base` per change on every answer).
+    held: usize,
     /// The snapshot version last compared against in full; 0 forces a full comparison.
     synced: u64,
     in_flight: Option<InFlight>,
@@ -111,6 +114,7 @@ impl Subscription {
                 .iter()
                 .map(|(k, v)| (k.clone(), Some(v.clone())))
                 .collect(),
+            held: initial.len(),
             ..Subscription::default()
         }
     }
@@ -130,7 +134,7 @@ impl Subscription {
                 self.names.remove(name);
             }
             // The proxy forgets what it unsubscribed from; nothing is sent for it.
-            self.changes.insert(name.clone(), None);
+            self.set_held(name.clone(), None);
         }
         if !subscribe.is_empty() || !unsubscribe.is_empty() {
             self.synced = 0;
@@ -194,7 +198,7 @@ impl Subscription {
             }
         }
         for (name, _, sent) in &changes {
-            self.changes.insert(name.clone(), sent.clone());
+            self.set_held(name.clone(), sent.clone());
         }
         if incomplete {
             // Names past the budget were not compared: the next response compares everything.
@@ -252,23 +256,24 @@ impl Subscription {
             if let Some(v) = sent {
                 self.rejected.insert(name.clone(), v);
             }
-            self.changes.insert(name, before);
+            self.set_held(name, before);
         }
+    }
+
+    /// Records that the proxy holds `version` of `name` (`None`: does not hold it).
+    fn set_held(&mut self, name: String, version: Option<String>) {
+        let before = self.held(&name).is_some();
+        match (before, version.is_some()) {
+            (true, false) => self.held -= 1,
+            (false, true) => self.held += 1,
+            _ => {}
+        }
+        self.changes.insert(name, version);
     }
 
     /// How many resources the proxy holds.
     fn held_count(&self) -> usize {
-        let base = self.base.as_ref().map(|b| b.len()).unwrap_or(0);
-        let mut count = base;
-        for (name, version) in &self.changes {
-            let in_base = self.base.as_ref().is_some_and(|b| b.contains_key(name));
-            match (in_base, version.is_some()) {
-                (true, false) => count -= 1,
-                (false, true) => count += 1,
-                _ => {}
-            }
-        }
-        count
+        self.held
     }
 }
 
@@ -278,8 +283,12 @@ pub(super) struct ProxyStream {
     node: NodeInfo,
     registry: Arc<ProxyRegistry>,
     snapshot: Arc<Snapshot>,
-    /// Resources computed for this node alone (mesh settings, inbound policy).
+    /// Resources computed for this node alone (mesh settings, inbound policy)...
     own: BTreeMap<TypeUrl, TypeSet>,
+    /// ...valid for the snapshot of this version...
+    own_version: u64,
+    /// ...and built from the snapshot of this one.
+    own_built: u64,
     subscriptions: BTreeMap<TypeUrl, Subscription>,
     /// Unknown type URLs the proxy asked for; each was refused once.
     refused: HashSet<String>,
@@ -330,6 +339,8 @@ pub(super) async fn serve(
     let mut stream = ProxyStream {
         id,
         own: resources::node_resources(&snapshot.model, &snapshot.trust, &node),
+        own_version: snapshot.version,
+        own_built: snapshot.version,
         node,
         registry,
         snapshot,
@@ -392,7 +403,20 @@ impl ProxyStream {
                         return Err("the store is gone".to_owned());
                     }
                     self.snapshot = snapshots.borrow_and_update().clone();
-                    self.own = resources::node_resources(&self.snapshot.model, &self.snapshot.trust, &self.node);
+                    // Most changes (an endpoint moving) leave this proxy's own resources as
+                    // they are; they are built again only when what they depend on changed.
+                    if self
+                        .snapshot
+                        .node_view_changed_since(self.own_version, &self.node.workload)
+                    {
+                        self.own = resources::node_resources(
+                            &self.snapshot.model,
+                            &self.snapshot.trust,
+                            &self.node,
+                        );
+                        self.own_built = self.snapshot.version;
+                    }
+                    self.own_version = self.snapshot.version;
                 },
             }
         }
@@ -535,16 +559,24 @@ impl ProxyStream {
             if subscription.in_flight.is_some() {
                 continue;
             }
+            let synced = subscription.synced;
             let (desired, touched) = match self.snapshot.shared.get(type_url) {
-                Some(set) => (
-                    set,
-                    self.snapshot.touched_since(type_url, subscription.synced),
-                ),
+                Some(set) => (set, self.snapshot.touched_since(type_url, synced)),
                 None => match self.own.get(type_url) {
+                    // Compared since this set was built: only a new set can differ.
+                    Some(set) if synced != 0 && synced >= self.own_built => {
+                        (set, Some(BTreeSet::new()))
+                    }
                     Some(set) => (set, None),
                     None => continue,
                 },
             };
+            // Most changes touch a few types: the others have nothing to compare.
+            let nothing_touched = touched.as_ref().is_some_and(BTreeSet::is_empty);
+            if nothing_touched && synced != 0 && !subscription.owes_first_response {
+                subscription.synced = self.snapshot.version;
+                continue;
+            }
             self.nonces += 1;
             let nonce = self.nonces.to_string();
             if let Some(r) =
@@ -730,6 +762,39 @@ mod tests {
         assert!(parts > 1, "40 x 8 KiB must not fit one response");
         assert_eq!(received.len(), 40);
         assert!(s.diff(T, &big, None, 7, "last".into()).is_none());
+    }
+
+    /// What the proxy holds, counted from scratch.
+    fn counted(s: &Subscription) -> usize {
+        s.held_names().len()
+    }
+
+    #[test]
+    fn the_held_count_follows_every_change() {
+        let mut s = holding(&[("a", "1"), ("b", "1"), ("gone", "1")]);
+        assert_eq!((s.held_count(), counted(&s)), (3, 3));
+        let desired = set(&[("a", "2"), ("b", "1"), ("c", "1")]);
+        let r = s
+            .diff(T, &desired, None, 2, "1".into())
+            .expect("a, c, -gone");
+        assert_eq!(r.removed_resources, ["gone"]);
+        assert_eq!((s.held_count(), counted(&s)), (3, 3));
+        // Rejected: the proxy kept a@1 and gone@1 and never got c.
+        let flight = s.in_flight.take().expect("in flight");
+        s.rejected_in_flight(flight);
+        assert_eq!((s.held_count(), counted(&s)), (3, 3));
+        assert_eq!(s.held("c"), None);
+        s.apply_names(&[], &["b".to_owned()]);
+        assert_eq!((s.held_count(), counted(&s)), (2, 2));
+        // Many changes re-base on a shared set; the count stays right.
+        let many: TypeSet = Arc::new(
+            (0..100)
+                .map(|i| (format!("r{i}"), resource("1", 8)))
+                .collect(),
+        );
+        s.diff(T, &many, None, 3, "2".into()).expect("all of them");
+        s.in_flight = None;
+        assert_eq!((s.held_count(), counted(&s)), (100, 100));
     }
 
     #[test]
