@@ -21,6 +21,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
+use super::apply::{self, ApplyError, ApplyFile, ApplyOutcome};
 use crate::model::{self, IndexedModel, MeshFile, Model, Resource, ValidationErrors};
 use crate::store::Store;
 
@@ -119,16 +120,6 @@ struct Accepted {
     model: IndexedModel,
 }
 
-/// The lock a load and an apply share: while held, nobody else reads or writes the directory
-/// through this loader.
-pub struct DirectoryLock<'a>(MutexGuard<'a, LoaderState>);
-
-impl std::fmt::Debug for DirectoryLock<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DirectoryLock")
-    }
-}
-
 impl DirectoryLoader {
     pub fn new(dir: PathBuf) -> Arc<DirectoryLoader> {
         Arc::new(DirectoryLoader {
@@ -141,23 +132,29 @@ impl DirectoryLoader {
         &self.dir
     }
 
-    /// Takes the directory for a writer (blocking): loads wait until the guard is dropped.
-    pub fn lock(&self) -> DirectoryLock<'_> {
-        DirectoryLock(self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    /// The loader's state; holding it keeps every other load and apply out of the directory.
+    fn lock(&self) -> MutexGuard<'_, LoaderState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads and validates the whole directory (blocking: call from a blocking thread).
     pub fn load(&self) -> Result<Arc<Model>, ValidationErrors> {
-        let mut lock = self.lock();
-        self.load_locked(&mut lock)
+        self.load_locked(&mut self.lock())
     }
 
-    /// [`DirectoryLoader::load`] for a caller that holds the lock.
-    pub fn load_locked(
+    /// `keelctl apply` (blocking): writes `files` into the directory as one change
+    /// ([`apply::apply`]) while no load runs, so that the watcher never reads half of it, then
+    /// loads the result.
+    pub fn apply(
         &self,
-        lock: &mut DirectoryLock<'_>,
-    ) -> Result<Arc<Model>, ValidationErrors> {
-        let state = &mut *lock.0;
+        files: &[ApplyFile],
+    ) -> Result<(ApplyOutcome, Result<Arc<Model>, ValidationErrors>), ApplyError> {
+        let mut state = self.lock();
+        let outcome = apply::apply(&self.dir, files)?;
+        Ok((outcome, self.load_locked(&mut state)))
+    }
+
+    fn load_locked(&self, state: &mut LoaderState) -> Result<Arc<Model>, ValidationErrors> {
         let listed = model::mesh_files(&self.dir)?;
         let present: HashSet<&Path> = listed.iter().map(|f| f.path.as_path()).collect();
         state
@@ -448,5 +445,82 @@ impl FileSource {
             _watcher: watcher,
             task,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// `s{i}` routes to `s{i+1}`, the last to nothing: any part of a set of these is invalid
+    /// unless it is a tail of the chain.
+    fn chain(len: usize, port: u16) -> Vec<ApplyFile> {
+        (0..len)
+            .map(|i| {
+                let routes = if i + 1 < len {
+                    format!(
+                        "  routes:\n  - name: next\n    destinations: [{{service: s{:02}}}]\n",
+                        i + 1
+                    )
+                } else {
+                    String::new()
+                };
+                ApplyFile {
+                    name: format!("s{i:02}.yaml"),
+                    yaml: format!(
+                        "apiVersion: keel.dev/v1alpha1\nkind: Service\nmetadata: {{name: s{i:02}, namespace: demo}}\nspec:\n  ports: [{{port: {port}}}]\n{routes}"
+                    ),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_load_never_sees_half_an_apply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let loader = DirectoryLoader::new(dir.path().to_path_buf());
+        assert!(loader.load().expect("empty is valid").services.is_empty());
+        let stop = AtomicBool::new(false);
+        let seen = std::thread::scope(|scope| {
+            // A reader loading as fast as it can, as the watcher would on every event.
+            let reader = scope.spawn(|| {
+                let mut seen = BTreeMap::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let found = match loader.load() {
+                        Ok(model) => {
+                            let ports: BTreeSet<u16> = model
+                                .services
+                                .values()
+                                .flat_map(|s| s.spec.ports.iter().map(|p| p.port))
+                                .collect();
+                            format!("{} services, ports {ports:?}", model.services.len())
+                        }
+                        Err(errors) => format!("rejected: {errors}"),
+                    };
+                    *seen.entry(found).or_insert(0) += 1;
+                }
+                seen
+            });
+            // Created, then every resource replaced twice.
+            for port in [80, 81, 82] {
+                let (_, loaded) = loader.apply(&chain(40, port)).expect("valid as a whole");
+                assert_eq!(loaded.expect("loads").services.len(), 40);
+            }
+            stop.store(true, Ordering::Relaxed);
+            reader.join().expect("reader")
+        });
+        let whole = [
+            "0 services, ports {}",
+            "40 services, ports {80}",
+            "40 services, ports {81}",
+            "40 services, ports {82}",
+        ];
+        assert!(
+            seen.keys().all(|s| whole.contains(&s.as_str())),
+            "a load saw a state no apply left: {seen:?}"
+        );
     }
 }
