@@ -325,6 +325,7 @@ fn route_table_of(service: &model::Service) -> pb::RouteTable {
         .map(|r| pb::Route {
             name: r.name.clone(),
             r#match: Some(pb::RouteMatch {
+                hosts: r.matches.hosts.clone(),
                 path: r.matches.path.as_ref().map(string_match),
                 headers: r
                     .matches
@@ -604,5 +605,16 @@ mod tests {
             [type_url::MESH_CONFIG]["mesh"];
         let mesh = pb::MeshConfig::decode(mesh.body.value.as_slice()).expect("decodes");
         assert!(mesh.workload_labels.is_empty());
+    }
+
+    #[test]
+    fn route_hosts_are_encoded() {
+        let text = "apiVersion: keel.dev/v1alpha1\nkind: Service\nmetadata: {name: api, namespace: demo}\nspec:\n  hostnames: [api.example.com, legacy.example.com]\n  ports: [{port: 80}]\n  routes:\n  - name: legacy\n    match: {hosts: [legacy.example.com], path: {prefix: /}}\n    destinations: [{service: api}]\n";
+        let resources = model::parse_file(std::path::Path::new("api.yaml"), text).expect("parses");
+        let model = Model::from_resources(resources).expect("valid");
+        let built = shared_resources(&model, false);
+        let table: pb::RouteTable = decode(&built, type_url::ROUTE_TABLE, "demo/api");
+        let matches = table.routes[0].r#match.as_ref().expect("a match");
+        assert_eq!(matches.hosts, ["legacy.example.com"]);
     }
 }

@@ -319,6 +319,9 @@ pub struct HeaderMatch {
 /// empty match matches every request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteMatch {
+    /// The request's host (authority without port) is one of these, each a hostname of the
+    /// service the route belongs to. Empty: any host.
+    pub hosts: Vec<String>,
     pub path: Option<PathMatch>,
     pub method: Option<Method>,
     pub headers: Vec<HeaderMatch>,
