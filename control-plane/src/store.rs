@@ -83,8 +83,7 @@ impl Snapshot {
         let mut shared = BTreeMap::new();
         let (previous, change) = previous.unzip();
         match previous.zip(change) {
-            // Settings every endpoint depends on changed (or there is nothing to compare with):
-            // build everything, and compare versions to tell what changed.
+            // Only what depends on the change is built again.
             Some((p, change)) if p.mtls() == mtls && !change.mesh => {
                 let rebuild = Rebuild::after(&p.model, &model, &change);
                 for type_url in resources::SHARED_TYPES {
@@ -97,6 +96,8 @@ impl Snapshot {
                 delta.node_wide = *p.trust != *trust || !change.authorization_policies.is_empty();
                 delta.workloads = change.workloads;
             }
+            // Settings every endpoint depends on changed (trust domain, mTLS), or there is
+            // nothing to compare with: build everything, and compare versions to tell what did.
             _ => {
                 let empty = TypeSet::default();
                 for (type_url, fresh) in resources::shared_resources(&model, mtls) {

@@ -11,6 +11,10 @@
 //! not sent again until the resource changes (resending a rejected config in a loop is a classic
 //! control-plane bug).
 //!
+//! Nothing is sent before the store holds a model a source loaded: until then a stream stays open
+//! and silent, so a proxy keeps whatever configuration it has. A request for a type this server
+//! does not serve is answered once with an error for that type, and the stream goes on.
+//!
 //! This module must never block on the store or on another stream.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
