@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process serves |
 //! | `GET /ready` | 200 once a valid mesh configuration has been loaded, else 503 |
 //! | `GET /status` | JSON: snapshot version, source state (with the rejected state's errors), connected proxies |
-//! | `POST /apply?name=FILE` | body: mesh YAML. 200 with what changed, 422 with validation errors |
+//! | `POST /apply?name=FILE` | body: mesh YAML, or JSON `{"files": [{"name", "yaml"}]}` for several files applied as one change. 200 with what changed, 422 with validation errors |
 //! | `GET /ca` | JSON: the CA's roots, which signs, and each proxy's newest certificate |
 //! | `GET /ca/bundle.pem` | the trust bundle, PEM (what `keel-proxy --ca-root-file` takes) |
 //! | `POST /ca/roots` | adds a root that does not sign yet: generated, or the JSON body's `cert_pem` and `key_pem` |
@@ -160,6 +160,11 @@ impl Admin {
                 "this control plane does not read a directory; apply through its source\n",
             );
         };
+        let json_body = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
         let name = req
             .uri()
             .query()
@@ -182,17 +187,37 @@ impl Admin {
                 );
             }
         };
-        let Ok(yaml) = String::from_utf8(body.to_vec()) else {
-            return text(StatusCode::BAD_REQUEST, "the body is not UTF-8 text\n");
+        let files = if json_body {
+            #[derive(serde::Deserialize)]
+            struct Files {
+                files: Vec<apply::ApplyFile>,
+            }
+            match serde_json::from_slice::<Files>(&body) {
+                Ok(f) => f.files,
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "invalid JSON body (expected {{\"files\": [{{\"name\", \"yaml\"}}]}}): {e}\n"
+                        ),
+                    );
+                }
+            }
+        } else {
+            let Ok(yaml) = String::from_utf8(body.to_vec()) else {
+                return text(StatusCode::BAD_REQUEST, "the body is not UTF-8 text\n");
+            };
+            vec![apply::ApplyFile { name, yaml }]
         };
         let _serial = self.apply_lock.lock().await;
-        let dir = directory.dir().to_path_buf();
-        let result = tokio::task::spawn_blocking(move || apply::apply(&dir, &name, &yaml)).await;
+        let started = std::time::Instant::now();
+        let loader = directory.clone();
+        let result = tokio::task::spawn_blocking(move || loader.apply(&files)).await;
         match result {
-            Ok(Ok(outcome)) => {
+            Ok(Ok((outcome, loaded))) => {
                 // Publish now rather than wait for the watcher, so the answer names the version
                 // that serves the change.
-                directory.reload(&self.store).await;
+                directory.publish(&self.store, Ok(loaded), started);
                 tracing::info!(%peer, resources = outcome.resources.len(), "applied");
                 #[derive(Serialize)]
                 struct Answer {

@@ -365,53 +365,54 @@ fn print_errors(errors: &ValidationErrors, output: Output) {
     }
 }
 
+/// Sends every file (one, or all the mesh files under a directory) in one request: the control
+/// plane validates them together and applies all or none.
 async fn apply(path: &Path, control_plane: &str, output: Output) -> anyhow::Result<i32> {
-    let files = if path.is_dir() {
+    let paths = if path.is_dir() {
         model::yaml_files(path).with_context(|| format!("listing {}", path.display()))?
     } else {
         vec![path.to_path_buf()]
     };
-    let mut failed = false;
-    for file in files {
-        let body = std::fs::read_to_string(&file)
-            .with_context(|| format!("reading {}", file.display()))?;
-        let name = file.to_string_lossy();
-        let url = format!(
-            "{}/apply?name={}",
-            control_plane.trim_end_matches('/'),
-            percent_encode(&name)
-        );
-        let (status, answer) = request(http::Method::POST, &url, body.into()).await?;
-        match (status.as_u16(), output) {
-            (200, Output::Json) => println!("{}", String::from_utf8_lossy(&answer)),
-            (200, Output::Human) => {
-                let answer: serde_json::Value = serde_json::from_slice(&answer)
-                    .context("the control plane's answer is not JSON")?;
-                for r in answer["resources"].as_array().into_iter().flatten() {
-                    println!(
-                        "{} {} {}",
-                        r["kind"].as_str().unwrap_or("?"),
-                        r["name"].as_str().unwrap_or("?"),
-                        r["action"].as_str().unwrap_or("?")
-                    );
-                }
-            }
-            (422, _) => {
-                failed = true;
-                let errors: ValidationErrors = serde_json::from_slice(&answer)
-                    .context("the control plane's error answer is not JSON")?;
-                print_errors(&errors, output);
-            }
-            (code, _) => {
-                failed = true;
-                eprintln!(
-                    "keelctl: applying {name} failed ({code}): {}",
-                    String::from_utf8_lossy(&answer).trim()
+    let mut files = Vec::new();
+    for file in &paths {
+        let yaml =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        files.push(serde_json::json!({ "name": file.to_string_lossy(), "yaml": yaml }));
+    }
+    let url = format!("{}/apply", control_plane.trim_end_matches('/'));
+    let body = serde_json::json!({ "files": files }).to_string();
+    let (status, answer) =
+        request_as(http::Method::POST, &url, "application/json", body.into()).await?;
+    match (status.as_u16(), output) {
+        (200, Output::Json) => println!("{}", String::from_utf8_lossy(&answer)),
+        (200, Output::Human) => {
+            let answer: serde_json::Value = serde_json::from_slice(&answer)
+                .context("the control plane's answer is not JSON")?;
+            for r in answer["resources"].as_array().into_iter().flatten() {
+                println!(
+                    "{} {} {}",
+                    r["kind"].as_str().unwrap_or("?"),
+                    r["name"].as_str().unwrap_or("?"),
+                    r["action"].as_str().unwrap_or("?")
                 );
             }
         }
+        (422, _) => {
+            let errors: ValidationErrors = serde_json::from_slice(&answer)
+                .context("the control plane's error answer is not JSON")?;
+            print_errors(&errors, output);
+            return Ok(1);
+        }
+        (code, _) => {
+            eprintln!(
+                "keelctl: applying {} failed ({code}): {}",
+                path.display(),
+                String::from_utf8_lossy(&answer).trim()
+            );
+            return Ok(1);
+        }
     }
-    Ok(i32::from(failed))
+    Ok(0)
 }
 
 async fn status(control_plane: &str, output: Output) -> anyhow::Result<i32> {
@@ -515,11 +516,20 @@ async fn request(
     url: &str,
     body: Bytes,
 ) -> anyhow::Result<(http::StatusCode, Bytes)> {
+    request_as(method, url, "application/yaml", body).await
+}
+
+async fn request_as(
+    method: http::Method,
+    url: &str,
+    content_type: &str,
+    body: Bytes,
+) -> anyhow::Result<(http::StatusCode, Bytes)> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let req = http::Request::builder()
         .method(method)
         .uri(url)
-        .header(http::header::CONTENT_TYPE, "application/yaml")
+        .header(http::header::CONTENT_TYPE, content_type)
         .body(Full::new(body))
         .with_context(|| format!("bad control plane address in {url}"))?;
     let response = tokio::time::timeout(Duration::from_secs(30), client.request(req))
@@ -534,8 +544,4 @@ async fn request(
         .with_context(|| format!("reading the answer of {url}"))?
         .to_bytes();
     Ok((status, body))
-}
-
-fn percent_encode(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

@@ -19,7 +19,6 @@ use crate::identity::{
     Authenticator, BootstrapTokens, CaError, CaStorage, CertificateAuthority, IdentityService,
     SecurePort, TokenReview,
 };
-use crate::model::Model;
 use crate::source::file::{FileSource, FileSourceError};
 use crate::store::Store;
 
@@ -124,7 +123,9 @@ impl ControlPlane {
         let discovery_addr = local_addr(&discovery_listener, config.discovery_addr);
         let admin_addr = local_addr(&admin_listener, config.admin_addr);
 
-        let store = Store::new(Model::default());
+        // Nothing is served until the source has published a valid model: a control plane
+        // started on a broken directory must not tell proxies that the mesh is empty.
+        let store = Store::awaiting_source();
         let identity = match &config.identity {
             Some(identity) => Some(Identity::start(identity, &store).await?),
             None => None,

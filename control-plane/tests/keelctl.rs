@@ -152,6 +152,90 @@ async fn apply_validates_persists_and_reports() {
     assert_eq!(json["resources"]["Service"], 6);
 }
 
+/// `ratings-{i}` routing to `ratings-{i+1}` (the last to nothing): each file refers to one that
+/// sorts after it, so the files cannot be applied one at a time in any order a directory
+/// listing gives.
+fn chained_service(i: usize, last: usize) -> String {
+    let routes = if i < last {
+        format!(
+            "  routes:\n  - name: next\n    destinations: [{{service: ratings-{:02}}}]\n",
+            i + 1
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "apiVersion: keel.dev/v1alpha1\nkind: Service\nmetadata:\n  name: ratings-{i:02}\n  namespace: demo\nspec:\n  ports:\n  - name: http\n    port: 80\n{routes}"
+    )
+}
+
+#[tokio::test]
+async fn apply_of_a_directory_is_one_change_validated_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cp, admin) = control_plane(dir.path()).await;
+    let before = cp.store.current().version;
+
+    let input = tempfile::tempdir().expect("tempdir");
+    const FILES: usize = 20;
+    for i in 0..FILES {
+        std::fs::write(
+            input.path().join(format!("ratings-{i:02}.yaml")),
+            chained_service(i, FILES - 1),
+        )
+        .expect("write");
+    }
+    let out = keelctl(&[
+        "apply",
+        "-f",
+        input.path().to_str().expect("utf-8"),
+        "--control-plane",
+        &admin,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected: Vec<String> = (0..FILES)
+        .map(|i| format!("Service demo/ratings-{i:02} created"))
+        .collect();
+    assert_eq!(text(&out.stdout).lines().collect::<Vec<_>>(), expected);
+    // One change, published once: no half of it was ever served...
+    assert_eq!(cp.store.current().version, before + 1);
+    assert_eq!(cp.store.current().model.services.len(), FILES);
+    // ...nor seen by the watcher, whose reloads follow the writes: give them time to run, then
+    // check that none of them found an invalid or a different state.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(cp.store.source_status().rejected.is_none());
+    assert_eq!(cp.store.current().version, before + 1);
+
+    // One bad file in a directory: nothing of it is applied, and the error names the file.
+    let bad_input = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        bad_input.path().join("a-good.yaml"),
+        SERVICE.replace("name: ratings", "name: reviews"),
+    )
+    .expect("write");
+    std::fs::write(
+        bad_input.path().join("b-bad.yaml"),
+        chained_service(7, 99).replace("ratings-08", "nowhere"),
+    )
+    .expect("write");
+    let out = keelctl(&[
+        "apply",
+        "-f",
+        bad_input.path().to_str().expect("utf-8"),
+        "--control-plane",
+        &admin,
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("b-bad.yaml:12:30:"), "{stderr}");
+    assert!(stderr.contains("dangling-reference"), "{stderr}");
+    assert_eq!(cp.store.current().version, before + 1);
+    let reviews = keel_control_plane::model::ObjectKey::new("demo", "reviews");
+    assert!(!cp.store.current().model.services.contains_key(&reviews));
+    assert!(!dir.path().join("applied/a-good.yaml").exists());
+}
+
 #[tokio::test]
 async fn status_shows_a_rejected_edit_and_the_version_still_served() {
     let dir = tempfile::tempdir().expect("tempdir");

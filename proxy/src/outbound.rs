@@ -610,8 +610,10 @@ impl HttpOutbound {
     /// Resolves the service (by authority, then by original destination), the route and the
     /// weighted destination.
     fn destination(&self, config: &Config, req: &Request<Incoming>) -> Option<Destination> {
-        let by_authority =
-            serve::request_authority(req).and_then(|a| config.by_authority(&a, self.orig.port()));
+        let authority = serve::request_authority(req);
+        let by_authority = authority
+            .as_deref()
+            .and_then(|a| config.by_authority(a, self.orig.port()));
         let target = by_authority.or_else(|| config.by_addr(self.orig))?;
         let route = target
             .service
@@ -620,8 +622,12 @@ impl HttpOutbound {
             .iter()
             .enumerate()
             .find(|(_, r)| {
-                r.matcher
-                    .matches(req.method(), req.uri().path(), req.headers())
+                r.matcher.matches(
+                    authority.as_deref(),
+                    req.method(),
+                    req.uri().path(),
+                    req.headers(),
+                )
             });
         let Some((index, route)) = route else {
             return Some(Destination {

@@ -67,9 +67,22 @@ pub struct DiscoveryClient {
 impl DiscoveryClient {
     /// Opens a stream and sends the node; subscribes to nothing yet.
     pub async fn connect(addr: SocketAddr, node: Node) -> anyhow::Result<DiscoveryClient> {
+        DiscoveryClient::connect_with_window(addr, node, None).await
+    }
+
+    /// Like [`DiscoveryClient::connect`], with the HTTP/2 flow-control window (stream and
+    /// connection) this client offers; `None` keeps the default (megabytes). A client that
+    /// never reads stops the server from sending more than `window` bytes on its connection.
+    pub async fn connect_with_window(
+        addr: SocketAddr,
+        node: Node,
+        window: Option<u32>,
+    ) -> anyhow::Result<DiscoveryClient> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window)
             .connect()
             .await
             .with_context(|| format!("connecting to {addr}"))?;

@@ -1,8 +1,13 @@
 //! The discovery stream, end to end: a control plane serving a watched directory, and real tonic
 //! clients behaving as proxies do (and as broken ones do).
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use keel_control_plane::discovery::RESPONSE_BUDGET;
+use keel_control_plane::server::IdentityConfig;
+use keel_control_plane::{ControlPlane, ControlPlaneConfig};
 
 use keel_proto::v1::{DiscoveryRequest, Endpoints, type_url};
 use keel_tests::{DiscoveryClient, node, start_control_plane};
@@ -248,22 +253,75 @@ async fn reconnect_with_versions_resends_only_what_changed() {
     assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.5"]);
 }
 
+/// `services` more services of `endpoints` workloads each, so that a proxy's initial view is
+/// hundreds of kilobytes.
+fn write_bulk(dir: &Path, services: usize, endpoints: usize) {
+    let mut text = String::new();
+    for s in 0..services {
+        text.push_str(&service(&format!("bulk-{s}")));
+        for e in 0..endpoints {
+            text.push_str("---\n");
+            text.push_str(&workload(
+                &format!("bulk-{s}-{e}"),
+                &format!("bulk-{s}"),
+                &format!("10.{}.{}.{}", 78 + s / 256, s % 256, e + 1),
+            ));
+        }
+        text.push_str("---\n");
+    }
+    std::fs::write(dir.join("bulk.yaml"), text).expect("write bulk");
+}
+
+/// The stuck proxy subscribes to everything and then never reads or answers. It offers the
+/// smallest HTTP/2 window (64 KiB) and its initial view is several times that, so its transport
+/// is blocked for the whole test: the server cannot hand it more than the window, and the
+/// responses it has produced for it wait in its per-stream queue.
+///
+/// Timing is not asserted (the machine is shared and slow in debug builds; the 100 ms figure is
+/// measured by `bench/src/bin/discovery.rs`). What is asserted is causal: every other proxy
+/// receives every update *while* the stuck stream is blocked, which could not happen if the
+/// server waited on the stuck stream anywhere on the fan-out path; the generous `SOON` bound only
+/// keeps a hang from lasting forever. The per-round times are printed for the curious.
 #[tokio::test]
 async fn a_stuck_proxy_does_not_delay_the_others() {
+    const WINDOW: u32 = 65_535;
     let dir = tempfile::tempdir().expect("tempdir");
     write_mesh(dir.path());
+    write_bulk(dir.path(), 300, 4);
     let cp = start_control_plane(dir.path()).await.expect("start");
-
-    // Stuck: subscribes, then never reads or answers anything.
-    let stuck = DiscoveryClient::connect(cp.discovery_addr, node("stuck", "demo"))
-        .await
-        .expect("connect");
-    stuck.subscribe_all().await.expect("subscribe");
 
     let mut others = Vec::new();
     for i in 0..20 {
         others.push(synced_client(cp.discovery_addr, &format!("proxy-{i}")).await);
     }
+    let stuck = DiscoveryClient::connect_with_window(
+        cp.discovery_addr,
+        node("stuck", "demo"),
+        Some(WINDOW),
+    )
+    .await
+    .expect("connect");
+    stuck.subscribe_all().await.expect("subscribe");
+    let stuck_status = || {
+        cp.registry
+            .list()
+            .into_iter()
+            .find(|p| p.id == "stuck.demo")
+            .expect("the stuck proxy stays connected")
+    };
+    // The server has produced the first response of every type for it...
+    wait_for(|| {
+        let status = stuck_status();
+        status.types.len() == type_url::ALL.len() && status.types.values().all(|t| t.sent == 1)
+    })
+    .await;
+    // ...which together are far more than the window it never reopens by reading.
+    let queued: u64 = stuck_status().types.values().map(|t| t.sent_bytes).sum();
+    assert!(
+        queued > 2 * u64::from(WINDOW),
+        "the stuck proxy's initial view ({queued} bytes) must exceed its window"
+    );
+
     for round in 0..5 {
         let started = Instant::now();
         std::fs::write(
@@ -280,17 +338,29 @@ async fn a_stuck_proxy_does_not_delay_the_others() {
         }
         println!("round {round}: file write to the last of 20 proxies: {slowest:?}");
     }
-    // The stuck proxy is still connected and owes its first answers: nothing was queued past
-    // one response per type for it.
-    let status = cp.registry.list();
-    let stuck_status = status.iter().find(|p| p.id == "stuck.demo").expect("stuck");
-    assert!(
-        stuck_status
-            .types
-            .values()
-            .all(|t| t.acked_version.is_none())
-    );
-    drop(stuck);
+    for client in &others {
+        assert_eq!(endpoint_addresses(client, "demo/articles"), ["10.77.1.4"]);
+    }
+
+    // For the stuck proxy the server still holds one unanswered response per type and nothing
+    // more: five changes later, nothing else was queued, so its memory is bounded by one
+    // response budget per type.
+    let status = stuck_status();
+    for (name, t) in &status.types {
+        assert_eq!(t.sent, 1, "{name}: responses sent");
+        assert!(t.pending_nonce.is_some(), "{name}: unanswered");
+        assert_eq!(t.acked_version, None, "{name}");
+    }
+    let held: u64 = status.types.values().map(|t| t.sent_bytes).sum();
+    assert_eq!(held, queued, "nothing queued after the first responses");
+    let bound = type_url::ALL.len() * (RESPONSE_BUDGET + 4096);
+    assert!(held <= bound as u64, "{held} bytes held, bound {bound}");
+
+    // Once it reads again it catches up with the current state (the five changes coalesced).
+    let mut stuck = stuck;
+    stuck.sync(&type_url::ALL, SOON).await.expect("catches up");
+    assert_eq!(endpoint_addresses(&stuck, "demo/articles"), ["10.77.1.4"]);
+    assert_eq!(stuck.names(type_url::SERVICE).len(), 302);
 }
 
 #[tokio::test]
@@ -309,22 +379,40 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         .expect_err("refused without a node");
     assert!(err.to_string().contains("workload"), "{err}");
 
-    // An unknown type URL is recorded; the stream keeps working for known types.
+    // An unknown type URL gets one response naming it (INVALID_ARGUMENT) and is recorded; the
+    // stream keeps working for known types.
+    const NONSENSE: &str = "type.googleapis.com/keel.mesh.v1.Nonsense";
     let mut client = DiscoveryClient::connect(cp.discovery_addr, node("frontend-1", "demo"))
         .await
         .expect("connect");
     client
         .send(DiscoveryRequest {
-            type_url: "type.googleapis.com/keel.mesh.v1.Nonsense".to_owned(),
+            type_url: NONSENSE.to_owned(),
             ..Default::default()
         })
         .await
         .expect("send");
+    let refused = client.recv(SOON).await.expect("the refusal");
+    assert_eq!(refused.type_url, NONSENSE);
+    assert!(refused.resources.is_empty() && refused.removed_resources.is_empty());
+    let detail = refused.error_detail.as_ref().expect("an error detail");
+    assert_eq!(detail.code, tonic::Code::InvalidArgument as i32);
+    assert!(
+        detail.message.contains("Nonsense") && detail.message.contains(type_url::SERVICE),
+        "{}",
+        detail.message
+    );
+    // Answering the refusal (as a generic client ACKs every response) gets no second one.
+    client.ack(&refused).await.expect("answer the refusal");
     client.subscribe_all().await.expect("subscribe");
     client
         .sync(&type_url::ALL, SOON)
         .await
         .expect("known types still served");
+    client
+        .quiet_for(Duration::from_millis(200))
+        .await
+        .expect("the unknown type is refused once");
     let status = cp.registry.list();
     let me = status
         .iter()
@@ -336,6 +424,27 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
             .unwrap_or_default()
             .contains("Nonsense")
     );
+
+    // A client spraying unknown types gets one refusal each, up to a bound, then its stream
+    // ends with the reason.
+    let mut sprayer = DiscoveryClient::connect(cp.discovery_addr, node("sprayer", "demo"))
+        .await
+        .expect("connect");
+    for i in 0..=16 {
+        sprayer
+            .send(DiscoveryRequest {
+                type_url: format!("{NONSENSE}{i}"),
+                ..Default::default()
+            })
+            .await
+            .expect("send");
+    }
+    for _ in 0..16 {
+        let r = sprayer.recv(SOON).await.expect("a refusal");
+        assert!(r.error_detail.is_some(), "{}", r.type_url);
+    }
+    let err = sprayer.recv(SOON).await.expect_err("cut off");
+    assert!(err.to_string().contains("unknown type URLs"), "{err}");
 
     // Raw garbage on the gRPC port: the connection fails, the server does not.
     {
@@ -381,6 +490,107 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
 
     // A new client still gets the full view.
     synced_client(cp.discovery_addr, "late").await;
+}
+
+/// A workload whose address is not an IP: the whole directory is invalid.
+fn break_articles(dir: &Path) {
+    std::fs::write(
+        dir.join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.300"),
+    )
+    .expect("bad edit");
+}
+
+fn fix_articles(dir: &Path) {
+    std::fs::write(
+        dir.join("articles.yaml"),
+        workload("articles-1", "articles", "10.77.0.3"),
+    )
+    .expect("fix");
+}
+
+#[tokio::test]
+async fn a_control_plane_started_on_an_invalid_directory_sends_nothing_until_it_is_fixed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    break_articles(dir.path());
+    // With a CA, so that the trust bundle is published before any model: a snapshot that only
+    // carries trust must not be served as if it were an (empty) mesh.
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let cp = ControlPlane::start(ControlPlaneConfig {
+        config_dir: dir.path().to_path_buf(),
+        discovery_addr: any,
+        admin_addr: any,
+        identity: Some(IdentityConfig::ephemeral(any)),
+    })
+    .await
+    .expect("starts on an invalid directory");
+    assert!(cp.store.source_status().rejected.is_some());
+    assert!(!cp.store.current().trust.anchors.is_empty());
+
+    let mut client = DiscoveryClient::connect(cp.discovery_addr, node("frontend-1", "demo"))
+        .await
+        .expect("connect");
+    client.subscribe_all().await.expect("subscribe");
+    client
+        .quiet_for(Duration::from_millis(500))
+        .await
+        .expect("no response, not even an empty view, before a valid model");
+    assert_eq!(cp.registry.list().len(), 1, "the stream is held open");
+
+    fix_articles(dir.path());
+    client
+        .sync(&type_url::ALL, SOON)
+        .await
+        .expect("the full view once the directory is valid");
+    assert_eq!(
+        client.names(type_url::SERVICE),
+        ["demo/articles", "demo/frontend"]
+    );
+    assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.3"]);
+    assert_eq!(client.names(type_url::MESH_CONFIG), ["mesh"]);
+}
+
+#[tokio::test]
+async fn a_proxy_loses_nothing_when_the_control_plane_restarts_on_an_invalid_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+    let held = synced_client(cp.discovery_addr, "frontend-1")
+        .await
+        .into_held();
+    let services = held[type_url::SERVICE].len();
+    assert_eq!(services, 2);
+    cp.shutdown().await;
+
+    // The control plane comes back on a directory someone broke meanwhile.
+    break_articles(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("restart");
+    assert!(cp.store.source_status().rejected.is_some());
+    let mut client =
+        DiscoveryClient::reconnect(cp.discovery_addr, node("frontend-1", "demo"), held)
+            .await
+            .expect("reconnect");
+    client.subscribe_all().await.expect("subscribe");
+    client
+        .quiet_for(Duration::from_millis(500))
+        .await
+        .expect("nothing sent, above all no removals, while no valid model is loaded");
+
+    // Once fixed, the proxy is told what differs from what it holds: nothing.
+    fix_articles(dir.path());
+    for _ in type_url::ALL {
+        let r = client.recv(SOON).await.expect("first response per type");
+        assert!(
+            r.resources.is_empty() && r.removed_resources.is_empty(),
+            "{}: {} resources, {} removals",
+            r.type_url,
+            r.resources.len(),
+            r.removed_resources.len()
+        );
+        client.ack(&r).await.expect("ack");
+    }
+    assert_eq!(client.names(type_url::SERVICE).len(), services);
 }
 
 async fn wait_for(mut condition: impl FnMut() -> bool) {

@@ -205,6 +205,10 @@ async fn main() -> anyhow::Result<()> {
     write_mesh(dir.path(), args.services, args.endpoints)?;
     let discovery = free_port()?;
     let admin = free_port()?;
+    // The control plane runs its CA as in production, in a directory of its own (never the
+    // user's) and on a port of its own (never the default 15012 another mesh may hold).
+    let ca_dir = tempfile::tempdir()?;
+    let secure = free_port()?;
     let started = Instant::now();
     let child = Command::new(&binary)
         .arg("--config-dir")
@@ -213,6 +217,10 @@ async fn main() -> anyhow::Result<()> {
         .arg(discovery.to_string())
         .arg("--admin-addr")
         .arg(admin.to_string())
+        .arg("--secure-addr")
+        .arg(secure.to_string())
+        .arg("--ca-dir")
+        .arg(ca_dir.path())
         .arg("--log")
         .arg(if args.control_plane_log.is_some() {
             "info"
@@ -282,7 +290,16 @@ async fn main() -> anyhow::Result<()> {
     let sync_time = sync_started.elapsed();
     let (synced_rss, _) = memory_kib(cp.0.id())?;
 
+    // Others share the machine: the load it was under goes with the figures.
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "?".to_owned())
+    };
+    let load_before = loadavg();
     let mut latencies = Vec::new();
+    let mut first_latencies = Vec::new();
     let mut per_proxy_bytes = Vec::new();
     for run in 0..args.runs {
         let service = (run * 7919) % args.services;
@@ -294,6 +311,7 @@ async fn main() -> anyhow::Result<()> {
             workload_file(service, args.endpoints, Some(100 + run as u8)),
         )?;
         let mut last = written;
+        let mut first: Option<Instant> = None;
         let mut bytes = Vec::new();
         while bytes.len() < args.proxies {
             let receipt = tokio::time::timeout(Duration::from_secs(60), rx.recv())
@@ -307,11 +325,16 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             last = last.max(receipt.at);
+            first = Some(first.map_or(receipt.at, |f| f.min(receipt.at)));
             bytes.push(receipt.bytes as f64);
         }
         latencies.push(last.duration_since(written).as_secs_f64() * 1000.0);
+        if let Some(first) = first {
+            first_latencies.push(first.duration_since(written).as_secs_f64() * 1000.0);
+        }
         per_proxy_bytes.push(median(&mut bytes));
     }
+    let load_after = loadavg();
     let (_, peak_rss) = memory_kib(cp.0.id())?;
     let (rss_after, _) = memory_kib(cp.0.id())?;
 
@@ -325,7 +348,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let _ = writeln!(
         report,
-        "Machine: {} cores; control plane `{}`; {} runs; command: `cargo run --release -p keel-bench --bin discovery -- --proxies {} --services {} --endpoints {} --runs {}`\n",
+        "Machine: {} cores, 1-minute load average {load_before} before the runs and {load_after} after; control plane `{}`; {} runs; command: `cargo run --release -p keel-bench --bin discovery -- --proxies {} --services {} --endpoints {} --runs {}`\n",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
@@ -344,6 +367,14 @@ async fn main() -> anyhow::Result<()> {
         median(&mut latencies.clone()),
         lat_min,
         lat_max
+    );
+    let (first_min, first_max) = spread(&first_latencies);
+    let _ = writeln!(
+        report,
+        "| the same change: file write -> first proxy received (ms; the rest is the fan-out) | {:.1} | {:.1} | {:.1} |",
+        median(&mut first_latencies.clone()),
+        first_min,
+        first_max
     );
     let _ = writeln!(
         report,

@@ -341,7 +341,7 @@ mod tests {
         let mut model = examples();
         let key = ObjectKey::new("demo", "reads");
         if let Some(reads) = model.services.get_mut(&key) {
-            reads.spec.vips.clear();
+            std::sync::Arc::make_mut(reads).spec.vips.clear();
         }
         let error = plan(&model).expect_err("reads has no VIP");
         assert!(
@@ -354,7 +354,8 @@ mod tests {
     fn workloads_outside_one_subnet_are_refused() {
         let mut model = examples();
         if let Some(w) = model.workloads.get_mut(&ObjectKey::new("demo", "reads-1")) {
-            w.spec.addresses = vec![IpAddr::V4(Ipv4Addr::new(10, 78, 0, 7))];
+            std::sync::Arc::make_mut(w).spec.addresses =
+                vec![IpAddr::V4(Ipv4Addr::new(10, 78, 0, 7))];
         }
         assert!(matches!(plan(&model), Err(PlanError::Subnet { .. })));
     }

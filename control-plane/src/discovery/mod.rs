@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::store::Store;
 pub use registry::{ProxyRegistry, ProxyStatus};
+pub use stream::RESPONSE_BUDGET;
 
 /// Responses queued for one proxy. At most one response per type is unacknowledged, so this
 /// bounds memory per stream without ever dropping a response.

@@ -34,8 +34,13 @@ pub struct TypeStatus {
     pub acked_at: Option<SystemTime>,
     /// Resources of this type the proxy holds.
     pub resources: usize,
-    /// The nonce of the response awaiting an answer, if any.
+    /// The nonce of the response awaiting an answer, if any: at most one response per type is
+    /// unacknowledged.
     pub pending_nonce: Option<String>,
+    /// Responses of this type handed to the stream's transport, and their encoded bytes. A proxy
+    /// that stops answering stops these growing: what the server holds for it is bounded.
+    pub sent: u64,
+    pub sent_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -113,12 +118,12 @@ impl ProxyRegistry {
         self.lock().remove(&stream);
     }
 
-    pub(super) fn sent(&self, stream: u64, type_url: &str, nonce: &str) {
+    pub(super) fn sent(&self, stream: u64, type_url: &str, nonce: &str, bytes: usize) {
         self.update(stream, |p| {
-            p.types
-                .entry(resources::short_name(type_url))
-                .or_default()
-                .pending_nonce = Some(nonce.to_owned());
+            let t = p.types.entry(resources::short_name(type_url)).or_default();
+            t.pending_nonce = Some(nonce.to_owned());
+            t.sent += 1;
+            t.sent_bytes += bytes as u64;
         });
     }
 

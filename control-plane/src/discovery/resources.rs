@@ -73,43 +73,78 @@ pub fn short_name(type_url: &str) -> &'static str {
 
 type Built = BTreeMap<String, VersionedResource>;
 
-/// The resources every proxy sees alike. `mtls` says whether the control plane runs a CA, so
-/// that proxies have certificates and originate mTLS to meshed endpoints.
-pub fn shared_resources(model: &Model, mtls: bool) -> Vec<(TypeUrl, Built)> {
-    let mut services = Built::new();
-    let mut endpoints = Built::new();
-    let mut routes = Built::new();
-    let mut policies = Built::new();
-    let index = model.endpoint_index();
-    for (key, service) in &model.services {
-        let name = key.to_string();
-        services.insert(
-            name.clone(),
-            VersionedResource::new(type_url::SERVICE, &service_of(service)),
-        );
-        endpoints.insert(
-            name.clone(),
-            VersionedResource::new(type_url::ENDPOINTS, &endpoints_of(model, &index, key, mtls)),
-        );
-        routes.insert(
-            name.clone(),
-            VersionedResource::new(type_url::ROUTE_TABLE, &route_table_of(service)),
-        );
-        let policy = match model.traffic_policies.get(key) {
-            Some(p) => traffic_policy_of(&p.spec),
-            None => traffic_policy_of(&model::TrafficPolicySpec::default_for(key.clone())),
-        };
-        policies.insert(
-            name,
-            VersionedResource::new(type_url::TRAFFIC_POLICY, &policy),
-        );
+/// The types every proxy sees alike, one resource per service, named after the service.
+pub const SHARED_TYPES: [TypeUrl; 4] = [
+    type_url::SERVICE,
+    type_url::ENDPOINTS,
+    type_url::ROUTE_TABLE,
+    type_url::TRAFFIC_POLICY,
+];
+
+/// Builds the shared resources of a model, for all services or for a few. `mtls` says whether
+/// the control plane runs a CA, so that proxies have certificates and originate mTLS to meshed
+/// endpoints.
+pub struct SharedResources<'a> {
+    model: &'a Model,
+    mtls: bool,
+    /// Answers "which workloads back this service" for many services at once; without it, each
+    /// question scans the service's namespace (cheaper when only a few are asked).
+    index: Option<model::EndpointIndex<'a>>,
+}
+
+impl<'a> SharedResources<'a> {
+    /// A builder for `services` services; `None`: for all of them.
+    pub fn new(model: &'a Model, mtls: bool, services: Option<usize>) -> SharedResources<'a> {
+        // An index costs a pass over every workload; a namespace scan per service is cheaper
+        // for a handful of services.
+        let index = services
+            .is_none_or(|n| n > 16)
+            .then(|| model.endpoint_index());
+        SharedResources { model, mtls, index }
     }
-    vec![
-        (type_url::SERVICE, services),
-        (type_url::ENDPOINTS, endpoints),
-        (type_url::ROUTE_TABLE, routes),
-        (type_url::TRAFFIC_POLICY, policies),
-    ]
+
+    /// The resource of `type_url` (one of [`SHARED_TYPES`]) for service `key`, or `None` when
+    /// the model has no such service.
+    pub fn build(&self, type_url: TypeUrl, key: &ObjectKey) -> Option<VersionedResource> {
+        let service = self.model.services.get(key)?;
+        Some(match type_url {
+            type_url::SERVICE => VersionedResource::new(type_url, &service_of(service)),
+            type_url::ENDPOINTS => {
+                let workloads = match &self.index {
+                    Some(index) => index.endpoints_of(key),
+                    None => self.model.endpoints_of(key),
+                };
+                VersionedResource::new(
+                    type_url,
+                    &endpoints_of(self.model, &workloads, key, self.mtls),
+                )
+            }
+            type_url::ROUTE_TABLE => VersionedResource::new(type_url, &route_table_of(service)),
+            _ => {
+                let policy = match self.model.traffic_policies.get(key) {
+                    Some(p) => traffic_policy_of(&p.spec),
+                    None => traffic_policy_of(&model::TrafficPolicySpec::default_for(key.clone())),
+                };
+                VersionedResource::new(type_url::TRAFFIC_POLICY, &policy)
+            }
+        })
+    }
+}
+
+/// Every resource every proxy sees alike, by type.
+pub fn shared_resources(model: &Model, mtls: bool) -> Vec<(TypeUrl, Built)> {
+    let builder = SharedResources::new(model, mtls, None);
+    SHARED_TYPES
+        .into_iter()
+        .map(|type_url| {
+            let built = model
+                .services
+                .keys()
+                .filter_map(|key| Some((key.to_string(), builder.build(type_url, key)?)))
+                .collect();
+            (type_url, built)
+        })
+        .collect()
 }
 
 /// The resources that depend on the proxy's own workload.
@@ -210,13 +245,12 @@ fn service_of(service: &model::Service) -> pb::Service {
 
 fn endpoints_of(
     model: &Model,
-    index: &model::EndpointIndex<'_>,
+    workloads: &[&model::Workload],
     key: &ObjectKey,
     mtls: bool,
 ) -> pb::Endpoints {
-    let endpoints = index
-        .endpoints_of(key)
-        .into_iter()
+    let endpoints = workloads
+        .iter()
         // One endpoint per workload, at its primary address: a dual-stack pod is one endpoint,
         // as in a Kubernetes EndpointSlice of one address family, so it is not weighted twice.
         .filter_map(|w| {
@@ -291,6 +325,7 @@ fn route_table_of(service: &model::Service) -> pb::RouteTable {
         .map(|r| pb::Route {
             name: r.name.clone(),
             r#match: Some(pb::RouteMatch {
+                hosts: r.matches.hosts.clone(),
                 path: r.matches.path.as_ref().map(string_match),
                 headers: r
                     .matches
@@ -570,5 +605,16 @@ mod tests {
             [type_url::MESH_CONFIG]["mesh"];
         let mesh = pb::MeshConfig::decode(mesh.body.value.as_slice()).expect("decodes");
         assert!(mesh.workload_labels.is_empty());
+    }
+
+    #[test]
+    fn route_hosts_are_encoded() {
+        let text = "apiVersion: keel.dev/v1alpha1\nkind: Service\nmetadata: {name: api, namespace: demo}\nspec:\n  hostnames: [api.example.com, legacy.example.com]\n  ports: [{port: 80}]\n  routes:\n  - name: legacy\n    match: {hosts: [legacy.example.com], path: {prefix: /}}\n    destinations: [{service: api}]\n";
+        let resources = model::parse_file(std::path::Path::new("api.yaml"), text).expect("parses");
+        let model = Model::from_resources(resources).expect("valid");
+        let built = shared_resources(&model, false);
+        let table: pb::RouteTable = decode(&built, type_url::ROUTE_TABLE, "demo/api");
+        let matches = table.routes[0].r#match.as_ref().expect("a match");
+        assert_eq!(matches.hosts, ["legacy.example.com"]);
     }
 }

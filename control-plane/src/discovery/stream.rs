@@ -11,13 +11,18 @@
 //! not sent again until the resource changes (resending a rejected config in a loop is a classic
 //! control-plane bug).
 //!
+//! Nothing is sent before the store holds a model a source loaded: until then a stream stays open
+//! and silent, so a proxy keeps whatever configuration it has. A request for a type this server
+//! does not serve is answered once with an error for that type, and the stream goes on.
+//!
 //! This module must never block on the store or on another stream.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse, Node, Resource};
+use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse, ErrorDetail, Node, Resource};
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
@@ -27,11 +32,19 @@ use crate::store::{Snapshot, TypeSet};
 
 /// The most bytes of resources in one response; larger updates are sent in several, each after
 /// the previous one is answered. Bounds what a stream buffers (tonic keeps an encode buffer the
-/// size of the largest message a stream ever sent, for the stream's life).
-const RESPONSE_BUDGET: usize = 64 << 10;
+/// size of the largest message a stream ever sent, for the stream's life). A response may exceed
+/// it by one resource.
+pub const RESPONSE_BUDGET: usize = 64 << 10;
 
 /// When a stream's deviations from its base grow past this, it re-bases on the current set.
 const MAX_CHANGES: usize = 64;
+
+/// How many distinct unknown type URLs a stream may ask for (each is answered once with an
+/// error); past this the proxy is broken or hostile, and its stream ends.
+const MAX_REFUSED_TYPES: usize = 16;
+
+/// A longer type URL is garbage, not a type this server might not know yet; the stream ends.
+const MAX_TYPE_URL: usize = 512;
 
 /// The state of one resource type on one stream.
 ///
@@ -46,6 +59,9 @@ struct Subscription {
     base: Option<TypeSet>,
     /// Name -> the version held, or `None` for not held; overrides `base`.
     changes: HashMap<String, Option<String>>,
+    /// How many resources the proxy holds, kept as `changes` change (counting would cost a
+    /// lookup in `base` per change on every answer).
+    held: usize,
     /// The snapshot version last compared against in full; 0 forces a full comparison.
     synced: u64,
     in_flight: Option<InFlight>,
@@ -102,6 +118,7 @@ impl Subscription {
                 .iter()
                 .map(|(k, v)| (k.clone(), Some(v.clone())))
                 .collect(),
+            held: initial.len(),
             ..Subscription::default()
         }
     }
@@ -121,7 +138,7 @@ impl Subscription {
                 self.names.remove(name);
             }
             // The proxy forgets what it unsubscribed from; nothing is sent for it.
-            self.changes.insert(name.clone(), None);
+            self.set_held(name.clone(), None);
         }
         if !subscribe.is_empty() || !unsubscribe.is_empty() {
             self.synced = 0;
@@ -185,7 +202,7 @@ impl Subscription {
             }
         }
         for (name, _, sent) in &changes {
-            self.changes.insert(name.clone(), sent.clone());
+            self.set_held(name.clone(), sent.clone());
         }
         if incomplete {
             // Names past the budget were not compared: the next response compares everything.
@@ -214,6 +231,7 @@ impl Subscription {
             removed_resources: removed,
             nonce,
             incomplete,
+            error_detail: None,
         })
     }
 
@@ -242,23 +260,24 @@ impl Subscription {
             if let Some(v) = sent {
                 self.rejected.insert(name.clone(), v);
             }
-            self.changes.insert(name, before);
+            self.set_held(name, before);
         }
+    }
+
+    /// Records that the proxy holds `version` of `name` (`None`: does not hold it).
+    fn set_held(&mut self, name: String, version: Option<String>) {
+        let before = self.held(&name).is_some();
+        match (before, version.is_some()) {
+            (true, false) => self.held -= 1,
+            (false, true) => self.held += 1,
+            _ => {}
+        }
+        self.changes.insert(name, version);
     }
 
     /// How many resources the proxy holds.
     fn held_count(&self) -> usize {
-        let base = self.base.as_ref().map(|b| b.len()).unwrap_or(0);
-        let mut count = base;
-        for (name, version) in &self.changes {
-            let in_base = self.base.as_ref().is_some_and(|b| b.contains_key(name));
-            match (in_base, version.is_some()) {
-                (true, false) => count -= 1,
-                (false, true) => count += 1,
-                _ => {}
-            }
-        }
-        count
+        self.held
     }
 }
 
@@ -268,9 +287,17 @@ pub(super) struct ProxyStream {
     node: NodeInfo,
     registry: Arc<ProxyRegistry>,
     snapshot: Arc<Snapshot>,
-    /// Resources computed for this node alone (mesh settings, inbound policy).
+    /// Resources computed for this node alone (mesh settings, inbound policy)...
     own: BTreeMap<TypeUrl, TypeSet>,
+    /// ...valid for the snapshot of this version...
+    own_version: u64,
+    /// ...and built from the snapshot of this one.
+    own_built: u64,
     subscriptions: BTreeMap<TypeUrl, Subscription>,
+    /// Unknown type URLs the proxy asked for; each was refused once.
+    refused: HashSet<String>,
+    /// Refusals not yet sent.
+    refusals: Vec<DiscoveryResponse>,
     nonces: u64,
 }
 
@@ -306,13 +333,24 @@ pub(super) async fn serve(
     let snapshot = snapshots.borrow_and_update().clone();
     registry.connect(id, first.node.clone().unwrap_or_default(), peer);
     tracing::info!(stream = id, node = %node.id, ?peer, "proxy connected");
+    if !snapshot.loaded {
+        tracing::info!(
+            stream = id,
+            node = %node.id,
+            "no valid mesh configuration loaded yet; the stream waits for one"
+        );
+    }
     let mut stream = ProxyStream {
         id,
         own: resources::node_resources(&snapshot.model, &snapshot.trust, &node),
+        own_version: snapshot.version,
+        own_built: snapshot.version,
         node,
         registry,
         snapshot,
         subscriptions: BTreeMap::new(),
+        refused: HashSet::new(),
+        refusals: Vec::new(),
         nonces: 0,
     };
     let end = tokio::select! {
@@ -341,11 +379,18 @@ impl ProxyStream {
         snapshots: &mut watch::Receiver<Arc<Snapshot>>,
         responses: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
     ) -> Result<(), String> {
-        self.handle(first);
+        self.handle_or_end(first, responses).await?;
         loop {
-            for response in self.pending_responses() {
-                self.registry
-                    .sent(self.id, &response.type_url, &response.nonce);
+            let refusals = std::mem::take(&mut self.refusals);
+            for response in refusals.into_iter().chain(self.pending_responses()) {
+                if response.error_detail.is_none() {
+                    self.registry.sent(
+                        self.id,
+                        &response.type_url,
+                        &response.nonce,
+                        response.encoded_len(),
+                    );
+                }
                 responses
                     .send(Ok(response))
                     .await
@@ -353,7 +398,7 @@ impl ProxyStream {
             }
             tokio::select! {
                 request = requests.message() => match request {
-                    Ok(Some(request)) => self.handle(request),
+                    Ok(Some(request)) => self.handle_or_end(request, responses).await?,
                     Ok(None) => return Ok(()),
                     Err(status) => return Err(format!("receive failed: {}", status.message())),
                 },
@@ -362,26 +407,48 @@ impl ProxyStream {
                         return Err("the store is gone".to_owned());
                     }
                     self.snapshot = snapshots.borrow_and_update().clone();
-                    self.own = resources::node_resources(&self.snapshot.model, &self.snapshot.trust, &self.node);
+                    // Most changes (an endpoint moving) leave this proxy's own resources as
+                    // they are; they are built again only when what they depend on changed.
+                    if self
+                        .snapshot
+                        .node_view_changed_since(self.own_version, &self.node.workload)
+                    {
+                        self.own = resources::node_resources(
+                            &self.snapshot.model,
+                            &self.snapshot.trust,
+                            &self.node,
+                        );
+                        self.own_built = self.snapshot.version;
+                    }
+                    self.own_version = self.snapshot.version;
                 },
             }
         }
     }
 
-    /// Applies one request: subscription changes, then the ACK or NACK it carries.
-    fn handle(&mut self, request: DiscoveryRequest) {
+    /// Applies one request; a request that ends the stream is answered with its status.
+    async fn handle_or_end(
+        &mut self,
+        request: DiscoveryRequest,
+        responses: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> Result<(), String> {
+        let Err(status) = self.handle(request) else {
+            return Ok(());
+        };
+        let reason = status.message().to_owned();
+        self.registry.error(self.id, reason.clone());
+        let _ = responses.send(Err(status)).await;
+        Err(reason)
+    }
+
+    /// Applies one request: subscription changes, then the ACK or NACK it carries. An error ends
+    /// the stream.
+    fn handle(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
         if request.type_url.is_empty() {
-            return;
+            return Ok(());
         }
         let Some(type_url) = resources::known_type(&request.type_url) else {
-            let reason = format!(
-                "unknown type URL {:?}; this control plane serves: {}",
-                request.type_url,
-                resources::ALL_TYPES.join(", ")
-            );
-            tracing::warn!(stream = self.id, node = %self.node.id, "{reason}");
-            self.registry.error(self.id, reason);
-            return;
+            return self.refuse(request.type_url);
         };
         let subscription = self.subscriptions.entry(type_url).or_insert_with(|| {
             // The proxy reconnected holding these versions: nothing equal is resent.
@@ -394,7 +461,7 @@ impl ProxyStream {
         subscription.apply_names(&request.subscribe, &request.unsubscribe);
 
         if request.response_nonce.is_empty() {
-            return;
+            return Ok(());
         }
         let in_flight = subscription
             .in_flight
@@ -403,7 +470,7 @@ impl ProxyStream {
             // A stale or unknown nonce: the subscription change above still counts, the
             // ACK does not.
             tracing::debug!(stream = self.id, nonce = %request.response_nonce, "stale nonce");
-            return;
+            return Ok(());
         };
         match request.error_detail {
             None => {
@@ -436,12 +503,59 @@ impl ProxyStream {
                 subscription.rejected_in_flight(flight);
             }
         }
+        Ok(())
+    }
+
+    /// A request for a type this server does not serve. The proxy gets one response saying so
+    /// (xDS servers commonly ignore such a request, leaving the proxy waiting for nothing); its
+    /// other subscriptions go on. Requests repeating the type (an answer to that response) are
+    /// ignored.
+    fn refuse(&mut self, type_url: String) -> Result<(), Status> {
+        if type_url.len() > MAX_TYPE_URL {
+            return Err(Status::invalid_argument(format!(
+                "a type URL of {} bytes is not a type URL (at most {MAX_TYPE_URL})",
+                type_url.len()
+            )));
+        }
+        if self.refused.contains(&type_url) {
+            tracing::debug!(stream = self.id, %type_url, "unknown type asked for again");
+            return Ok(());
+        }
+        if self.refused.len() >= MAX_REFUSED_TYPES {
+            return Err(Status::invalid_argument(format!(
+                "more than {MAX_REFUSED_TYPES} unknown type URLs on one stream; the last was {type_url:?}"
+            )));
+        }
+        let reason = format!(
+            "unknown type URL {type_url:?}; this control plane serves: {}",
+            resources::ALL_TYPES.join(", ")
+        );
+        tracing::warn!(stream = self.id, node = %self.node.id, "{reason}");
+        self.registry.error(self.id, reason.clone());
+        self.nonces += 1;
+        self.refusals.push(DiscoveryResponse {
+            type_url: type_url.clone(),
+            nonce: self.nonces.to_string(),
+            error_detail: Some(ErrorDetail {
+                code: tonic::Code::InvalidArgument as i32,
+                message: reason,
+            }),
+            ..DiscoveryResponse::default()
+        });
+        self.refused.insert(type_url);
+        Ok(())
     }
 
     /// Every response that can be sent now: for each subscribed type with nothing in flight,
     /// what differs between the current snapshot and what the proxy holds.
     fn pending_responses(&mut self) -> Vec<DiscoveryResponse> {
         let mut out = Vec::new();
+        if !self.snapshot.loaded {
+            // No valid model yet: the stream stays open and silent, so the proxy keeps what it
+            // holds (and is not ready if it holds nothing) instead of being told the mesh is
+            // empty. Subscriptions are recorded meanwhile and answered once a model is loaded.
+            return out;
+        }
         for type_url in resources::ALL_TYPES {
             let Some(subscription) = self.subscriptions.get_mut(type_url) else {
                 continue;
@@ -449,16 +563,24 @@ impl ProxyStream {
             if subscription.in_flight.is_some() {
                 continue;
             }
+            let synced = subscription.synced;
             let (desired, touched) = match self.snapshot.shared.get(type_url) {
-                Some(set) => (
-                    set,
-                    self.snapshot.touched_since(type_url, subscription.synced),
-                ),
+                Some(set) => (set, self.snapshot.touched_since(type_url, synced)),
                 None => match self.own.get(type_url) {
+                    // Compared since this set was built: only a new set can differ.
+                    Some(set) if synced != 0 && synced >= self.own_built => {
+                        (set, Some(BTreeSet::new()))
+                    }
                     Some(set) => (set, None),
                     None => continue,
                 },
             };
+            // Most changes touch a few types: the others have nothing to compare.
+            let nothing_touched = touched.as_ref().is_some_and(BTreeSet::is_empty);
+            if nothing_touched && synced != 0 && !subscription.owes_first_response {
+                subscription.synced = self.snapshot.version;
+                continue;
+            }
             self.nonces += 1;
             let nonce = self.nonces.to_string();
             if let Some(r) =
@@ -644,6 +766,39 @@ mod tests {
         assert!(parts > 1, "40 x 8 KiB must not fit one response");
         assert_eq!(received.len(), 40);
         assert!(s.diff(T, &big, None, 7, "last".into()).is_none());
+    }
+
+    /// What the proxy holds, counted from scratch.
+    fn counted(s: &Subscription) -> usize {
+        s.held_names().len()
+    }
+
+    #[test]
+    fn the_held_count_follows_every_change() {
+        let mut s = holding(&[("a", "1"), ("b", "1"), ("gone", "1")]);
+        assert_eq!((s.held_count(), counted(&s)), (3, 3));
+        let desired = set(&[("a", "2"), ("b", "1"), ("c", "1")]);
+        let r = s
+            .diff(T, &desired, None, 2, "1".into())
+            .expect("a, c, -gone");
+        assert_eq!(r.removed_resources, ["gone"]);
+        assert_eq!((s.held_count(), counted(&s)), (3, 3));
+        // Rejected: the proxy kept a@1 and gone@1 and never got c.
+        let flight = s.in_flight.take().expect("in flight");
+        s.rejected_in_flight(flight);
+        assert_eq!((s.held_count(), counted(&s)), (3, 3));
+        assert_eq!(s.held("c"), None);
+        s.apply_names(&[], &["b".to_owned()]);
+        assert_eq!((s.held_count(), counted(&s)), (2, 2));
+        // Many changes re-base on a shared set; the count stays right.
+        let many: TypeSet = Arc::new(
+            (0..100)
+                .map(|i| (format!("r{i}"), resource("1", 8)))
+                .collect(),
+        );
+        s.diff(T, &many, None, 3, "2".into()).expect("all of them");
+        s.in_flight = None;
+        assert_eq!((s.held_count(), counted(&s)), (100, 100));
     }
 
     #[test]

@@ -19,12 +19,20 @@ use super::resources::Position;
 /// Mesh files are hand-written and small; anything larger is a mistake (or a device file).
 const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// A mesh file found in a directory, with its metadata as the directory walk saw it.
+#[derive(Debug, Clone)]
+pub struct MeshFile {
+    pub path: PathBuf,
+    pub metadata: fs::Metadata,
+}
+
 /// Loads every mesh file under `dir` (recursively). Returns the model and the files read, in
 /// the order they were read.
 pub fn load_dir(dir: &Path) -> Result<(Model, Vec<PathBuf>), ValidationErrors> {
     let mut errors = Vec::new();
     let mut files = Vec::new();
     collect_dir(dir, &mut BTreeSet::new(), &mut files, &mut errors);
+    let mut files: Vec<PathBuf> = files.into_iter().map(|f| f.path).collect();
     files.sort();
     let model = load_paths(&files, errors)?;
     Ok((model, files))
@@ -32,6 +40,11 @@ pub fn load_dir(dir: &Path) -> Result<(Model, Vec<PathBuf>), ValidationErrors> {
 
 /// The mesh files under `dir`, sorted by path, as `load_dir` reads them.
 pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ValidationErrors> {
+    Ok(mesh_files(dir)?.into_iter().map(|f| f.path).collect())
+}
+
+/// Like [`yaml_files`], with each file's metadata (one `stat` each, which the walk needs anyway).
+pub fn mesh_files(dir: &Path) -> Result<Vec<MeshFile>, ValidationErrors> {
     let mut errors = Vec::new();
     let mut files = Vec::new();
     collect_dir(dir, &mut BTreeSet::new(), &mut files, &mut errors);
@@ -40,7 +53,7 @@ pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ValidationErrors> {
         errors.sort();
         return Err(errors);
     }
-    files.sort();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)
 }
 
@@ -55,6 +68,7 @@ pub fn load_files(paths: &[PathBuf]) -> Result<Model, ValidationErrors> {
             Ok(meta) if meta.is_dir() => {
                 let mut found = Vec::new();
                 collect_dir(path, &mut visited_dirs, &mut found, &mut errors);
+                let mut found: Vec<PathBuf> = found.into_iter().map(|f| f.path).collect();
                 found.sort();
                 files.extend(found);
             }
@@ -77,7 +91,7 @@ fn load_paths(
 ) -> Result<Model, ValidationErrors> {
     let mut resources = Vec::new();
     for file in files {
-        let text = match read_text(file) {
+        let text = match read_mesh_file(file) {
             Ok(text) => text,
             Err(error) => {
                 errors.push(error);
@@ -118,7 +132,7 @@ fn is_mesh_file(path: &Path) -> bool {
 fn collect_dir(
     dir: &Path,
     visited: &mut BTreeSet<PathBuf>,
-    files: &mut Vec<PathBuf>,
+    files: &mut Vec<MeshFile>,
     errors: &mut Vec<ValidationError>,
 ) {
     let canonical = match fs::canonicalize(dir) {
@@ -169,10 +183,18 @@ fn collect_dir(
             tracing::debug!(path = %path.display(), "skipping hidden or temporary entry");
             continue;
         }
-        // `fs::metadata` follows symlinks, so linked files and directories count as themselves.
-        match fs::metadata(&path) {
+        // Symlinks are followed (`fs::metadata`), so linked files and directories count as
+        // themselves. Anything else is looked up relative to the directory being read, which
+        // spares resolving the whole path again for every file of a large directory.
+        let metadata = match entry.file_type() {
+            Ok(t) if !t.is_symlink() => entry.metadata(),
+            _ => fs::metadata(&path),
+        };
+        match metadata {
             Ok(meta) if meta.is_dir() => collect_dir(&path, visited, files, errors),
-            Ok(meta) if meta.is_file() && is_mesh_file(&path) => files.push(path),
+            Ok(metadata) if metadata.is_file() && is_mesh_file(&path) => {
+                files.push(MeshFile { path, metadata });
+            }
             Ok(_) => {}
             Err(e) if is_mesh_file(&path) => errors.push(ValidationError::file(
                 &path,
@@ -186,7 +208,9 @@ fn collect_dir(
     }
 }
 
-fn read_text(path: &Path) -> Result<String, ValidationError> {
+/// A mesh file's text: at most 16 MiB of UTF-8, or an error naming the file (and, for bad
+/// UTF-8, the position).
+pub fn read_mesh_file(path: &Path) -> Result<String, ValidationError> {
     let io_error =
         |e: std::io::Error| ValidationError::file(path, ErrorKind::Io, format!("cannot read: {e}"));
     let meta = fs::metadata(path).map_err(io_error)?;

@@ -6,8 +6,9 @@
 //! with those maps. They must never mutate the model, and never panic on a key that is not in
 //! the model (they answer "nothing" instead).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::resources::{
     AuthorizationPolicy, MeshConfigSpec, MtlsMode, ObjectKey, Service, TrafficPolicy, Workload,
@@ -15,16 +16,23 @@ use super::resources::{
 
 /// The mesh as the control plane serves it. Built by [`Model::from_resources`], which guarantees
 /// that every reference inside resolves and that nothing is defined twice.
+///
+/// Resources are shared with the files they were read from (and with earlier models), so a new
+/// model after an edit holds the same allocation for every resource the edit did not touch:
+/// building it copies no resource, and telling what changed starts with a pointer comparison.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Model {
     /// Defaults when no MeshConfig was given.
     pub mesh: MeshConfigSpec,
-    pub services: BTreeMap<ObjectKey, Service>,
-    pub workloads: BTreeMap<ObjectKey, Workload>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub workloads: BTreeMap<ObjectKey, Arc<Workload>>,
     /// Keyed by the *target service*, not by the policy's own name.
-    pub traffic_policies: BTreeMap<ObjectKey, TrafficPolicy>,
-    pub authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
+    pub traffic_policies: BTreeMap<ObjectKey, Arc<TrafficPolicy>>,
+    pub authorization_policies: BTreeMap<ObjectKey, Arc<AuthorizationPolicy>>,
 }
+
+/// A label in a namespace: (namespace, key, value).
+type LabelPair<'a> = (&'a str, &'a str, &'a str);
 
 /// Whether `labels` carries every pair in `selector`.
 pub fn selector_matches(
@@ -69,7 +77,7 @@ fn normalize_host(host: &str) -> String {
 impl Model {
     /// Workloads in `namespace`, in name order.
     pub fn workloads_in<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a Workload> {
-        in_namespace(&self.workloads, namespace).map(|(_, w)| w)
+        in_namespace(&self.workloads, namespace).map(|(_, w)| &**w)
     }
 
     /// The workloads a service selects: same namespace, labels containing the whole selector.
@@ -111,10 +119,57 @@ impl Model {
             return Vec::new();
         };
         in_namespace(&self.services, &workload.namespace)
-            .map(|(_, s)| s)
+            .map(|(_, s)| &**s)
             .filter(|s| !s.spec.selector.is_empty())
             .filter(|s| selector_matches(&s.spec.selector, &w.meta.labels))
             .collect()
+    }
+
+    /// The services whose selector picks any of `workloads` (each as given, which need not be
+    /// the version in this model). For more than a couple of workloads, the services of their
+    /// namespaces are indexed by one pair of their selector first, so that each workload is
+    /// matched against the few services that can select it rather than against all of them.
+    pub fn services_selecting(&self, workloads: &[&Workload]) -> BTreeSet<ObjectKey> {
+        let selects = |s: &Service, w: &Workload| {
+            !s.spec.selector.is_empty() && selector_matches(&s.spec.selector, &w.meta.labels)
+        };
+        if workloads.len() <= 2 {
+            return workloads
+                .iter()
+                .flat_map(|w| {
+                    in_namespace(&self.services, &w.meta.namespace)
+                        .filter(|(_, s)| selects(s, w))
+                        .map(|(k, _)| k.clone())
+                })
+                .collect();
+        }
+        let namespaces: BTreeSet<&str> = workloads
+            .iter()
+            .map(|w| w.meta.namespace.as_str())
+            .collect();
+        let mut by_pair: HashMap<LabelPair<'_>, Vec<(&ObjectKey, &Service)>> = HashMap::new();
+        for ns in namespaces {
+            for (key, service) in in_namespace(&self.services, ns) {
+                if let Some((k, v)) = service.spec.selector.iter().next() {
+                    by_pair
+                        .entry((ns, k.as_str(), v.as_str()))
+                        .or_default()
+                        .push((key, service));
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        for w in workloads {
+            for (k, v) in &w.meta.labels {
+                let pair = (w.meta.namespace.as_str(), k.as_str(), v.as_str());
+                for (key, service) in by_pair.get(&pair).into_iter().flatten() {
+                    if selects(service, w) {
+                        out.insert((*key).clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The authorization policies that apply to a workload: those in the mesh's root namespace
@@ -132,7 +187,7 @@ impl Model {
         namespaces
             .into_iter()
             .flat_map(|ns| in_namespace(&self.authorization_policies, ns))
-            .map(|(_, p)| p)
+            .map(|(_, p)| &**p)
             .filter(|p| selector_matches(&p.spec.selector, &w.meta.labels))
             .collect()
     }
@@ -166,7 +221,7 @@ impl Model {
 
     /// The traffic policy configuring `service`, if any.
     pub fn traffic_policy_for(&self, service: &ObjectKey) -> Option<&TrafficPolicy> {
-        self.traffic_policies.get(service)
+        self.traffic_policies.get(service).map(|p| &**p)
     }
 
     /// The service a hostname (or VIP) names, case-insensitively and ignoring a trailing dot or a
@@ -176,7 +231,11 @@ impl Model {
     pub fn resolve_host(&self, host: &str) -> Option<&Service> {
         let host = normalize_host(host);
         let ip = host.parse::<IpAddr>().ok();
-        let mut found = self.services.values().filter(|s| claims(s, &host, ip));
+        let mut found = self
+            .services
+            .values()
+            .map(|s| &**s)
+            .filter(|s| claims(s, &host, ip));
         let first = found.next()?;
         found.next().is_none().then_some(first)
     }
@@ -187,7 +246,7 @@ impl Model {
         let normalized = normalize_host(host);
         let ip = normalized.parse::<IpAddr>().ok();
         in_namespace(&self.services, namespace)
-            .map(|(_, s)| s)
+            .map(|(_, s)| &**s)
             .find(|s| claims(s, &normalized, ip))
             .or_else(|| self.resolve_host(host))
     }
@@ -208,6 +267,60 @@ mod tests {
         assert_eq!(normalize_host("articles"), "articles");
         assert_eq!(normalize_host("[fd00::1]:80"), "fd00::1");
         assert_eq!(normalize_host("fd00::1"), "fd00::1");
+    }
+
+    #[test]
+    fn services_selecting_agrees_with_services_of() {
+        let mut text = String::new();
+        // Services with one- and two-label selectors in two namespaces, and one selecting
+        // nothing; workloads with every combination of labels.
+        for (ns, name, selector) in [
+            ("a", "web", "{app: web}"),
+            ("a", "web-v2", "{app: web, version: v2}"),
+            ("a", "api", "{app: api}"),
+            ("b", "web", "{app: web}"),
+            ("a", "none", "{}"),
+        ] {
+            text.push_str(&format!(
+                "apiVersion: keel.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  ports: [{{port: 80}}]\n  selector: {selector}\n---\n"
+            ));
+        }
+        let mut ip = 0;
+        for ns in ["a", "b"] {
+            for labels in [
+                "{app: web}",
+                "{app: web, version: v2}",
+                "{app: api}",
+                "{other: x}",
+            ] {
+                ip += 1;
+                text.push_str(&format!(
+                    "apiVersion: keel.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w{ip}, namespace: {ns}, labels: {labels}}}\nspec:\n  serviceAccount: sa\n  addresses: [10.0.0.{ip}]\n---\n"
+                ));
+            }
+        }
+        let resources =
+            crate::model::parse_file(std::path::Path::new("m.yaml"), &text).expect("parses");
+        let model = Model::from_resources(resources).expect("valid");
+        let all: Vec<&Workload> = model.workloads.values().map(|w| &**w).collect();
+        let expected = |ws: &[&Workload]| -> BTreeSet<ObjectKey> {
+            ws.iter()
+                .flat_map(|w| model.services_of(&w.meta.key()))
+                .map(|s| s.meta.key())
+                .collect()
+        };
+        // Indexed (many workloads) and scanned (one or two) alike.
+        assert_eq!(model.services_selecting(&all), expected(&all));
+        assert_eq!(model.services_selecting(&all).len(), 4);
+        for w in &all {
+            assert_eq!(
+                model.services_selecting(&[w]),
+                expected(&[w]),
+                "{}",
+                w.meta.key()
+            );
+        }
+        assert_eq!(model.services_selecting(&all[1..3]), expected(&all[1..3]));
     }
 }
 

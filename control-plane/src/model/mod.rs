@@ -12,10 +12,16 @@
 //! never let YAML-library types leak into its public types: everything downstream of it assumes
 //! the model is valid and does not check again.
 //!
+//! A watched directory changes a file at a time: [`IndexedModel`] applies such a change to a
+//! valid model, checking only what the change takes part in, and [`ModelChange`] says which
+//! resources differ between two models, so that consumers rebuild only what depends on them.
+//!
 //! Files: `resources` (the public types), `yaml` (documents → spanned node trees), `decode`
 //! (typed readers over nodes), `parse` (one reader per kind), `validate` (cross-resource checks),
-//! `mesh` (the [`Model`] and its queries), `load` (files and directories), `error`.
+//! `change` (incremental checks and model differences), `mesh` (the [`Model`] and its queries),
+//! `load` (files and directories), `error`.
 
+mod change;
 mod decode;
 mod error;
 mod load;
@@ -25,8 +31,9 @@ mod resources;
 mod validate;
 mod yaml;
 
+pub use change::{IndexedModel, ModelChange};
 pub use error::{ErrorKind, ValidationError, ValidationErrors};
-pub use load::{load_dir, load_files, yaml_files};
+pub use load::{MeshFile, load_dir, load_files, mesh_files, read_mesh_file, yaml_files};
 pub use mesh::{EndpointIndex, Model, selector_matches};
 pub use parse::parse_file;
 pub use resources::*;

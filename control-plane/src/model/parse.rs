@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method};
 
@@ -88,12 +89,13 @@ fn decode_resource(
 }
 
 fn set_origin(resource: &mut Resource, origin: Origin) {
+    // The resource was just decoded, so nothing else holds it and nothing is copied.
     match resource {
-        Resource::MeshConfig(r) => r.origin = origin,
-        Resource::Workload(r) => r.origin = origin,
-        Resource::Service(r) => r.origin = origin,
-        Resource::TrafficPolicy(r) => r.origin = origin,
-        Resource::AuthorizationPolicy(r) => r.origin = origin,
+        Resource::MeshConfig(r) => Arc::make_mut(r).origin = origin,
+        Resource::Workload(r) => Arc::make_mut(r).origin = origin,
+        Resource::Service(r) => Arc::make_mut(r).origin = origin,
+        Resource::TrafficPolicy(r) => Arc::make_mut(r).origin = origin,
+        Resource::AuthorizationPolicy(r) => Arc::make_mut(r).origin = origin,
     }
 }
 
@@ -202,21 +204,21 @@ fn decode_kind(
                 Some(field) => mesh_config_spec(dec, field),
                 None => Some(MeshConfigSpec::default()),
             };
-            Resource::MeshConfig(MeshConfig {
+            Resource::MeshConfig(Arc::new(MeshConfig {
                 meta: meta?,
                 origin,
                 spec: spec?,
-            })
+            }))
         }
         Kind::Workload => {
             let spec = root
                 .require(dec, "spec")
                 .and_then(|f| workload_spec(dec, f));
-            Resource::Workload(Workload {
+            Resource::Workload(Arc::new(Workload {
                 meta: meta?,
                 origin,
                 spec: spec?,
-            })
+            }))
         }
         Kind::Service => {
             let name = meta.as_ref().map(|m| m.name.clone()).unwrap_or_default();
@@ -224,31 +226,31 @@ fn decode_kind(
             let spec = root
                 .require(dec, "spec")
                 .and_then(|f| service_spec(dec, f, &key));
-            Resource::Service(Service {
+            Resource::Service(Arc::new(Service {
                 meta: meta?,
                 origin,
                 spec: spec?,
-            })
+            }))
         }
         Kind::TrafficPolicy => {
             let spec = root
                 .require(dec, "spec")
                 .and_then(|f| traffic_policy_spec(dec, f, &namespace));
-            Resource::TrafficPolicy(TrafficPolicy {
+            Resource::TrafficPolicy(Arc::new(TrafficPolicy {
                 meta: meta?,
                 origin,
                 spec: spec?,
-            })
+            }))
         }
         Kind::AuthorizationPolicy => {
             let spec = root
                 .require(dec, "spec")
                 .and_then(|f| authorization_policy_spec(dec, f));
-            Resource::AuthorizationPolicy(AuthorizationPolicy {
+            Resource::AuthorizationPolicy(Arc::new(AuthorizationPolicy {
                 meta: meta?,
                 origin,
                 spec: spec?,
-            })
+            }))
         }
     };
     Some(resource)
@@ -556,9 +558,15 @@ fn service_spec(dec: &mut Decoder<'_>, field: Field<'_>, key: &ObjectKey) -> Opt
         .require(dec, "ports")
         .and_then(|field| service_ports(dec, field));
     let selector = f.get("selector").map(|f| dec.labels(f));
+    // A route may match some of the service's hostnames; unknown when they failed to parse.
+    let known_hosts = match &hostnames {
+        Some(None) => None,
+        Some(Some(listed)) if !listed.is_empty() => Some(listed.clone()),
+        _ => Some(ServiceSpec::default_hostnames(key)),
+    };
     let routes = f
         .get("routes")
-        .map(|field| routes(dec, field, &key.namespace));
+        .map(|field| routes(dec, field, &key.namespace, known_hosts.as_deref()));
 
     if let (Some(ports), Some(Some(routes)), Some(routes_field)) =
         (&ports, &routes, f.get("routes"))
@@ -648,12 +656,17 @@ fn service_ports(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<Vec<ServiceP
     ok.then_some(ports)
 }
 
-fn routes(dec: &mut Decoder<'_>, field: Field<'_>, namespace: &str) -> Option<Vec<Route>> {
+fn routes(
+    dec: &mut Decoder<'_>,
+    field: Field<'_>,
+    namespace: &str,
+    hosts: Option<&[String]>,
+) -> Option<Vec<Route>> {
     let items = dec.list(field)?;
     let mut out: Vec<Route> = Vec::with_capacity(items.len());
     let mut ok = true;
     for item in &items {
-        match route(dec, item.field(), namespace) {
+        match route(dec, item.field(), namespace, hosts) {
             Some((route, name_field_pos)) => {
                 if out.iter().any(|r| r.name == route.name) {
                     dec.error(
@@ -673,7 +686,12 @@ fn routes(dec: &mut Decoder<'_>, field: Field<'_>, namespace: &str) -> Option<Ve
     ok.then_some(out)
 }
 
-fn route(dec: &mut Decoder<'_>, field: Field<'_>, namespace: &str) -> Option<(Route, Position)> {
+fn route(
+    dec: &mut Decoder<'_>,
+    field: Field<'_>,
+    namespace: &str,
+    hosts: Option<&[String]>,
+) -> Option<(Route, Position)> {
     let f = dec.fields(
         field.node,
         field.path(),
@@ -682,7 +700,7 @@ fn route(dec: &mut Decoder<'_>, field: Field<'_>, namespace: &str) -> Option<(Ro
     let name_field = f.require(dec, "name");
     let name_pos = name_field.map(|n| n.pos()).unwrap_or(f.pos());
     let name = name_field.and_then(|f| dec.checked_string(f, check_dns_label));
-    let matches = f.get("match").map(|f| route_match(dec, f));
+    let matches = f.get("match").map(|f| route_match(dec, f, hosts));
     let destinations = f
         .require(dec, "destinations")
         .and_then(|f| destinations(dec, f, namespace));
@@ -745,8 +763,33 @@ fn check_path(s: &str) -> Result<(), String> {
     }
 }
 
-fn route_match(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RouteMatch> {
-    let f = dec.fields(field.node, field.path(), &["path", "method", "headers"])?;
+/// `known_hosts`: the service's hostnames, which a `hosts` condition may name (`None`: they are
+/// unknown because they failed to parse, so they are not checked).
+fn route_match(
+    dec: &mut Decoder<'_>,
+    field: Field<'_>,
+    known_hosts: Option<&[String]>,
+) -> Option<RouteMatch> {
+    let f = dec.fields(
+        field.node,
+        field.path(),
+        &["hosts", "path", "method", "headers"],
+    )?;
+    let hosts = f.get("hosts").map(|field| {
+        unique_list(dec, field, "host", |dec, f| {
+            dec.checked_string(f, |s| {
+                check_dns_subdomain(s).map_err(|e| format!("host {e}"))?;
+                match known_hosts {
+                    Some(known) if !known.iter().any(|h| h == s) => Err(format!(
+                        "{} is not a hostname of this service, so no request routed here has it; the service's hostnames are: {}",
+                        quote(s),
+                        known.join(", ")
+                    )),
+                    _ => Ok(()),
+                }
+            })
+        })
+    });
     let path = f.get("path").map(|field| {
         let p = dec.fields(field.node, field.path(), &["exact", "prefix", "regex"])?;
         let (which, value) = exactly_one(dec, &p, field, &["exact", "prefix", "regex"])?;
@@ -761,6 +804,7 @@ fn route_match(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RouteMatch> {
         .get("headers")
         .map(|field| dec.list_of(field, header_match));
     Some(RouteMatch {
+        hosts: or_default(hosts, Vec::new())?,
         path: optional(path)?,
         method: optional(method)?,
         headers: or_default(headers, Vec::new())?,

@@ -319,6 +319,9 @@ pub struct HeaderMatch {
 /// empty match matches every request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteMatch {
+    /// The request's host (authority without port) is one of these, each a hostname of the
+    /// service the route belongs to. Empty: any host.
+    pub hosts: Vec<String>,
     pub path: Option<PathMatch>,
     pub method: Option<Method>,
     pub headers: Vec<HeaderMatch>,
@@ -792,17 +795,16 @@ pub struct AuthorizationPolicy {
 
 // ---------------------------------------------------------------------------------------------
 
-/// Any one resource, as read from a document.
-// A TrafficPolicy carries every resilience knob inline; resources are built once per reload and
-// held in maps, so boxing the largest variant would buy nothing measurable.
-#[allow(clippy::large_enum_variant)]
+/// Any one resource, as read from a document. Shared: the file it came from and every model
+/// built from that file hold the same allocation, so a model is rebuilt without copying the
+/// resources that did not change.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
-    MeshConfig(MeshConfig),
-    Workload(Workload),
-    Service(Service),
-    TrafficPolicy(TrafficPolicy),
-    AuthorizationPolicy(AuthorizationPolicy),
+    MeshConfig(Arc<MeshConfig>),
+    Workload(Arc<Workload>),
+    Service(Arc<Service>),
+    TrafficPolicy(Arc<TrafficPolicy>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
 }
 
 impl Resource {

@@ -310,6 +310,66 @@ fn routes_parse_with_resolved_references() {
     );
 }
 
+/// A service with two names routed apart, and a route naming a host the service does not have.
+const BY_HOST: &str = "apiVersion: keel.dev/v1alpha1
+kind: Service
+metadata: {name: api, namespace: demo}
+spec:
+  hostnames: [api.example.com, legacy.example.com]
+  ports: [{port: 80}]
+  routes:
+  - name: legacy
+    match:
+      hosts: [legacy.example.com]
+    destinations: [{service: api}]
+  - name: typo
+    match:
+      hosts: [api.example.com, legacy.exmaple.com]
+    destinations: [{service: api}]
+";
+
+#[test]
+fn route_hosts_are_hostnames_of_the_service() {
+    assert_one(
+        &errors(BY_HOST),
+        14,
+        32,
+        ErrorKind::InvalidValue,
+        "spec.routes[1].match.hosts[1]",
+    );
+    let error = &errors(BY_HOST)[0];
+    assert!(
+        error
+            .reason
+            .contains("hostnames are: api.example.com, legacy.example.com"),
+        "{}",
+        error.reason
+    );
+    let fixed = BY_HOST.replace("legacy.exmaple.com", "legacy.example.com");
+    let m = model(&fixed);
+    let api = &m.services[&ObjectKey::new("demo", "api")];
+    assert_eq!(api.spec.routes[0].matches.hosts, ["legacy.example.com"]);
+    // Without listed hostnames, the defaults are the ones a route may name.
+    let defaults = BY_HOST
+        .replace("  hostnames: [api.example.com, legacy.example.com]\n", "")
+        .replace("[legacy.example.com]", "[api.demo]")
+        .replace(
+            "[api.example.com, legacy.exmaple.com]",
+            "[api, api.demo.svc.cluster.local]",
+        );
+    let m = model(&defaults);
+    let api = &m.services[&ObjectKey::new("demo", "api")];
+    assert_eq!(api.spec.routes[0].matches.hosts, ["api.demo"]);
+    // A host is a hostname: not upper case, not a pattern.
+    assert_one(
+        &errors(&BY_HOST.replace("legacy.exmaple.com", "\"*.example.com\"")),
+        14,
+        32,
+        ErrorKind::InvalidValue,
+        "spec.routes[1].match.hosts[1]",
+    );
+}
+
 #[test]
 fn bad_duration_points_at_the_value() {
     let text = ROUTED.replace("timeout: 5s", "timeout: 5 parsecs");

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::error::{ErrorKind, ValidationError, ValidationErrors};
 use super::mesh::Model;
@@ -61,7 +62,7 @@ impl Model {
     pub fn from_resources(resources: Vec<Resource>) -> Result<Model, ValidationErrors> {
         let mut errors = Vec::new();
         let mut model = Model::default();
-        let mut mesh_config: Option<MeshConfig> = None;
+        let mut mesh_config: Option<Arc<MeshConfig>> = None;
         let mut policies_by_name = BTreeMap::new();
         let mut traffic_policies = Vec::new();
         let mut service_order = Vec::new();
@@ -140,7 +141,7 @@ impl Model {
             }
         }
         if let Some(config) = mesh_config {
-            model.mesh = config.spec;
+            model.mesh = config.spec.clone();
         }
 
         for key in &service_order {

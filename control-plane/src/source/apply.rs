@@ -1,10 +1,13 @@
 //! `keelctl apply` for the file source: merges applied resources into the watched directory.
 //!
-//! An apply is validated against the whole state it would produce (the directory as it is on
-//! disk, with the applied resources replacing those of the same kind, namespace and name); only
-//! a valid state is written. Replaced documents are cut out of the files that held them, and the
-//! applied ones are written to `applied/<file name>` in the directory, each file replaced
-//! atomically (written aside, then renamed), so the watcher never reads half a file.
+//! An apply is one change, whatever the number of files it brings: every document of every file
+//! is validated together against the whole state it would produce (the directory as it is on
+//! disk, with the applied resources replacing those of the same kind, namespace and name), and
+//! only a valid state is written. Replaced documents are cut out of the files that held them, and
+//! the applied ones are written to `applied/<file name>` in the directory. Every file is written
+//! aside first (hidden names the loader skips) and renamed into place only when all are written;
+//! the loader is held meanwhile ([`super::file::DirectoryLoader::apply`]), so no load, the
+//! watcher's included, ever reads half an apply.
 //!
 //! This module must never leave the directory in a state that failed validation.
 
@@ -13,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::model::{self, Kind, ObjectKey, ValidationErrors};
+use crate::model::{
+    self, ErrorKind, Kind, ObjectKey, Origin, Resource, ValidationError, ValidationErrors,
+};
 
 /// Where applied documents are written, below the watched directory.
 pub const APPLIED_DIR: &str = "applied";
@@ -65,18 +70,77 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Apply
     }
 }
 
-/// Applies the YAML `text` (named `input_name` in errors) to the directory `dir`.
-pub fn apply(dir: &Path, input_name: &str, text: &str) -> Result<ApplyOutcome, ApplyError> {
-    let applied = model::parse_file(Path::new(input_name), text).map_err(ApplyError::Invalid)?;
-    if applied.is_empty() {
+/// One file of an apply: its name as the user gave it (errors name it) and its YAML.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ApplyFile {
+    pub name: String,
+    pub yaml: String,
+}
+
+/// An applied resource, with the input it came from and the file it goes to.
+struct Incoming {
+    resource: Resource,
+    input: usize,
+    target: PathBuf,
+}
+
+/// Applies `files` to the directory `dir` as one change: every document of every file is
+/// validated together against the state they produce, and either all of them are written or
+/// none. The caller keeps the directory's readers out while this runs
+/// ([`super::file::DirectoryLoader::apply`]), so that nobody reads half of it.
+pub fn apply(dir: &Path, files: &[ApplyFile]) -> Result<ApplyOutcome, ApplyError> {
+    let mut incoming: Vec<Incoming> = Vec::new();
+    let mut errors = Vec::new();
+    for (input, file) in files.iter().enumerate() {
+        match model::parse_file(Path::new(&file.name), &file.yaml) {
+            Ok(resources) => {
+                let target = dir.join(APPLIED_DIR).join(applied_file_name(&file.name));
+                incoming.extend(resources.into_iter().map(|resource| Incoming {
+                    resource,
+                    input,
+                    target: target.clone(),
+                }));
+            }
+            Err(e) => errors.extend(e.0),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApplyError::Invalid(ValidationErrors(errors)));
+    }
+    if incoming.is_empty() {
         return Err(ApplyError::Empty);
     }
-    let target = dir.join(APPLIED_DIR).join(applied_file_name(input_name));
+    // One resource applied twice (two files of the same apply) is ambiguous.
+    let mut first_of: BTreeMap<(Kind, ObjectKey), &Origin> = BTreeMap::new();
+    for i in &incoming {
+        let origin = i.resource.origin();
+        if let Some(first) = first_of.insert((i.resource.kind(), i.resource.key()), origin) {
+            let at = first.position_of("metadata.name");
+            errors.push(ValidationError::new(
+                &origin.file,
+                origin.position_of("metadata.name"),
+                "metadata.name",
+                ErrorKind::DuplicateName,
+                format!(
+                    "{} {} is also applied from {}:{}:{}",
+                    i.resource.kind(),
+                    i.resource.key(),
+                    first.file.display(),
+                    at.line,
+                    at.column
+                ),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        let mut errors = ValidationErrors(errors);
+        errors.sort();
+        return Err(ApplyError::Invalid(errors));
+    }
 
     // The directory as it is on disk, file by file, with each file's text.
     let mut texts = BTreeMap::new();
     let mut existing = Vec::new();
-    let mut errors = Vec::new();
     for path in model::yaml_files(dir).map_err(ApplyError::Invalid)? {
         let body = std::fs::read_to_string(&path).map_err(io("reading", &path))?;
         match model::parse_file(&path, &body) {
@@ -89,105 +153,141 @@ pub fn apply(dir: &Path, input_name: &str, text: &str) -> Result<ApplyOutcome, A
         return Err(ApplyError::Invalid(ValidationErrors(errors)));
     }
 
-    let applied_ids: BTreeSet<(Kind, ObjectKey)> =
-        applied.iter().map(|r| (r.kind(), r.key())).collect();
+    let by_id: BTreeMap<(Kind, ObjectKey), &Incoming> = incoming
+        .iter()
+        .map(|i| ((i.resource.kind(), i.resource.key()), i))
+        .collect();
     let mut outcome = Vec::new();
+    // Per file, the byte ranges of the documents cut out of it.
     let mut replaced: BTreeMap<PathBuf, Vec<std::ops::Range<usize>>> = BTreeMap::new();
-    let mut written = Vec::new();
+    let mut unchanged = BTreeSet::new();
     let mut candidate = Vec::new();
     for r in existing {
-        if !applied_ids.contains(&(r.kind(), r.key())) {
+        let id = (r.kind(), r.key());
+        let Some(new) = by_id.get(&id) else {
             candidate.push(r);
             continue;
-        }
-        let new = applied
-            .iter()
-            .find(|a| a.kind() == r.kind() && a.key() == r.key());
-        match new {
-            Some(new) if new.same_content(&r) => {
-                outcome.push(Applied {
-                    kind: r.kind().to_string(),
-                    name: r.key().to_string(),
-                    action: Action::Unchanged,
-                    file: r.origin().file.clone(),
-                });
-                candidate.push(r);
-            }
-            _ => {
-                replaced
-                    .entry(r.origin().file.clone())
-                    .or_default()
-                    .push(r.origin().byte_range.clone());
-                outcome.push(Applied {
-                    kind: r.kind().to_string(),
-                    name: r.key().to_string(),
-                    action: Action::Configured,
-                    file: target.clone(),
-                });
-            }
-        }
+        };
+        let action = if new.resource.same_content(&r) {
+            unchanged.insert(id);
+            candidate.push(r.clone());
+            Action::Unchanged
+        } else {
+            replaced
+                .entry(r.origin().file.clone())
+                .or_default()
+                .push(r.origin().byte_range.clone());
+            Action::Configured
+        };
+        let file = match action {
+            Action::Unchanged => r.origin().file.clone(),
+            _ => new.target.clone(),
+        };
+        outcome.push((
+            new.input,
+            Applied {
+                kind: r.kind().to_string(),
+                name: r.key().to_string(),
+                action,
+                file,
+            },
+        ));
     }
-    for a in &applied {
-        let known = outcome
+    let mut written: BTreeMap<&PathBuf, Vec<&Incoming>> = BTreeMap::new();
+    for i in &incoming {
+        let id = (i.resource.kind(), i.resource.key());
+        if !outcome
             .iter()
-            .any(|o| o.kind == a.kind().to_string() && o.name == a.key().to_string());
-        if !known {
-            outcome.push(Applied {
-                kind: a.kind().to_string(),
-                name: a.key().to_string(),
-                action: Action::Created,
-                file: target.clone(),
-            });
+            .any(|(_, o)| o.kind == id.0.to_string() && o.name == id.1.to_string())
+        {
+            outcome.push((
+                i.input,
+                Applied {
+                    kind: id.0.to_string(),
+                    name: id.1.to_string(),
+                    action: Action::Created,
+                    file: i.target.clone(),
+                },
+            ));
         }
-        let unchanged = outcome.iter().any(|o| {
-            o.action == Action::Unchanged
-                && o.kind == a.kind().to_string()
-                && o.name == a.key().to_string()
-        });
-        if !unchanged {
-            written.push(a.origin().byte_range.clone());
-            candidate.push(a.clone());
+        if !unchanged.contains(&id) {
+            written.entry(&i.target).or_default().push(i);
+            candidate.push(i.resource.clone());
         }
     }
     model::Model::from_resources(candidate).map_err(ApplyError::Invalid)?;
-
+    // In the order the user gave them: file by file, document by document.
+    outcome.sort_by_key(|(input, _)| *input);
+    let outcome = ApplyOutcome {
+        resources: outcome.into_iter().map(|(_, o)| o).collect(),
+    };
     if written.is_empty() {
-        return Ok(ApplyOutcome { resources: outcome });
+        return Ok(outcome);
     }
+
     // The new text of every file the apply touches.
-    let mut files: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut bodies: BTreeMap<PathBuf, String> = BTreeMap::new();
     for (path, ranges) in &replaced {
         let old = texts.get(path).map(String::as_str).unwrap_or_default();
-        files.insert(path.clone(), cut(old, ranges));
+        bodies.insert(path.clone(), cut(old, ranges));
     }
-    let mut target_text = files
-        .remove(&target)
-        .or_else(|| texts.get(&target).cloned())
-        .unwrap_or_default();
-    for range in written {
-        let doc = text.get(range).unwrap_or_default().trim_matches('\n');
-        if !target_text.trim().is_empty() && !target_text.ends_with('\n') {
-            target_text.push('\n');
+    for (target, docs) in written {
+        let mut text = bodies
+            .remove(target)
+            .or_else(|| texts.get(target).cloned())
+            .unwrap_or_default();
+        for i in docs {
+            let input = &files[i.input].yaml;
+            let doc = input
+                .get(i.resource.origin().byte_range.clone())
+                .unwrap_or_default()
+                .trim_matches('\n');
+            if !text.trim().is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            if !text.trim().is_empty() {
+                text.push_str("---\n");
+            }
+            text.push_str(doc);
+            text.push('\n');
         }
-        if !target_text.trim().is_empty() {
-            target_text.push_str("---\n");
-        }
-        target_text.push_str(doc);
-        target_text.push('\n');
+        bodies.insert(target.clone(), text);
     }
-    files.insert(target.clone(), target_text);
+    write_all(bodies)?;
+    Ok(outcome)
+}
 
-    for (path, body) in files {
-        let still_has_resources = model::parse_file(&path, &body)
-            .map(|r| !r.is_empty())
-            .unwrap_or(true);
-        if still_has_resources {
-            write_atomically(&path, &body)?;
-        } else {
-            std::fs::remove_file(&path).map_err(io("removing", &path))?;
+/// Writes every file (or removes those left without resources): all are written aside first,
+/// then renamed into place, so that a failure while writing leaves the directory as it was.
+fn write_all(bodies: BTreeMap<PathBuf, String>) -> Result<(), ApplyError> {
+    let mut staged = Vec::new();
+    let mut removed = Vec::new();
+    let result = (|| {
+        for (path, body) in bodies {
+            let still_has_resources = model::parse_file(&path, &body)
+                .map(|r| !r.is_empty())
+                .unwrap_or(true);
+            if still_has_resources {
+                staged.push((write_aside(&path, &body)?, path));
+            } else {
+                removed.push(path);
+            }
         }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for (tmp, _) in &staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+        return Err(e);
     }
-    Ok(ApplyOutcome { resources: outcome })
+    for (tmp, path) in staged {
+        std::fs::rename(&tmp, &path).map_err(io("renaming into", &path))?;
+    }
+    for path in removed {
+        std::fs::remove_file(&path).map_err(io("removing", &path))?;
+    }
+    Ok(())
 }
 
 /// `text` without the byte ranges of the documents removed from it.
@@ -230,14 +330,15 @@ fn applied_file_name(input_name: &str) -> String {
     }
 }
 
-fn write_atomically(path: &Path, body: &str) -> Result<(), ApplyError> {
+/// Writes `body` next to `path` under a hidden name (the directory loader skips it); returns
+/// that name.
+fn write_aside(path: &Path, body: &str) -> Result<PathBuf, ApplyError> {
     let parent = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    // Hidden, so the directory loader never reads it half written.
     let tmp = parent.join(format!(".{name}.keel-apply.tmp"));
     std::fs::write(&tmp, body).map_err(io("writing", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("renaming into", path))
+    Ok(tmp)
 }
 
 #[cfg(test)]
@@ -259,6 +360,13 @@ spec:
         SERVICE.replace("port: 80", &format!("port: {port}"))
     }
 
+    fn file(name: &str, yaml: impl Into<String>) -> ApplyFile {
+        ApplyFile {
+            name: name.to_owned(),
+            yaml: yaml.into(),
+        }
+    }
+
     fn load(dir: &Path) -> model::Model {
         model::load_dir(dir).expect("directory is valid").0
     }
@@ -266,14 +374,15 @@ spec:
     #[test]
     fn create_then_configure_then_unchanged() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = apply(dir.path(), "svc.yaml", SERVICE).expect("created");
+        let out = apply(dir.path(), &[file("svc.yaml", SERVICE)]).expect("created");
         assert_eq!(out.resources[0].action, Action::Created);
         assert!(dir.path().join("applied/svc.yaml").exists());
 
-        let out = apply(dir.path(), "svc.yaml", SERVICE).expect("unchanged");
+        let out = apply(dir.path(), &[file("svc.yaml", SERVICE)]).expect("unchanged");
         assert_eq!(out.resources[0].action, Action::Unchanged);
 
-        let out = apply(dir.path(), "other.yaml", &service_with_port(81)).expect("configured");
+        let out =
+            apply(dir.path(), &[file("other.yaml", service_with_port(81))]).expect("configured");
         assert_eq!(out.resources[0].action, Action::Configured);
         // The resource moved: the old file held only it and is gone.
         assert!(!dir.path().join("applied/svc.yaml").exists());
@@ -287,7 +396,7 @@ spec:
         let other = SERVICE.replace("name: articles", "name: comments");
         let both = format!("{SERVICE}---\n{other}");
         std::fs::write(dir.path().join("services.yaml"), &both).expect("write");
-        apply(dir.path(), "fix.yaml", &service_with_port(8080)).expect("applied");
+        apply(dir.path(), &[file("fix.yaml", service_with_port(8080))]).expect("applied");
         let left = std::fs::read_to_string(dir.path().join("services.yaml")).expect("read");
         assert!(left.contains("comments") && !left.contains("articles"));
         let model = load(dir.path());
@@ -299,7 +408,7 @@ spec:
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("s.yaml"), SERVICE).expect("write");
         let bad = SERVICE.replace("port: 80", "port: 80\n    bogus: 1");
-        let err = apply(dir.path(), "bad.yaml", &bad).expect_err("unknown field");
+        let err = apply(dir.path(), &[file("bad.yaml", &bad)]).expect_err("unknown field");
         let ApplyError::Invalid(errors) = err else {
             panic!("expected a validation error, got {err}");
         };
@@ -308,6 +417,73 @@ spec:
         assert_eq!(
             std::fs::read_to_string(dir.path().join("s.yaml")).expect("read"),
             SERVICE
+        );
+    }
+
+    /// `a.yaml` routes to a service that `b.yaml` defines: applied together, in any order.
+    fn routed_pair() -> [ApplyFile; 2] {
+        let router = SERVICE.replace("name: articles", "name: front").replace(
+            "  ports:",
+            "  routes:\n  - name: all\n    destinations: [{service: articles}]\n  ports:",
+        );
+        [file("a.yaml", router), file("b.yaml", SERVICE)]
+    }
+
+    #[test]
+    fn several_files_are_validated_together_and_written_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = apply(dir.path(), &routed_pair()).expect("valid together");
+        let actions: Vec<(&str, Action)> = out
+            .resources
+            .iter()
+            .map(|r| (r.name.as_str(), r.action))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("demo/front", Action::Created),
+                ("demo/articles", Action::Created)
+            ]
+        );
+        assert!(dir.path().join("applied/a.yaml").exists());
+        assert!(dir.path().join("applied/b.yaml").exists());
+        assert_eq!(load(dir.path()).services.len(), 2);
+    }
+
+    #[test]
+    fn one_bad_file_writes_nothing_and_names_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let [a, _] = routed_pair();
+        // b.yaml now defines another service: a.yaml's route dangles.
+        let b = file("b.yaml", SERVICE.replace("name: articles", "name: other"));
+        let err = apply(dir.path(), &[a, b]).expect_err("dangling");
+        let ApplyError::Invalid(errors) = err else {
+            panic!("expected a validation error, got {err}");
+        };
+        assert_eq!(errors.0[0].file, PathBuf::from("a.yaml"));
+        assert!(!dir.path().join(APPLIED_DIR).exists());
+    }
+
+    #[test]
+    fn a_resource_applied_twice_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = apply(
+            dir.path(),
+            &[
+                file("one.yaml", SERVICE),
+                file("two.yaml", service_with_port(81)),
+            ],
+        )
+        .expect_err("twice");
+        let ApplyError::Invalid(errors) = err else {
+            panic!("expected a validation error, got {err}");
+        };
+        assert_eq!(errors.0.len(), 1);
+        assert_eq!(errors.0[0].file, PathBuf::from("two.yaml"));
+        assert!(
+            errors.0[0].reason.contains("also applied from one.yaml:4:"),
+            "{}",
+            errors.0[0].reason
         );
     }
 

@@ -651,6 +651,9 @@ impl HeaderMatch {
 /// and an empty match matches every request.
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct RouteMatch {
+    /// The request's host (its authority without the port, lower case, without a trailing dot)
+    /// is one of these; empty: any host. A request addressed by IP matches none.
+    pub hosts: Vec<String>,
     /// Matched against the path without its query string.
     pub path: Option<StringMatcher>,
     #[serde(serialize_with = "ser::opt_method")]
@@ -659,10 +662,29 @@ pub struct RouteMatch {
 }
 
 impl RouteMatch {
-    pub fn matches(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
-        self.method.as_ref().is_none_or(|m| m == method)
+    /// `authority`: the request's `:authority` or `Host`, as received.
+    pub fn matches(
+        &self,
+        authority: Option<&str>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> bool {
+        self.host_matches(authority)
+            && self.method.as_ref().is_none_or(|m| m == method)
             && self.path.as_ref().is_none_or(|p| p.matches(path))
             && self.headers.iter().all(|h| h.matches(headers))
+    }
+
+    fn host_matches(&self, authority: Option<&str>) -> bool {
+        if self.hosts.is_empty() {
+            return true;
+        }
+        let Some((host, _)) = authority.and_then(super::split_authority) else {
+            return false;
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
     }
 }
 
@@ -932,7 +954,21 @@ impl Route {
                 } else {
                     Some(method(match_at.field("method"), &m.method)?)
                 };
+                let hosts_at = match_at.field("hosts");
+                for (i, host) in m.hosts.iter().enumerate() {
+                    let valid = !host.is_empty()
+                        && host.bytes().all(|b| {
+                            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                        });
+                    if !valid {
+                        return Err(hosts_at.index(i).error(Problem::Malformed {
+                            value: host.clone(),
+                            expected: "a lower case hostname",
+                        }));
+                    }
+                }
                 RouteMatch {
+                    hosts: m.hosts,
                     path,
                     method,
                     headers,
@@ -992,10 +1028,16 @@ impl RouteTable {
 
     /// The first route whose match holds. `None`: the request goes to the service itself (on
     /// the port it arrived on), which is the mesh model's implicit last route.
-    pub fn select(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<&Route> {
+    pub fn select(
+        &self,
+        authority: Option<&str>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&Route> {
         self.routes
             .iter()
-            .find(|r| r.matcher.matches(method, path, headers))
+            .find(|r| r.matcher.matches(authority, method, path, headers))
     }
 
     pub(super) fn from_proto(name: &str, t: pb::RouteTable) -> Checked<RouteTable> {

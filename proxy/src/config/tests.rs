@@ -37,6 +37,7 @@ fn response(
         removed_resources: removed.iter().map(|s| (*s).to_owned()).collect(),
         nonce: "n".to_owned(),
         incomplete: false,
+        error_detail: None,
     }
 }
 
@@ -1402,7 +1403,9 @@ fn routes_match_in_order() {
         h
     };
     let pick = |method: Method, path: &str, h: &HeaderMap| {
-        routes.select(&method, path, h).map(|r| r.name.as_str())
+        routes
+            .select(None, &method, path, h)
+            .map(|r| r.name.as_str())
     };
     let internal = headers(&[("x-internal", "yes-really")]);
 
@@ -1442,7 +1445,66 @@ fn routes_match_in_order() {
     );
 
     let empty = RouteTable::empty("demo/articles");
-    assert!(empty.select(&Method::GET, "/", &HeaderMap::new()).is_none());
+    assert!(
+        empty
+            .select(None, &Method::GET, "/", &HeaderMap::new())
+            .is_none()
+    );
+}
+
+#[test]
+fn routes_match_the_request_host() {
+    let mut b = articles_and_frontend();
+    let table = vec![
+        route(
+            "legacy",
+            Some(pb::RouteMatch {
+                hosts: vec!["legacy.example.com".to_owned()],
+                ..Default::default()
+            }),
+            vec![to("demo/frontend", 1)],
+        ),
+        route("rest", None, vec![to("demo/articles", 1)]),
+    ];
+    let config = applied(&mut b, &route_table("demo/frontend", table));
+    let routes = &config.service("demo/frontend").expect("frontend").routes;
+    let pick = |authority: Option<&str>| {
+        routes
+            .select(authority, &Method::GET, "/", &HeaderMap::new())
+            .map(|r| r.name.as_str())
+    };
+    // The host is compared without port, case or trailing dot.
+    for authority in [
+        "legacy.example.com",
+        "Legacy.Example.COM:8080",
+        "legacy.example.com.",
+    ] {
+        assert_eq!(pick(Some(authority)), Some("legacy"), "{authority}");
+    }
+    for authority in [Some("api.example.com"), Some("10.96.0.1:80"), None] {
+        assert_eq!(pick(authority), Some("rest"), "{authority:?}");
+    }
+
+    // A host that is not a lower case hostname is refused, naming the field.
+    let bad = route(
+        "bad",
+        Some(pb::RouteMatch {
+            hosts: vec!["Legacy.example.com".to_owned()],
+            ..Default::default()
+        }),
+        vec![to("demo/articles", 1)],
+    );
+    let e = rejected(
+        &mut articles_and_frontend(),
+        &route_table("demo/frontend", vec![bad]),
+    );
+    assert_invalid(
+        &e,
+        ResourceKind::RouteTable,
+        "demo/frontend",
+        "routes[0].match.hosts[0]",
+        |p| matches!(p, Problem::Malformed { value, .. } if value == "Legacy.example.com"),
+    );
 }
 
 #[test]
