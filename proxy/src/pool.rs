@@ -407,28 +407,38 @@ impl Upstreams {
                         return Ok((sender, activity));
                     }
                 }
-                None => {
-                    let _pending = options.admit(addr, |a| a.pending())?;
-                    let permit = options.admit(addr, |a| a.connection())?;
-                    let stream = self
-                        .connect(addr, options.peer, Carried::Http1, options.timeout)
-                        .await?;
-                    let (sender, conn) = http1::Builder::new()
-                        .handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                    let activity = Activity::new();
-                    tokio::spawn(drive(
-                        conn.with_upgrades(),
-                        addr,
-                        options.idle_timeout.or(Some(DEFAULT_IDLE_TIMEOUT)),
-                        activity.clone(),
-                        permit,
-                    ));
-                    return Ok((sender, activity));
-                }
+                // Boxed: opening a connection (TCP, maybe TLS, the HTTP/1 handshake) is a
+                // future of kilobytes that every request's future would otherwise carry inline
+                // and copy, although almost every request finds a pooled connection.
+                None => return Box::pin(self.new_h1(addr, options)).await,
             }
         }
+    }
+
+    /// Opens a new HTTP/1 connection to `addr`, within the circuit breakers.
+    async fn new_h1(
+        &self,
+        addr: SocketAddr,
+        options: Connect<'_>,
+    ) -> Result<IdleH1, UpstreamError> {
+        let _pending = options.admit(addr, |a| a.pending())?;
+        let permit = options.admit(addr, |a| a.connection())?;
+        let stream = self
+            .connect(addr, options.peer, Carried::Http1, options.timeout)
+            .await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        let activity = Activity::new();
+        tokio::spawn(drive(
+            conn.with_upgrades(),
+            addr,
+            options.idle_timeout.or(Some(DEFAULT_IDLE_TIMEOUT)),
+            activity.clone(),
+            permit,
+        ));
+        Ok((sender, activity))
     }
 
     /// The response, with a body that gives the connection back to the pool once read.
@@ -504,7 +514,8 @@ impl Upstreams {
             }
             None => {
                 pending = options.admit(addr, |a| a.pending())?;
-                self.h2_connection(addr, &slot, options).await?
+                // Boxed for the reason `new_h1` is: kilobytes, and rarely needed.
+                Box::pin(self.h2_connection(addr, &slot, options)).await?
             }
         };
         sender

@@ -343,13 +343,17 @@ pub fn has_no_body(parts: &Parts) -> bool {
 }
 
 /// Runs `send` with an optional deadline.
-pub async fn with_timeout<T>(
+///
+/// Not an `async fn`: one would hold `send` twice (as its argument and inside the timeout), and
+/// request futures are moved and copied by the byte.
+pub fn with_timeout<F: Future>(
     timeout: Option<Duration>,
-    send: impl Future<Output = T>,
-) -> Result<T, tokio::time::error::Elapsed> {
+    send: F,
+) -> impl Future<Output = Result<F::Output, tokio::time::error::Elapsed>> {
+    use futures::FutureExt;
     match timeout {
-        Some(t) => tokio::time::timeout(t, send).await,
-        None => Ok(send.await),
+        Some(t) => futures::future::Either::Left(tokio::time::timeout(t, send)),
+        None => futures::future::Either::Right(send.map(Ok)),
     }
 }
 
