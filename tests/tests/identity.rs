@@ -1,6 +1,7 @@
 //! The `Identity` service over the control plane's secure port, driven by a real tonic client
 //! the way a proxy dials it: TLS checked against the CA's roots, a bootstrap token as proof.
-//! Every refusal names its reason; none needs root.
+//! Every refusal names its reason; none needs root. A request is refused unless the token, the
+//! identity asked for and the identity in the CSR all agree.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -145,6 +146,45 @@ async fn certify_signs_only_what_the_token_proves() -> anyhow::Result<()> {
             },
             tonic::Code::InvalidArgument,
             "spiffe://",
+        ),
+        (
+            "a CSR for another identity",
+            CertifyRequest {
+                identity: me.to_owned(),
+                token: token.clone(),
+                csr: csr("spiffe://id.local/ns/kube-system/sa/admin", &key),
+                node_id: String::new(),
+            },
+            tonic::Code::PermissionDenied,
+            "asks for spiffe://id.local/ns/kube-system/sa/admin, but the proof establishes \
+             spiffe://id.local/ns/demo/sa/articles",
+        ),
+        (
+            "a CSR for another trust domain",
+            CertifyRequest {
+                identity: me.to_owned(),
+                token: token.clone(),
+                csr: csr("spiffe://evil.example/ns/demo/sa/articles", &key),
+                node_id: String::new(),
+            },
+            tonic::Code::PermissionDenied,
+            "asks for spiffe://evil.example/ns/demo/sa/articles, but the proof establishes \
+             spiffe://id.local/ns/demo/sa/articles",
+        ),
+        (
+            "a CSR naming no identity",
+            CertifyRequest {
+                identity: me.to_owned(),
+                token: token.clone(),
+                csr: {
+                    let mut params = CertificateParams::default();
+                    params.distinguished_name = DistinguishedName::new();
+                    params.serialize_request(&key)?.der().to_vec()
+                },
+                node_id: String::new(),
+            },
+            tonic::Code::InvalidArgument,
+            "names no identity",
         ),
         (
             "a broken CSR",

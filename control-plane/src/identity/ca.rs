@@ -17,9 +17,10 @@
 //!
 //! Every leaf follows the X.509-SVID rules: exactly one URI SAN (the SPIFFE ID), an empty
 //! subject, cA=false, a critical KeyUsage of digitalSignature only, EKU serverAuth and
-//! clientAuth. The CA never signs anything a CSR asks for beyond its public key: the identity
-//! comes from the caller's proof, the rest from here. It must never write a key where others can
-//! read it, and never lose the last persisted state on a failed write.
+//! clientAuth. A CSR must ask for exactly the identity the caller proved (one URI SAN, nothing
+//! else) or it is refused; even then the CA takes nothing from it but its public key: the
+//! identity comes from the caller's proof, the rest from here. It must never write a key where
+//! others can read it, and never lose the last persisted state on a failed write.
 
 use std::collections::HashMap;
 use std::fs;
@@ -62,6 +63,10 @@ pub enum CaError {
     BadRoot { what: String, reason: String },
     #[error("the certificate signing request is invalid: {0}")]
     BadCsr(String),
+    #[error(
+        "the certificate signing request asks for {requested}, but the proof establishes {proven}"
+    )]
+    IdentityMismatch { requested: String, proven: String },
     #[error("no root with id {0}")]
     NoSuchRoot(String),
     #[error(
@@ -595,15 +600,16 @@ impl CertificateAuthority {
     }
 
     /// Signs a workload certificate for `identity`, whose proof the caller has checked, over the
-    /// public key of `csr` (DER). The CSR must be well formed, correctly self-signed, and for an
-    /// ECDSA P-256 key; nothing else in it is used.
+    /// public key of `csr` (DER). The CSR must be well formed, correctly self-signed, for an
+    /// ECDSA P-256 key, and ask for exactly `identity` (see [`check_csr`]); the certificate is
+    /// built here, only the key is taken from the CSR.
     pub fn sign_workload(
         &self,
         csr: &[u8],
         identity: &SpiffeId,
         node_id: &str,
     ) -> Result<Signed, CaError> {
-        let request = check_csr(csr)?;
+        let request = check_csr(csr, identity)?;
         let now = SystemTime::now();
         let not_after = now + self.workload_ttl;
         let mut params = CertificateParams::default();
@@ -682,8 +688,14 @@ impl CertificateAuthority {
     }
 }
 
-/// Parses and checks a CSR: a valid self-signature over an ECDSA P-256 public key.
-fn check_csr(csr: &[u8]) -> Result<CertificateSigningRequestParams, CaError> {
+/// Parses and checks a CSR: a valid self-signature over an ECDSA P-256 public key, asking for
+/// `identity` and nothing else: exactly one requested extension, subjectAltName, holding exactly
+/// one name, the URI `identity`. A CSR for another identity is refused even though the CA would
+/// not sign what it asks for, so that a proxy asking for the wrong identity learns it at once
+/// instead of holding a certificate it did not expect.
+fn check_csr(csr: &[u8], identity: &SpiffeId) -> Result<CertificateSigningRequestParams, CaError> {
+    use x509_parser::cri_attributes::ParsedCriAttribute;
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
     use x509_parser::prelude::FromDer;
     let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(csr)
         .map_err(|e| CaError::BadCsr(format!("not a PKCS#10 request: {e}")))?;
@@ -703,14 +715,77 @@ fn check_csr(csr: &[u8]) -> Result<CertificateSigningRequestParams, CaError> {
     parsed
         .verify_signature()
         .map_err(|_| CaError::BadCsr("its signature does not verify".into()))?;
-    // rcgen re-parses it for the public key; extensions it does not know are irrelevant since
-    // none are copied, so only the key is taken from its answer.
-    match CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr)) {
-        Ok(request) => Ok(request),
-        Err(rcgen::Error::UnsupportedExtension) => Err(CaError::BadCsr(
-            "it requests an extension keel does not sign; send only the SPIFFE ID SAN".into(),
-        )),
-        Err(e) => Err(CaError::BadCsr(e.to_string())),
+
+    let wanted = identity.to_string();
+    let mut uris = Vec::new();
+    for attribute in parsed.certification_request_info.iter_attributes() {
+        let ParsedCriAttribute::ExtensionRequest(requested) = attribute.parsed_attribute() else {
+            continue;
+        };
+        for extension in &requested.extensions {
+            let ParsedExtension::SubjectAlternativeName(san) = extension.parsed_extension() else {
+                return Err(CaError::BadCsr(format!(
+                    "it requests extension {}, which keel does not sign; send only the \
+                     subjectAltName URI {wanted}",
+                    extension.oid
+                )));
+            };
+            for name in &san.general_names {
+                match name {
+                    GeneralName::URI(uri) => uris.push((*uri).to_owned()),
+                    other => {
+                        return Err(CaError::BadCsr(format!(
+                            "it asks for {}; an X.509-SVID carries only the URI {wanted}",
+                            describe_name(other)
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    match uris.as_slice() {
+        [only] if *only == wanted => {}
+        [] => {
+            return Err(CaError::BadCsr(format!(
+                "it names no identity; it must ask for exactly the URI SAN {wanted}"
+            )));
+        }
+        asked if asked.iter().all(|u| *u == wanted) => {
+            return Err(CaError::BadCsr(format!(
+                "it asks for {wanted} {} times; exactly one URI SAN is allowed",
+                asked.len()
+            )));
+        }
+        asked => {
+            return Err(CaError::IdentityMismatch {
+                requested: asked.join(", "),
+                proven: wanted,
+            });
+        }
+    }
+    // rcgen re-parses it for the public key; only the key is taken from its answer.
+    CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
+        .map_err(|e| CaError::BadCsr(e.to_string()))
+}
+
+/// A subjectAltName that is not a URI, for an error message.
+fn describe_name(name: &x509_parser::extensions::GeneralName<'_>) -> String {
+    use x509_parser::extensions::GeneralName;
+    match name {
+        GeneralName::DNSName(dns) => format!("the DNS name {dns}"),
+        GeneralName::RFC822Name(mail) => format!("the e-mail address {mail}"),
+        GeneralName::IPAddress(bytes) => match bytes.len() {
+            4 => format!(
+                "the IP address {}",
+                std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*bytes).unwrap_or_default())
+            ),
+            16 => format!(
+                "the IP address {}",
+                std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*bytes).unwrap_or_default())
+            ),
+            _ => "a malformed IP address".to_owned(),
+        },
+        other => format!("the name {other}"),
     }
 }
 
@@ -739,8 +814,7 @@ mod tests {
         let ca = memory_ca();
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
         let identity = id("spiffe://keel.local/ns/demo/sa/articles");
-        // The CSR may ask for anything; only its key is used.
-        let csr = csr_for(&key, "spiffe://evil.example/ns/kube-system/sa/admin");
+        let csr = csr_for(&key, &identity.to_string());
         let signed = ca
             .sign_workload(&csr, &identity, "articles-1.demo")
             .expect("signed");
@@ -794,6 +868,95 @@ mod tests {
             ca.holders_of(&signed.signed_by),
             vec!["articles-1.demo".to_owned()]
         );
+    }
+
+    fn csr_with(key: &KeyPair, sans: Vec<SanType>) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = sans;
+        params.serialize_request(key).expect("csr").der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().expect("uri"))
+    }
+
+    #[test]
+    fn a_csr_for_another_identity_is_refused_naming_both() {
+        let ca = memory_ca();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let proven = id("spiffe://keel.local/ns/demo/sa/articles");
+        let evil = "spiffe://evil.example/ns/kube-system/sa/admin";
+        for (what, sans) in [
+            ("another identity", vec![uri(evil)]),
+            (
+                "its own and another",
+                vec![uri(&proven.to_string()), uri(evil)],
+            ),
+        ] {
+            let err = ca
+                .sign_workload(&csr_with(&key, sans), &proven, "articles-1.demo")
+                .expect_err(what);
+            assert!(
+                matches!(err, CaError::IdentityMismatch { .. }),
+                "{what}: {err}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(evil) && message.contains(&proven.to_string()),
+                "{what}: {message}"
+            );
+        }
+        // Nothing was recorded as issued.
+        assert!(ca.status().issued.is_empty());
+    }
+
+    #[test]
+    fn a_csr_must_name_exactly_the_proven_identity_and_nothing_else() {
+        let ca = memory_ca();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let proven = id("spiffe://keel.local/ns/demo/sa/articles");
+        let me = proven.to_string();
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("no SAN", csr_with(&key, vec![]), "names no identity"),
+            (
+                "a DNS name beside the identity",
+                csr_with(
+                    &key,
+                    vec![
+                        uri(&me),
+                        SanType::DnsName("articles.demo.svc".try_into().expect("dns")),
+                    ],
+                ),
+                "articles.demo.svc",
+            ),
+            (
+                "an IP address",
+                csr_with(&key, vec![SanType::IpAddress([10, 0, 0, 3].into())]),
+                "10.0.0.3",
+            ),
+            (
+                "the identity twice",
+                csr_with(&key, vec![uri(&me), uri(&me)]),
+                "exactly one URI SAN",
+            ),
+            (
+                "another extension",
+                {
+                    let mut params = CertificateParams::default();
+                    params.distinguished_name = DistinguishedName::new();
+                    params.subject_alt_names = vec![uri(&me)];
+                    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                    params.serialize_request(&key).expect("csr").der().to_vec()
+                },
+                "does not sign",
+            ),
+        ];
+        for (what, csr, reason) in cases {
+            let err = ca.sign_workload(&csr, &proven, "n").expect_err(what);
+            assert!(matches!(err, CaError::BadCsr(_)), "{what}: {err}");
+            assert!(err.to_string().contains(reason), "{what}: {err}");
+        }
     }
 
     #[test]
