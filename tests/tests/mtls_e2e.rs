@@ -223,11 +223,24 @@ struct Fixture {
     control_plane: ControlPlane,
     root: TestCa,
     dir: tempfile::TempDir,
+    ips: [Ipv4Addr; 5],
     _net: TestNetwork,
 }
 
+/// What the control plane's directory holds while the mesh is withheld: not a valid resource.
+const WITHHELD: &str = "apiVersion: keel.dev/v1alpha1\nkind: NotAKind\nmetadata: {name: x}\n";
+
 impl Fixture {
     async fn start(workload_ttl: Duration) -> anyhow::Result<Fixture> {
+        let mut fx = Fixture::launch(workload_ttl, false).await?;
+        fx.wait_ready().await?;
+        Ok(fx)
+    }
+
+    /// Starts everything; with `withhold`, the control plane's directory holds an invalid file
+    /// instead of the mesh, so it has no valid model and sends the sidecars nothing (and signs
+    /// them no certificate) until [`Fixture::release_config`]. Does not wait for the sidecars.
+    async fn launch(workload_ttl: Duration, withhold: bool) -> anyhow::Result<Fixture> {
         let net = TestNetwork::create()?;
         let ips = [
             net.host(2),
@@ -243,7 +256,11 @@ impl Fixture {
         std::fs::write(&key_path, &root.key_pem)?;
         let mesh = dir.path().join("mesh");
         std::fs::create_dir(&mesh)?;
-        std::fs::write(mesh.join("mesh.yaml"), yaml(&ips))?;
+        if withhold {
+            std::fs::write(mesh.join("mesh.yaml"), WITHHELD)?;
+        } else {
+            std::fs::write(mesh.join("mesh.yaml"), yaml(&ips))?;
+        }
         let control_plane = ControlPlane::start(ControlPlaneConfig {
             config_dir: mesh,
             discovery_addr: SocketAddr::from((net.gateway(), 0)),
@@ -268,7 +285,7 @@ impl Fixture {
             "zone-a",
             "info,keel_proxy=debug",
         )?;
-        let [mut a, mut b, mut c]: [MeshedPod; 3] =
+        let [a, b, c]: [MeshedPod; 3] =
             pods.try_into().map_err(|_| anyhow!("three pods"))?;
         let d = net.add_pod("d", ips[3])?;
         let e = net.add_pod("e", ips[4])?;
@@ -285,9 +302,6 @@ impl Fixture {
             d_cert.clone(),
             d_generation.subscribe(),
         ))));
-        for pod in [&mut a, &mut b, &mut c] {
-            pod.wait_ready(READY).await?;
-        }
         Ok(Fixture {
             _servers: servers,
             a,
@@ -300,8 +314,25 @@ impl Fixture {
             control_plane,
             root,
             dir,
+            ips,
             _net: net,
         })
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        for pod in [&mut self.a, &mut self.b, &mut self.c] {
+            pod.wait_ready(READY).await?;
+        }
+        Ok(())
+    }
+
+    /// Gives the control plane the mesh it was withheld, and waits for the sidecars.
+    async fn release_config(&mut self) -> anyhow::Result<()> {
+        std::fs::write(
+            self.dir.path().join("mesh").join("mesh.yaml"),
+            yaml(&self.ips),
+        )?;
+        self.wait_ready().await
     }
 
     fn logs(&self) -> String {
@@ -755,6 +786,85 @@ async fn strict_refuses_plaintext_strangers_expired_and_wrong_identities() -> an
         answer.status == 200,
         "a -> web after the attempts: {}",
         answer.status
+    );
+    Ok(())
+}
+
+/// Waits until the sidecar's admin server answers `/live`: its listeners are bound by then.
+async fn wait_live(pod: &MeshedPod) -> anyhow::Result<()> {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
+    let uri: http::Uri = format!("http://{}/live", pod.admin()).parse()?;
+    let deadline = Instant::now() + READY;
+    loop {
+        if let Ok(Ok(response)) =
+            tokio::time::timeout(Duration::from_secs(2), client.get(uri.clone())).await
+            && response.status() == http::StatusCode::OK
+        {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the sidecar of {} never went live\n{}",
+            pod.name(),
+            pod.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_let_in_before_the_first_configuration() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let mut fx = Fixture::launch(Duration::from_secs(3600), true).await?;
+    let refused = |m: &keel_tests::netns::Metrics, reason: &str| {
+        m.sum(
+            "keel_inbound_refused_connections_total",
+            &[("reason", reason)],
+        )
+    };
+    // b is to be STRICT and c PERMISSIVE, but their sidecars do not know it yet: the default
+    // (PERMISSIVE) must not stand in for a configuration they have not received.
+    for pod in [&fx.b, &fx.c] {
+        wait_live(pod).await?;
+        if let Ok(answer) = plaintext_from_host(app(pod.ip()), "/early").await {
+            bail!(
+                "{} let plaintext in before its first configuration: {} {}",
+                pod.name(),
+                answer.status,
+                answer.body
+            );
+        }
+        let metrics = pod.metrics().await?;
+        ensure!(
+            refused(&metrics, "unconfigured") >= 1.0,
+            "{} did not count the refusal as unconfigured\n{}",
+            pod.name(),
+            pod.logs()
+        );
+    }
+
+    fx.release_config().await?;
+    let answer = plaintext_from_host(app(fx.c.ip()), "/later").await?;
+    ensure!(
+        answer.status == 200,
+        "c (PERMISSIVE) refused plaintext once configured: {}",
+        answer.status
+    );
+    ensure!(
+        plaintext_from_host(app(fx.b.ip()), "/later").await.is_err(),
+        "b (STRICT) accepted plaintext once configured"
+    );
+    ensure!(
+        refused(&fx.b.metrics().await?, "plaintext") >= 1.0,
+        "b did not count the plaintext refusal"
+    );
+    let answer = request_from(&fx.a.netns_path(), vip(WEB_B_VIP), "/mesh", &[], "").await?;
+    ensure!(
+        answer.status == 200 && answer.body.contains(&format!("client={}", id("a"))),
+        "a -> web-b once configured: {} {}",
+        answer.status,
+        answer.body
     );
     Ok(())
 }
