@@ -285,8 +285,7 @@ impl Fixture {
             "zone-a",
             "info,keel_proxy=debug",
         )?;
-        let [a, b, c]: [MeshedPod; 3] =
-            pods.try_into().map_err(|_| anyhow!("three pods"))?;
+        let [a, b, c]: [MeshedPod; 3] = pods.try_into().map_err(|_| anyhow!("three pods"))?;
         let d = net.add_pod("d", ips[3])?;
         let e = net.add_pod("e", ips[4])?;
         let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, APP_PORT));
