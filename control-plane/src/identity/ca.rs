@@ -11,9 +11,16 @@
 //! [`CertificateAuthority::use_root`], [`CertificateAuthority::remove_root`]): a new root is
 //! first only *trusted* (it joins the bundle every proxy receives), then it *signs* (proxies whose
 //! certificate chains to another root renew at once), and the old root is removed once no
-//! connected proxy's certificate chains to it. The checks that need to know what proxies hold are
-//! the admin API's; this module keeps the facts (which root signed each proxy's newest
-//! certificate) and refuses only what is wrong in itself (removing the signing root).
+//! unexpired certificate chains to it. The checks are [`super::rotation`]'s; this module keeps
+//! the facts and refuses only what is wrong in itself (removing the signing root).
+//!
+//! The facts are the certificates that may still be in use: for each proxy (its identity and
+//! Node id) the newest certificate signed for it, its serial, the root that signed it and its
+//! expiry, until it expires. A proxy that renews replaces its record; a proxy that went away
+//! leaves its record until the certificate expires, since it might still present it. The records
+//! are written to `issued.json` in the CA directory before a certificate is handed out (a failed
+//! write refuses the certificate), so a restarted control plane still knows what it signed: an
+//! empty memory after a restart must never make a root look unused.
 //!
 //! Every leaf follows the X.509-SVID rules: exactly one URI SAN (the SPIFFE ID), an empty
 //! subject, cA=false, a critical KeyUsage of digitalSignature only, EKU serverAuth and
@@ -114,13 +121,45 @@ struct Root {
     not_after: SystemTime,
 }
 
-/// The newest certificate signed for one proxy.
-#[derive(Debug, Clone, Serialize)]
+/// The newest certificate signed for one proxy (an identity and a Node id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Issued {
+    /// The Node id the proxy gave ("" when the caller named none).
+    pub node: String,
     pub identity: String,
+    /// The certificate's serial number, in hex (`a1:b2:...`).
+    pub serial: String,
+    /// The root that signed it.
     pub root: String,
     #[serde(with = "crate::admin::rfc3339")]
     pub not_after: SystemTime,
+}
+
+impl Issued {
+    /// Who holds it, for a message: the Node id, or the identity and serial without one.
+    pub fn holder(&self) -> String {
+        if self.node.is_empty() {
+            format!("{} (serial {})", self.identity, self.serial)
+        } else {
+            self.node.clone()
+        }
+    }
+}
+
+/// `issued.json`: the records of [`Issued`] certificates.
+#[derive(Serialize, Deserialize)]
+struct IssuedFile {
+    certificates: Vec<IssuedRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IssuedRecord {
+    node: String,
+    identity: String,
+    serial: String,
+    root: String,
+    /// Seconds since the Unix epoch.
+    not_after: u64,
 }
 
 /// A root, for status.
@@ -131,14 +170,19 @@ pub struct RootStatus {
     #[serde(with = "crate::admin::rfc3339")]
     pub not_after: SystemTime,
     pub subject: String,
+    /// Unexpired certificates that chain to it.
+    pub certificates: usize,
+    /// When the last of them expires.
+    #[serde(with = "crate::admin::rfc3339::option")]
+    pub last_expiry: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CaStatus {
     pub roots: Vec<RootStatus>,
     pub workload_ttl_seconds: u64,
-    /// Node id -> its newest certificate, for proxies whose certificate is still valid.
-    pub issued: std::collections::BTreeMap<String, Issued>,
+    /// The unexpired certificates, each proxy's newest, by Node id.
+    pub issued: Vec<Issued>,
 }
 
 /// A signed workload certificate.
@@ -150,11 +194,14 @@ pub struct Signed {
     pub signed_by: String,
 }
 
+/// A proxy, for the records of what was issued: its identity and its Node id.
+type Holder = (String, String);
+
 struct State {
     roots: Vec<Root>,
     signing: String,
-    /// Node id -> newest certificate; pruned of expired entries as it grows.
-    issued: HashMap<String, Issued>,
+    /// Each proxy's newest certificate, until it expires.
+    issued: HashMap<Holder, Issued>,
 }
 
 impl State {
@@ -341,22 +388,23 @@ impl CertificateAuthority {
         if workload_ttl < MIN_WORKLOAD_TTL {
             return Err(CaError::TtlTooShort(workload_ttl));
         }
-        let (dir, roots, signing) = match storage {
+        let (dir, roots, signing, issued) = match storage {
             CaStorage::Memory => {
                 let (der, key) = generate_root()?;
                 let root = root_from(der, key, "generated root")?;
                 let signing = root.id.clone();
-                (None, vec![root], signing)
+                (None, vec![root], signing, HashMap::new())
             }
             CaStorage::Directory { dir, import } => {
                 let (roots, signing) = Self::load_or_create(&dir, import)?;
-                (Some(dir), roots, signing)
+                let issued = Self::load_issued(&dir, &roots)?;
+                (Some(dir), roots, signing, issued)
             }
         };
         let state = State {
             roots,
             signing,
-            issued: HashMap::new(),
+            issued,
         };
         let bundle = watch::Sender::new(Arc::new(state.bundle()));
         Ok(CertificateAuthority {
@@ -417,6 +465,74 @@ impl CertificateAuthority {
         let roots = vec![root];
         tracing::info!(dir = %dir.display(), root = %signing, "CA created");
         Ok((roots, signing))
+    }
+
+    /// Reads `issued.json` (absent in a new CA directory), keeping the unexpired records of
+    /// roots that are still there.
+    fn load_issued(dir: &Path, roots: &[Root]) -> Result<HashMap<Holder, Issued>, CaError> {
+        let path = dir.join("issued.json");
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let file: IssuedFile = serde_json::from_str(&text).map_err(|e| CaError::Corrupt {
+            path: path.clone(),
+            reason: format!(
+                "{e} (it records the certificates still in use, which root removal checks; \
+                 remove the file only if no workload holds a certificate from a root you will \
+                 remove)"
+            ),
+        })?;
+        let now = SystemTime::now();
+        let issued: HashMap<Holder, Issued> = file
+            .certificates
+            .into_iter()
+            .map(|r| Issued {
+                node: r.node,
+                identity: r.identity,
+                serial: r.serial,
+                root: r.root,
+                not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(r.not_after),
+            })
+            .filter(|i| i.not_after > now && roots.iter().any(|r| r.id == i.root))
+            .map(|i| ((i.identity.clone(), i.node.clone()), i))
+            .collect();
+        tracing::info!(
+            certificates = issued.len(),
+            "CA records of unexpired certificates loaded"
+        );
+        Ok(issued)
+    }
+
+    /// Writes the records of what was issued, when the CA has a directory.
+    fn persist_issued(&self, issued: &HashMap<Holder, Issued>) -> Result<(), CaError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let mut certificates: Vec<IssuedRecord> = issued
+            .values()
+            .map(|i| IssuedRecord {
+                node: i.node.clone(),
+                identity: i.identity.clone(),
+                serial: i.serial.clone(),
+                root: i.root.clone(),
+                not_after: i
+                    .not_after
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+                    .unwrap_or_default(),
+            })
+            .collect();
+        certificates.sort_by(|a, b| (&a.identity, &a.node).cmp(&(&b.identity, &b.node)));
+        let path = dir.join("issued.json");
+        let json = serde_json::to_vec_pretty(&IssuedFile { certificates }).map_err(|e| {
+            CaError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        write_atomically(&path, &json, false)
     }
 
     fn persist_root(dir: &Path, root: &Root) -> Result<(), CaError> {
@@ -559,43 +675,57 @@ impl CertificateAuthority {
         self.workload_ttl
     }
 
-    /// The proxies whose newest certificate is still valid and chains to `root`.
-    pub fn holders_of(&self, root: &str) -> Vec<String> {
+    /// The unexpired certificates that chain to `root`, ordered by holder.
+    pub fn holders_of(&self, root: &str) -> Vec<Issued> {
         let now = SystemTime::now();
-        let mut holders: Vec<String> = self
+        let mut holders: Vec<Issued> = self
             .lock()
             .issued
-            .iter()
-            .filter(|(_, i)| i.root == root && i.not_after > now)
-            .map(|(node, _)| node.clone())
+            .values()
+            .filter(|i| i.root == root && i.not_after > now)
+            .cloned()
             .collect();
-        holders.sort();
+        holders.sort_by(|a, b| (&a.node, &a.identity).cmp(&(&b.node, &b.identity)));
         holders
     }
 
-    pub fn status(&self) -> CaStatus {
+    /// Every unexpired certificate, ordered by holder.
+    pub fn valid_certificates(&self) -> Vec<Issued> {
         let now = SystemTime::now();
+        let mut all: Vec<Issued> = self
+            .lock()
+            .issued
+            .values()
+            .filter(|i| i.not_after > now)
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| (&a.node, &a.identity).cmp(&(&b.node, &b.identity)));
+        all
+    }
+
+    pub fn status(&self) -> CaStatus {
+        let issued = self.valid_certificates();
         let state = self.lock();
         CaStatus {
             roots: state
                 .roots
                 .iter()
-                .map(|r| RootStatus {
-                    id: r.id.clone(),
-                    signing: r.id == state.signing,
-                    not_after: r.not_after,
-                    subject: x509_parser::parse_x509_certificate(&r.der)
-                        .map(|(_, c)| c.subject().to_string())
-                        .unwrap_or_default(),
+                .map(|r| {
+                    let chained = issued.iter().filter(|i| i.root == r.id);
+                    RootStatus {
+                        id: r.id.clone(),
+                        signing: r.id == state.signing,
+                        not_after: r.not_after,
+                        subject: x509_parser::parse_x509_certificate(&r.der)
+                            .map(|(_, c)| c.subject().to_string())
+                            .unwrap_or_default(),
+                        certificates: chained.clone().count(),
+                        last_expiry: chained.map(|i| i.not_after).max(),
+                    }
                 })
                 .collect(),
             workload_ttl_seconds: self.workload_ttl.as_secs(),
-            issued: state
-                .issued
-                .iter()
-                .filter(|(_, i)| i.not_after > now)
-                .map(|(n, i)| (n.clone(), i.clone()))
-                .collect(),
+            issued,
         }
     }
 
@@ -611,7 +741,6 @@ impl CertificateAuthority {
     ) -> Result<Signed, CaError> {
         let request = check_csr(csr, identity)?;
         let now = SystemTime::now();
-        let not_after = now + self.workload_ttl;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(
@@ -627,26 +756,35 @@ impl CertificateAuthority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.not_before = (now - CLOCK_SKEW).into();
-        params.not_after = not_after.into();
-        params.serial_number = Some(random_serial());
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
         params.use_authority_key_identifier_extension = true;
         let mut state = self.lock();
         let root = state.signing_root();
+        let not_after = now + self.workload_ttl;
+        params.not_after = not_after.into();
         let cert = params.signed_by(&request.public_key, &root.issuer)?;
         let signed_by = root.id.clone();
         let bundle = state.bundle();
-        if !node_id.is_empty() {
-            if state.issued.len() > 4096 {
-                state.issued.retain(|_, i| i.not_after > now);
-            }
-            state.issued.insert(
-                node_id.to_owned(),
-                Issued {
-                    identity: identity.to_string(),
-                    root: signed_by.clone(),
-                    not_after,
-                },
-            );
+        let holder = (identity.to_string(), node_id.to_owned());
+        let record = Issued {
+            node: node_id.to_owned(),
+            identity: identity.to_string(),
+            serial: serial.to_string(),
+            root: signed_by.clone(),
+            not_after,
+        };
+        let previous = state.issued.insert(holder.clone(), record);
+        state.issued.retain(|_, i| i.not_after > now);
+        // Recorded before it is handed out: a certificate the records do not know of could
+        // make a root look unused.
+        if let Err(e) = self.persist_issued(&state.issued) {
+            match previous {
+                Some(previous) => state.issued.insert(holder, previous),
+                None => state.issued.remove(&holder),
+            };
+            tracing::error!(error = %e, "recording an issued certificate failed; refusing it");
+            return Err(e);
         }
         Ok(Signed {
             chain: vec![cert.der().clone()],
@@ -664,7 +802,6 @@ impl CertificateAuthority {
     ) -> Result<(Vec<CertificateDer<'static>>, KeyPair, SystemTime), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let now = SystemTime::now();
-        let not_after = now + self.workload_ttl;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         let mut sans = Vec::with_capacity(names.len());
@@ -679,11 +816,13 @@ impl CertificateAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = (now - CLOCK_SKEW).into();
-        params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         let state = self.lock();
-        let cert = params.signed_by(&key, &state.signing_root().issuer)?;
+        let root = state.signing_root();
+        let not_after = now + self.workload_ttl;
+        params.not_after = not_after.into();
+        let cert = params.signed_by(&key, &root.issuer)?;
         Ok((vec![cert.der().clone()], key, not_after))
     }
 }
@@ -864,10 +1003,11 @@ mod tests {
         let lifetime =
             cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, 3600 + CLOCK_SKEW.as_secs() as i64);
-        assert_eq!(
-            ca.holders_of(&signed.signed_by),
-            vec!["articles-1.demo".to_owned()]
-        );
+        let holders = ca.holders_of(&signed.signed_by);
+        assert_eq!(holders.len(), 1);
+        assert_eq!(holders[0].node, "articles-1.demo");
+        assert_eq!(holders[0].identity, identity.to_string());
+        assert_eq!(holders[0].serial, cert.raw_serial_as_string());
     }
 
     fn csr_with(key: &KeyPair, sans: Vec<SanType>) -> Vec<u8> {
@@ -1037,6 +1177,65 @@ mod tests {
         let last = CertificateAuthority::open(storage, ttl).expect("reopen");
         assert_eq!(last.bundle().anchors.len(), 1);
         assert_eq!(last.bundle().anchors[0].id, root2);
+    }
+
+    #[test]
+    fn what_was_issued_is_recorded_before_it_is_handed_out() {
+        let dir = tempfile::tempdir().expect("dir");
+        let storage = CaStorage::Directory {
+            dir: dir.path().join("ca"),
+            import: None,
+        };
+        let ttl = Duration::from_secs(600);
+        let identity = id("spiffe://keel.local/ns/demo/sa/a");
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let csr = csr_for(&key, &identity.to_string());
+        let ca = CertificateAuthority::open(storage.clone(), ttl).expect("ca");
+        let root = ca.bundle().anchors[0].id.clone();
+        ca.sign_workload(&csr, &identity, "a-1.demo")
+            .expect("first");
+        let second = ca
+            .sign_workload(&csr, &identity, "a-1.demo")
+            .expect("renewal");
+        ca.sign_workload(&csr, &identity, "a-2.demo")
+            .expect("another replica");
+        // A renewal replaces the proxy's record; another proxy of the same identity has its own.
+        let holders = ca.holders_of(&root);
+        assert_eq!(
+            holders.iter().map(|i| i.node.as_str()).collect::<Vec<_>>(),
+            ["a-1.demo", "a-2.demo"]
+        );
+        drop(ca);
+        let reopened = CertificateAuthority::open(storage.clone(), ttl).expect("reopen");
+        let after = reopened.holders_of(&root);
+        assert_eq!(after.len(), 2);
+        assert_eq!(after[0].serial, holders[0].serial);
+        let expiry = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .expect("t")
+                .as_secs()
+        };
+        assert!(expiry(after[0].not_after) >= expiry(second.not_after));
+
+        // A write that fails refuses the certificate and leaves the records as they were.
+        let records = dir.path().join("ca/issued.json");
+        fs::remove_file(&records).expect("rm");
+        fs::create_dir(&records).expect("a directory where the file goes");
+        let err = reopened
+            .sign_workload(&csr, &identity, "a-3.demo")
+            .expect_err("unrecorded");
+        assert!(matches!(err, CaError::Io { .. }), "{err}");
+        assert_eq!(reopened.holders_of(&root).len(), 2);
+        drop(reopened);
+
+        // A damaged file is named, not ignored: ignoring it would make roots look unused.
+        fs::remove_dir(&records).expect("rmdir");
+        fs::write(&records, "{ not json").expect("write");
+        let err = CertificateAuthority::open(storage, ttl).expect_err("corrupt");
+        assert!(
+            err.to_string().contains("issued.json") && err.to_string().contains("root removal"),
+            "{err}"
+        );
     }
 
     #[test]
