@@ -585,6 +585,65 @@ async fn mtls_from_host(
     read_answer(response).await
 }
 
+/// Raw bytes from the host to `to`: what comes back before the connection ends (nothing when
+/// the peer closes or resets it at once).
+async fn raw_from_host(to: SocketAddr, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(to).await?;
+        stream.write_all(bytes).await?;
+        let mut answer = Vec::new();
+        // A reset after some bytes still returns what arrived.
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return anyhow::Ok(answer),
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| anyhow!("no end to the raw exchange within 10s"))?
+}
+
+/// A TLS client that is not mesh mTLS, as an application with its own PKI would be: it names
+/// another server (`web-b.mt.svc`), offers HTTP/1.1, trusts `roots` and presents `client_cert`.
+/// Succeeds only if a TLS session is established.
+async fn foreign_tls_from_host(
+    to: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    client_cert: Arc<CertifiedKey>,
+) -> anyhow::Result<()> {
+    #[derive(Debug)]
+    struct Fixed(Arc<CertifiedKey>);
+    impl rustls::client::ResolvesClientCert for Fixed {
+        fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+            Some(self.0.clone())
+        }
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut store = rustls::RootCertStore::empty();
+    store.add_parsable_certificates(roots.iter().cloned());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(store)
+        .with_client_cert_resolver(Arc::new(Fixed(client_cert)));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(to).await?;
+    let name = ServerName::try_from("web-b.mt.svc")?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| anyhow!("TLS handshake timed out"))??;
+    Ok(())
+}
+
 /// The client half of a TLS handshake with the sidecar at `to`: succeeds when its certificate
 /// names `server` and chains to `roots` (the server refusing this certificate-less client comes
 /// after, and is not looked at).
@@ -816,10 +875,36 @@ async fn strict_refuses_plaintext_strangers_expired_and_wrong_identities() -> an
             Err(e) => eprintln!("{what}: refused ({e:#})"),
         }
     }
-    // Plaintext, HTTP and raw, under STRICT.
+    // Plaintext under STRICT: HTTP, and raw bytes that are no protocol the proxy knows. The
+    // same bytes reach c's app (PERMISSIVE), which answers them, so a silent close is b's
+    // refusal and not the app's.
     ensure!(
         plaintext_from_host(b, "/plain").await.is_err(),
         "plaintext HTTP was accepted under STRICT"
+    );
+    let raw = b"\x00\x01 keel raw bytes\r\n\r\n";
+    let from_c = raw_from_host(app(fx.c.ip()), raw).await?;
+    ensure!(
+        !from_c.is_empty(),
+        "c (PERMISSIVE) did not pass raw bytes to its app"
+    );
+    let from_b = raw_from_host(b, raw).await.unwrap_or_default();
+    ensure!(
+        from_b.is_empty(),
+        "raw plaintext reached b's app under STRICT: {:?}",
+        String::from_utf8_lossy(&from_b)
+    );
+    // TLS that is not mesh mTLS (another server name, a certificate from another CA): the
+    // application's own TLS, which STRICT refuses too.
+    ensure!(
+        foreign_tls_from_host(
+            b,
+            &[stranger.der()],
+            Arc::new(stranger.svid(&tester.to_string()))
+        )
+        .await
+        .is_err(),
+        "foreign TLS was accepted under STRICT"
     );
 
     let after = fx.b.metrics().await?;
@@ -833,7 +918,15 @@ async fn strict_refuses_plaintext_strangers_expired_and_wrong_identities() -> an
         "b counted {} refused handshakes, not {count}",
         grew("handshake")
     );
-    ensure!(grew("plaintext") >= 1.0, "b counted no plaintext refusal");
+    ensure!(
+        grew("plaintext") >= 2.0,
+        "b counted {} plaintext refusals, not 2 (HTTP and raw)",
+        grew("plaintext")
+    );
+    ensure!(
+        grew("foreign_tls") >= 1.0,
+        "b counted no refusal of foreign TLS"
+    );
 
     // The mesh itself still reaches b.
     let answer = request_from(&fx.a.netns_path(), vip(WEB_VIP), "/", &[], "").await?;

@@ -24,7 +24,7 @@
 //!
 //! Every leaf follows the X.509-SVID rules: exactly one URI SAN (the SPIFFE ID), an empty
 //! subject, cA=false, a critical KeyUsage of digitalSignature only, EKU serverAuth and
-//! clientAuth. A CSR must ask for exactly the identity the caller proved (one URI SAN, nothing
+//! clientAuth. No leaf outlives the root that signs it. A CSR must ask for exactly the identity the caller proved (one URI SAN, nothing
 //! else) or it is refused; even then the CA takes nothing from it but its public key: the
 //! identity comes from the caller's proof, the rest from here. It must never write a key where
 //! others can read it, and never lose the last persisted state on a failed write.
@@ -761,7 +761,8 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         let mut state = self.lock();
         let root = state.signing_root();
-        let not_after = now + self.workload_ttl;
+        // A leaf never outlives the root it chains to.
+        let not_after = (now + self.workload_ttl).min(root.not_after);
         params.not_after = not_after.into();
         let cert = params.signed_by(&request.public_key, &root.issuer)?;
         let signed_by = root.id.clone();
@@ -820,7 +821,7 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         let state = self.lock();
         let root = state.signing_root();
-        let not_after = now + self.workload_ttl;
+        let not_after = (now + self.workload_ttl).min(root.not_after);
         params.not_after = not_after.into();
         let cert = params.signed_by(&key, &root.issuer)?;
         Ok((vec![cert.der().clone()], key, not_after))
@@ -986,8 +987,8 @@ mod tests {
                 }
                 ParsedExtension::KeyUsage(ku) => {
                     assert!(ext.critical, "KeyUsage must be critical");
-                    assert!(ku.digital_signature());
-                    assert!(!ku.key_cert_sign() && !ku.crl_sign());
+                    // Bit 0, digitalSignature, and nothing else.
+                    assert_eq!(ku.flags, 1, "KeyUsage {ku}");
                     saw.1 = true;
                 }
                 ParsedExtension::ExtendedKeyUsage(eku) => {
@@ -1236,6 +1237,45 @@ mod tests {
             err.to_string().contains("issued.json") && err.to_string().contains("root removal"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn no_certificate_outlives_its_root() {
+        let ca = memory_ca();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let now = SystemTime::now();
+        params.not_before = (now - CLOCK_SKEW).into();
+        let root_until = now + Duration::from_secs(600);
+        params.not_after = root_until.into();
+        let root = params.self_signed(&key).expect("root");
+        let id = ca
+            .add_root(Some((&root.pem(), &key.serialize_pem())))
+            .expect("a root valid for 10 minutes");
+        ca.use_root(&id).expect("use");
+
+        let identity = self::id("spiffe://keel.local/ns/demo/sa/a");
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let signed = ca
+            .sign_workload(&csr_for(&leaf_key, &identity.to_string()), &identity, "n")
+            .expect("signed");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&signed.chain[0]).expect("parse");
+        let (_, issuer) = x509_parser::parse_x509_certificate(root.der()).expect("parse");
+        // The CA's lifetime is an hour; the root's ten minutes win.
+        assert_eq!(
+            leaf.validity().not_after.timestamp(),
+            issuer.validity().not_after.timestamp()
+        );
+        assert!(signed.not_after <= root_until);
+        let (chain, _, server_until) = ca.sign_server(&["cp.example".to_owned()]).expect("server");
+        let (_, server) = x509_parser::parse_x509_certificate(&chain[0]).expect("parse");
+        assert_eq!(
+            server.validity().not_after.timestamp(),
+            issuer.validity().not_after.timestamp()
+        );
+        assert!(server_until <= root_until);
     }
 
     #[test]
