@@ -6,11 +6,11 @@
 //! | `GET /ready` | 200 once a valid mesh configuration has been loaded, else 503 |
 //! | `GET /status` | JSON: snapshot version, source state (with the rejected state's errors), connected proxies |
 //! | `POST /apply?name=FILE` | body: mesh YAML, or JSON `{"files": [{"name", "yaml"}]}` for several files applied as one change. 200 with what changed, 422 with validation errors |
-//! | `GET /ca` | JSON: the CA's roots, which signs, and each proxy's newest certificate |
+//! | `GET /ca` | JSON: the CA's roots, which signs, each proxy's newest unexpired certificate (and whether it is connected), and for each root why it may not sign or be removed yet |
 //! | `GET /ca/bundle.pem` | the trust bundle, PEM (what `keel-proxy --ca-root-file` takes) |
 //! | `POST /ca/roots` | adds a root that does not sign yet: generated, or the JSON body's `cert_pem` and `key_pem` |
-//! | `POST /ca/roots/ID/sign` | root ID signs from now on; 409 until every connected proxy trusts it |
-//! | `DELETE /ca/roots/ID` | removes root ID; 409 while it signs or a connected proxy's certificate chains to it |
+//! | `POST /ca/roots/ID/sign[?force=true]` | root ID signs from now on; 409 until every proxy holding a certificate is connected and trusts it, unless forced |
+//! | `DELETE /ca/roots/ID[?force=true]` | removes root ID; 409 while it signs, or while an unexpired certificate chains to it unless forced |
 //! | `POST /tokens` | JSON `{"namespace", "workload"}`: the workload's bootstrap token |
 //!
 //! The admin API never takes part in the data path; it reads the store and the proxy registry.
@@ -292,6 +292,42 @@ fn ca_error(e: CaError) -> Response<Full<Bytes>> {
 }
 
 impl Admin {
+    /// `GET /ca`: the CA's status, with what only the admin API knows (who is connected, and
+    /// why each root may not sign or be removed yet).
+    fn ca_status(&self, ca: &CertificateAuthority) -> Response<Full<Bytes>> {
+        let status = ca.status();
+        let connected: std::collections::HashSet<String> =
+            self.registry.list().into_iter().map(|p| p.id).collect();
+        let mut view = match serde_json::to_value(&status) {
+            Ok(view) => view,
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+        };
+        if let Some(roots) = view["roots"].as_array_mut() {
+            for (view, root) in roots.iter_mut().zip(&status.roots) {
+                let (sign, remove) = if root.signing {
+                    (None, Some("it signs new certificates".to_owned()))
+                } else {
+                    (
+                        rotation::may_sign(&self.store, &self.registry, ca, &root.id)
+                            .err()
+                            .map(|e| e.to_string()),
+                        rotation::may_remove(ca, &self.registry, &root.id)
+                            .err()
+                            .map(|e| e.to_string()),
+                    )
+                };
+                view["cannot_sign_because"] = sign.into();
+                view["cannot_remove_because"] = remove.into();
+            }
+        }
+        if let Some(issued) = view["issued"].as_array_mut() {
+            for (view, issued) in issued.iter_mut().zip(&status.issued) {
+                view["connected"] = connected.contains(&issued.node).into();
+            }
+        }
+        json(StatusCode::OK, &view)
+    }
+
     async fn ca(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let Some(ca) = self.ca.clone() else {
             return text(
@@ -299,12 +335,16 @@ impl Admin {
                 "this control plane runs no certificate authority\n",
             );
         };
+        let force = req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "force=true" || kv == "force"));
         let path = req.uri().path().to_owned();
         let root = path
             .strip_prefix("/ca/roots/")
             .map(|rest| rest.trim_end_matches("/sign").to_owned());
         match (req.method().clone(), path.as_str(), root) {
-            (Method::GET, "/ca", _) => json(StatusCode::OK, &ca.status()),
+            (Method::GET, "/ca", _) => self.ca_status(&ca),
             (Method::GET, "/ca/bundle.pem", _) => respond(
                 StatusCode::OK,
                 "application/x-pem-file",
@@ -327,20 +367,53 @@ impl Admin {
                 }
             }
             (Method::POST, p, Some(id)) if p.ends_with("/sign") => {
-                if let Err(e) = rotation::may_sign(&self.store, &self.registry, &id) {
-                    return text(StatusCode::CONFLICT, &format!("{e}\n"));
-                }
+                let overridden = match rotation::may_sign(&self.store, &self.registry, &ca, &id) {
+                    Ok(()) => None,
+                    Err(e @ rotation::NotYet::NotPublished(_)) => {
+                        return text(StatusCode::CONFLICT, &format!("{e}\n"));
+                    }
+                    Err(e) if force => Some(e.to_string()),
+                    Err(e) => {
+                        return text(
+                            StatusCode::CONFLICT,
+                            &format!("{e} (force=true goes ahead anyway)\n"),
+                        );
+                    }
+                };
                 match ca.use_root(&id) {
-                    Ok(()) => json(StatusCode::OK, &serde_json::json!({ "signing": id })),
+                    Ok(()) => {
+                        if let Some(reason) = &overridden {
+                            tracing::warn!(%peer, root = %id, %reason, "root made to sign by force");
+                        }
+                        json(
+                            StatusCode::OK,
+                            &serde_json::json!({ "signing": id, "forced_past": overridden }),
+                        )
+                    }
                     Err(e) => ca_error(e),
                 }
             }
             (Method::DELETE, _, Some(id)) => {
-                if let Err(e) = rotation::may_remove(&ca, &self.registry, &id) {
-                    return text(StatusCode::CONFLICT, &format!("{e}\n"));
-                }
+                let overridden = match rotation::may_remove(&ca, &self.registry, &id) {
+                    Ok(()) => None,
+                    Err(e) if force => Some(e.to_string()),
+                    Err(e) => {
+                        return text(
+                            StatusCode::CONFLICT,
+                            &format!("{e} (force=true removes it anyway)\n"),
+                        );
+                    }
+                };
                 match ca.remove_root(&id) {
-                    Ok(()) => json(StatusCode::OK, &serde_json::json!({ "removed": id })),
+                    Ok(()) => {
+                        if let Some(reason) = &overridden {
+                            tracing::warn!(%peer, root = %id, %reason, "root removed by force");
+                        }
+                        json(
+                            StatusCode::OK,
+                            &serde_json::json!({ "removed": id, "forced_past": overridden }),
+                        )
+                    }
                     Err(e) => ca_error(e),
                 }
             }

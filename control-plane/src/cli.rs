@@ -99,16 +99,34 @@ enum CaCommand {
         #[arg(long, requires = "cert")]
         key: Option<PathBuf>,
     },
-    /// Make a root sign new certificates; refused until every connected proxy trusts it.
-    UseRoot { id: String },
-    /// Remove a root; refused while it signs or a connected proxy's certificate chains to it.
-    RemoveRoot { id: String },
+    /// Make a root sign new certificates; refused until every proxy holding a certificate is
+    /// connected and trusts it.
+    UseRoot {
+        id: String,
+        /// Go ahead even though some proxies cannot be shown to trust it (they will refuse its
+        /// certificates until they receive the new bundle).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a root; refused while it signs or an unexpired certificate chains to it, whether
+    /// its proxy is connected or not.
+    RemoveRoot {
+        id: String,
+        /// Remove it even though unexpired certificates chain to it (peers will refuse them).
+        #[arg(long)]
+        force: bool,
+    },
     /// Rotate to a new root with no failed request: add it, wait until every proxy trusts it,
-    /// make it sign, wait until every proxy renewed, remove the old root(s).
+    /// make it sign, wait until every certificate from the old root(s) was renewed or expired,
+    /// remove the old root(s).
     Rotate {
         /// How long to wait for proxies at each step.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// When a step is still refused after --timeout, go ahead anyway (and say who is cut
+        /// off), instead of stopping.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -199,35 +217,51 @@ async fn ca(command: CaCommand, control_plane: &str) -> anyhow::Result<i32> {
                 answer["id"].as_str().unwrap_or("?")
             );
         }
-        CaCommand::UseRoot { id } => {
-            expect_ok(
+        CaCommand::UseRoot { id, force } => {
+            let answer = expect_ok(
                 http::Method::POST,
-                &url(&format!("/ca/roots/{id}/sign")),
+                &url(&format!("/ca/roots/{id}/sign{}", force_query(force))),
                 Bytes::new(),
             )
             .await?;
+            print_forced(&answer);
             println!("root {id} signs new certificates");
         }
-        CaCommand::RemoveRoot { id } => {
-            expect_ok(
+        CaCommand::RemoveRoot { id, force } => {
+            let answer = expect_ok(
                 http::Method::DELETE,
-                &url(&format!("/ca/roots/{id}")),
+                &url(&format!("/ca/roots/{id}{}", force_query(force))),
                 Bytes::new(),
             )
             .await?;
+            print_forced(&answer);
             println!("root {id} removed");
         }
-        CaCommand::Rotate { timeout } => rotate(control_plane, timeout).await?,
+        CaCommand::Rotate { timeout, force } => rotate(control_plane, timeout, force).await?,
     }
     Ok(0)
 }
 
-/// Repeats `step` (a request answered 409 while proxies catch up) until it succeeds.
+fn force_query(force: bool) -> &'static str {
+    if force { "?force=true" } else { "" }
+}
+
+/// Says what a forced step went past, from the admin API's answer.
+fn print_forced(answer: &[u8]) {
+    let answer: serde_json::Value = serde_json::from_slice(answer).unwrap_or_default();
+    if let Some(reason) = answer["forced_past"].as_str() {
+        println!("  forced past: {reason}");
+    }
+}
+
+/// Repeats `step` (a request answered 409 while proxies catch up) until it succeeds; after
+/// `timeout`, sends it once more with `force=true` when `force`, else gives up.
 async fn until_accepted(
     what: &str,
     method: http::Method,
     url: &str,
     timeout: Duration,
+    force: bool,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::new();
@@ -245,13 +279,24 @@ async fn until_accepted(
             last = reason;
         }
         if tokio::time::Instant::now() >= deadline {
-            bail!("{what}: still refused after {timeout:?}: {last}");
+            if !force {
+                bail!(
+                    "{what}: still refused after {timeout:?}: {last}\n(wait longer with \
+                     --timeout, or go ahead anyway with --force)"
+                );
+            }
+            println!("  still refused after {timeout:?}; going ahead (--force)");
+            let answer = expect_ok(method, &format!("{url}?force=true"), Bytes::new())
+                .await
+                .with_context(|| format!("{what}, forced"))?;
+            print_forced(&answer);
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
-async fn rotate(control_plane: &str, timeout: Duration) -> anyhow::Result<()> {
+async fn rotate(control_plane: &str, timeout: Duration, force: bool) -> anyhow::Result<()> {
     let url = |path: &str| admin_url(control_plane, path);
     let status = expect_ok(http::Method::GET, &url("/ca"), Bytes::new()).await?;
     let status: serde_json::Value = serde_json::from_slice(&status)?;
@@ -273,6 +318,7 @@ async fn rotate(control_plane: &str, timeout: Duration) -> anyhow::Result<()> {
         http::Method::POST,
         &url(&format!("/ca/roots/{new}/sign")),
         timeout,
+        force,
     )
     .await?;
     println!("2/3 root {new} signs; waiting for every proxy to renew");
@@ -282,6 +328,7 @@ async fn rotate(control_plane: &str, timeout: Duration) -> anyhow::Result<()> {
             http::Method::DELETE,
             &url(&format!("/ca/roots/{id}")),
             timeout,
+            force,
         )
         .await?;
         println!("3/3 root {id} removed");
@@ -294,34 +341,77 @@ async fn rotate(control_plane: &str, timeout: Duration) -> anyhow::Result<()> {
 fn render_ca(s: &serde_json::Value) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_owned();
     let _ = writeln!(
         out,
-        "Workload certificates live {}s.\n\n{:<18} {:<8} {:<26} SUBJECT",
-        s["workload_ttl_seconds"], "ROOT", "SIGNS", "EXPIRES"
+        "Workload certificates live {}s.\n\n{:<18} {:<6} {:<26} {:<36} SUBJECT",
+        s["workload_ttl_seconds"], "ROOT", "SIGNS", "EXPIRES", "CERTIFICATES IN USE"
     );
-    for r in s["roots"].as_array().into_iter().flatten() {
+    let roots = s["roots"].as_array().cloned().unwrap_or_default();
+    for r in &roots {
+        let in_use = match r["certificates"].as_u64() {
+            Some(0) | None => "none".to_owned(),
+            Some(n) => format!("{n}, the last until {}", str_of(&r["last_expiry"])),
+        };
         let _ = writeln!(
             out,
-            "{:<18} {:<8} {:<26} {}",
-            r["id"].as_str().unwrap_or("?"),
+            "{:<18} {:<6} {:<26} {:<36} {}",
+            str_of(&r["id"]),
             if r["signing"].as_bool() == Some(true) {
                 "yes"
             } else {
                 "no"
             },
-            r["not_after"].as_str().unwrap_or("?"),
+            str_of(&r["not_after"]),
+            in_use,
             r["subject"].as_str().unwrap_or("")
         );
     }
-    let issued = s["issued"].as_object().cloned().unwrap_or_default();
-    let _ = writeln!(out, "\nProxies with a valid certificate: {}", issued.len());
-    for (node, cert) in issued {
+    for r in roots
+        .iter()
+        .filter(|r| r["signing"].as_bool() != Some(true))
+    {
+        let id = str_of(&r["id"]);
+        match r["cannot_sign_because"].as_str() {
+            Some(reason) => {
+                let _ = writeln!(out, "\nRoot {id} cannot sign yet: {reason}");
+            }
+            None => {
+                let _ = writeln!(out, "\nRoot {id} may sign.");
+            }
+        }
+        match r["cannot_remove_because"].as_str() {
+            Some(reason) => {
+                let _ = writeln!(out, "Root {id} cannot be removed yet: {reason}");
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "Root {id} may be removed: no unexpired certificate chains to it."
+                );
+            }
+        }
+    }
+    let issued = s["issued"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\nUnexpired certificates: {}", issued.len());
+    for cert in issued {
+        let node = cert["node"].as_str().unwrap_or_default();
+        let holder = if node.is_empty() {
+            format!("(serial {})", str_of(&cert["serial"]))
+        } else {
+            node.to_owned()
+        };
         let _ = writeln!(
             out,
-            "  {node:<32} {:<48} root {} until {}",
-            cert["identity"].as_str().unwrap_or("?"),
-            cert["root"].as_str().unwrap_or("?"),
-            cert["not_after"].as_str().unwrap_or("?")
+            "  {holder:<32} {:<48} root {} until {}{}",
+            str_of(&cert["identity"]),
+            str_of(&cert["root"]),
+            str_of(&cert["not_after"]),
+            if cert["connected"].as_bool() == Some(true) {
+                ""
+            } else {
+                " (not connected)"
+            }
         );
     }
     out
@@ -544,4 +634,44 @@ async fn request_as(
         .with_context(|| format!("reading the answer of {url}"))?
         .to_bytes();
     Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_status_says_why_a_root_must_stay() {
+        let status = serde_json::json!({
+            "workload_ttl_seconds": 86400,
+            "roots": [
+                {"id": "aaaa", "signing": false, "not_after": "2035-01-01T00:00:00Z",
+                 "subject": "CN=old", "certificates": 1, "last_expiry": "2025-01-02T00:00:00Z",
+                 "cannot_sign_because": null,
+                 "cannot_remove_because": "1 unexpired certificates still chain to root aaaa: b.mt (not connected, until 2025-01-02T00:00:00Z)"},
+                {"id": "bbbb", "signing": true, "not_after": "2035-01-01T00:00:00Z",
+                 "subject": "CN=new", "certificates": 0, "last_expiry": null,
+                 "cannot_sign_because": null, "cannot_remove_because": "it signs new certificates"}
+            ],
+            "issued": [
+                {"node": "b.mt", "identity": "spiffe://x/ns/mt/sa/b", "serial": "01:02",
+                 "root": "aaaa", "not_after": "2025-01-02T00:00:00Z", "connected": false}
+            ]
+        });
+        let text = render_ca(&status);
+        assert!(
+            text.contains("Root aaaa cannot be removed yet: 1 unexpired certificates"),
+            "{text}"
+        );
+        assert!(text.contains("Root aaaa may sign."), "{text}");
+        assert!(!text.contains("Root bbbb"), "{text}");
+        assert!(
+            text.contains("1, the last until 2025-01-02T00:00:00Z"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b.mt") && text.contains("(not connected)"),
+            "{text}"
+        );
+    }
 }

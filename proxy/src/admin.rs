@@ -1,12 +1,13 @@
 //! The proxy's admin server (port 15020): `/live`, `/ready` (once the first complete
-//! configuration arrived and, with an identity, the first certificate), `/config` (the applied
-//! configuration, the discovery client's state and the certificate's, JSON) and `/metrics`
-//! (Prometheus).
+//! configuration arrived and, with an identity, while it holds a certificate that has not
+//! expired), `/config` (the applied configuration, the discovery client's state and the
+//! certificate's, JSON) and `/metrics` (Prometheus).
 //!
 //! It runs beside the data path and never blocks it: every answer reads a snapshot.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -18,8 +19,8 @@ use tokio::net::TcpListener;
 use crate::discovery::DiscoveryHandle;
 use crate::metrics::Metrics;
 use crate::serve::{self, Drain};
-use crate::tls::MeshTls;
 use crate::tls::certify::CertStatus;
+use crate::tls::{Certified, MeshTls};
 
 pub struct Admin {
     pub discovery: Arc<DiscoveryHandle>,
@@ -52,22 +53,33 @@ impl Admin {
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" => {
-                let certified = self
-                    .identity
-                    .as_ref()
-                    .is_none_or(|(tls, _)| tls.credentials().is_some());
+                let certified = self.identity.as_ref().map_or(Certified::Valid, |(tls, _)| {
+                    tls.certified_at(SystemTime::now())
+                });
                 if !self.discovery.is_ready() {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "waiting for the first configuration from the control plane\n",
                     )
-                } else if !certified {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "waiting for the workload certificate\n",
-                    )
                 } else {
-                    text(StatusCode::OK, "ready\n")
+                    match certified {
+                        Certified::Valid => text(StatusCode::OK, "ready\n"),
+                        Certified::Not => text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "waiting for the workload certificate\n",
+                        ),
+                        // Peers refuse an expired certificate, so the pod cannot serve mesh
+                        // traffic: it should get none until it renews. (Istio and Linkerd
+                        // proxies stay ready with an expired certificate; keel deliberately
+                        // does not.) Liveness is unaffected: nothing is gained by a restart.
+                        Certified::Expired(at) => text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!(
+                                "the workload certificate expired at {}; renewing\n",
+                                humantime::format_rfc3339_seconds(at)
+                            ),
+                        ),
+                    }
                 }
             }
             "/config" => {

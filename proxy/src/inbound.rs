@@ -11,13 +11,16 @@
 //! the ALPN says what flows inside (HTTP/2, HTTP/1.1 or opaque TCP). The peer's SPIFFE ID
 //! reaches the app in `keel-client-id` (a value a client sends itself is always removed). Other
 //! TLS is the application's own and is passed through as opaque TCP. Under STRICT mTLS,
-//! everything that is not mesh mTLS is refused and counted.
+//! everything that is not mesh mTLS is refused and counted. Before the first configuration from
+//! the control plane every connection is refused (and counted as `unconfigured`): the pod's mode
+//! and policies are not known yet, and the defaults must never stand in for them.
 //!
 //! Access policies ([`crate::authz`]) are checked per request for HTTP (403 with `keel-error:
 //! forbidden`) and per connection for opaque TCP (closed), against the verified peer.
 //!
-//! This module must never forward to anything but the local app, and never pass on a
-//! `keel-client-id` it did not verify.
+//! This module must never forward to anything but the local app, never pass on a
+//! `keel-client-id` it did not verify, and never accept a connection before the first
+//! configuration.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -65,6 +68,15 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
     };
     if orig.port() == shared.inbound_port {
         tracing::warn!(%client, %orig, "connection addressed to the inbound listener itself; closing");
+        return;
+    }
+    if !shared.config.is_configured() {
+        // Until the first configuration the proxy does not know this pod's mTLS mode or its
+        // access policies, so it lets nothing in: acting on the defaults would accept plaintext
+        // for a pod meant to be STRICT, and any peer for a pod whose policies deny it. (Envoy
+        // under Istio has the same effect by having no inbound listener before its first LDS.)
+        tracing::debug!(%client, "inbound connection before the first configuration; refused");
+        shared.metrics.refused(Refusal::unconfigured);
         return;
     }
     let _ = stream.set_nodelay(true);

@@ -60,6 +60,8 @@ pub enum Refusal {
     no_identity,
     /// An access policy denied the (opaque TCP) connection.
     denied,
+    /// The proxy has no configuration from the control plane yet.
+    unconfigured,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -150,6 +150,7 @@ fn start_client(addr: SocketAddr) -> DiscoveryHandle {
         base: Duration::from_millis(50),
         max: Duration::from_millis(500),
         healthy_after: Duration::from_secs(10),
+        ..BackoffConfig::default()
     };
     discovery::spawn(config, Arc::new(ConfigStore::default())).expect("client starts")
 }

@@ -6,7 +6,10 @@
 //!   a workload of the current model, and so the service account that workload runs as. Deleting
 //!   the workload revokes its token.
 //! - [`TokenReview`], Kubernetes': the pod's projected ServiceAccount token, checked by the API
-//!   server's TokenReview (audience `keel`). It proves `system:serviceaccount:<ns>:<sa>`.
+//!   server's TokenReview (audience `keel`, which the answer's `status.audiences` must confirm).
+//!   It proves `system:serviceaccount:<ns>:<sa>`. Its tests run against a fake API server that
+//!   answers TokenReviews the way the real one does (there is no cluster where they run): the
+//!   request's shape and each kind of answer are checked, not a real API server's behaviour.
 //!
 //! An authenticator answers with the identity it proved, never with the one asked for; the
 //! caller compares the two. Tokens are secrets: they are never logged.
@@ -213,12 +216,22 @@ impl TokenReview {
                 "the API server did not authenticate it".into()
             })));
         }
-        if let Some(audiences) = &status.audiences
-            && !audiences.iter().any(|a| a == TOKEN_AUDIENCE)
-        {
-            return Err(AuthError::Rejected(format!(
-                "the token is not for audience {TOKEN_AUDIENCE}"
-            )));
+        // Kubernetes: a client that sets spec.audiences must find a compatible audience in
+        // status.audiences; an authenticated answer without any means the token is valid for the
+        // API server's own audience (or the server is not audience-aware), not for keel's.
+        match status.audiences.as_deref() {
+            Some(audiences) if audiences.iter().any(|a| a == TOKEN_AUDIENCE) => {}
+            Some([]) | None => {
+                return Err(AuthError::Rejected(format!(
+                    "the API server did not confirm audience {TOKEN_AUDIENCE} (its answer names \
+                     no audience: the token may be for the API server itself)"
+                )));
+            }
+            Some(_) => {
+                return Err(AuthError::Rejected(format!(
+                    "the token is not for audience {TOKEN_AUDIENCE}"
+                )));
+            }
         }
         let username = status
             .user
@@ -426,6 +439,16 @@ spec: {serviceAccount: articles, addresses: [10.0.0.3]}
                 serde_json::json!({"authenticated": true, "audiences": ["vault"],
                     "user": {"username": "system:serviceaccount:demo:articles"}}),
             ),
+            (
+                "no-audience",
+                serde_json::json!({"authenticated": true,
+                    "user": {"username": "system:serviceaccount:demo:articles"}}),
+            ),
+            (
+                "empty-audiences",
+                serde_json::json!({"authenticated": true, "audiences": [],
+                    "user": {"username": "system:serviceaccount:demo:articles"}}),
+            ),
         ])
         .await;
         let config = kube::Config::new(url.parse().expect("url"));
@@ -447,6 +470,8 @@ spec: {serviceAccount: articles, addresses: [10.0.0.3]}
             ("forged", "invalid bearer token"),
             ("a-person", "is not a ServiceAccount"),
             ("other-audience", "not for audience keel"),
+            ("no-audience", "did not confirm audience keel"),
+            ("empty-audiences", "did not confirm audience keel"),
         ] {
             let err = review
                 .authenticate(token.as_bytes(), "cluster.local")

@@ -11,15 +11,23 @@
 //! [`CertificateAuthority::use_root`], [`CertificateAuthority::remove_root`]): a new root is
 //! first only *trusted* (it joins the bundle every proxy receives), then it *signs* (proxies whose
 //! certificate chains to another root renew at once), and the old root is removed once no
-//! connected proxy's certificate chains to it. The checks that need to know what proxies hold are
-//! the admin API's; this module keeps the facts (which root signed each proxy's newest
-//! certificate) and refuses only what is wrong in itself (removing the signing root).
+//! unexpired certificate chains to it. The checks are [`super::rotation`]'s; this module keeps
+//! the facts and refuses only what is wrong in itself (removing the signing root).
+//!
+//! The facts are the certificates that may still be in use: for each proxy (its identity and
+//! Node id) the newest certificate signed for it, its serial, the root that signed it and its
+//! expiry, until it expires. A proxy that renews replaces its record; a proxy that went away
+//! leaves its record until the certificate expires, since it might still present it. The records
+//! are written to `issued.json` in the CA directory before a certificate is handed out (a failed
+//! write refuses the certificate), so a restarted control plane still knows what it signed: an
+//! empty memory after a restart must never make a root look unused.
 //!
 //! Every leaf follows the X.509-SVID rules: exactly one URI SAN (the SPIFFE ID), an empty
 //! subject, cA=false, a critical KeyUsage of digitalSignature only, EKU serverAuth and
-//! clientAuth. The CA never signs anything a CSR asks for beyond its public key: the identity
-//! comes from the caller's proof, the rest from here. It must never write a key where others can
-//! read it, and never lose the last persisted state on a failed write.
+//! clientAuth. No leaf outlives the root that signs it. A CSR must ask for exactly the identity the caller proved (one URI SAN, nothing
+//! else) or it is refused; even then the CA takes nothing from it but its public key: the
+//! identity comes from the caller's proof, the rest from here. It must never write a key where
+//! others can read it, and never lose the last persisted state on a failed write.
 
 use std::collections::HashMap;
 use std::fs;
@@ -62,6 +70,10 @@ pub enum CaError {
     BadRoot { what: String, reason: String },
     #[error("the certificate signing request is invalid: {0}")]
     BadCsr(String),
+    #[error(
+        "the certificate signing request asks for {requested}, but the proof establishes {proven}"
+    )]
+    IdentityMismatch { requested: String, proven: String },
     #[error("no root with id {0}")]
     NoSuchRoot(String),
     #[error(
@@ -109,13 +121,45 @@ struct Root {
     not_after: SystemTime,
 }
 
-/// The newest certificate signed for one proxy.
-#[derive(Debug, Clone, Serialize)]
+/// The newest certificate signed for one proxy (an identity and a Node id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Issued {
+    /// The Node id the proxy gave ("" when the caller named none).
+    pub node: String,
     pub identity: String,
+    /// The certificate's serial number, in hex (`a1:b2:...`).
+    pub serial: String,
+    /// The root that signed it.
     pub root: String,
     #[serde(with = "crate::admin::rfc3339")]
     pub not_after: SystemTime,
+}
+
+impl Issued {
+    /// Who holds it, for a message: the Node id, or the identity and serial without one.
+    pub fn holder(&self) -> String {
+        if self.node.is_empty() {
+            format!("{} (serial {})", self.identity, self.serial)
+        } else {
+            self.node.clone()
+        }
+    }
+}
+
+/// `issued.json`: the records of [`Issued`] certificates.
+#[derive(Serialize, Deserialize)]
+struct IssuedFile {
+    certificates: Vec<IssuedRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IssuedRecord {
+    node: String,
+    identity: String,
+    serial: String,
+    root: String,
+    /// Seconds since the Unix epoch.
+    not_after: u64,
 }
 
 /// A root, for status.
@@ -126,14 +170,19 @@ pub struct RootStatus {
     #[serde(with = "crate::admin::rfc3339")]
     pub not_after: SystemTime,
     pub subject: String,
+    /// Unexpired certificates that chain to it.
+    pub certificates: usize,
+    /// When the last of them expires.
+    #[serde(with = "crate::admin::rfc3339::option")]
+    pub last_expiry: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CaStatus {
     pub roots: Vec<RootStatus>,
     pub workload_ttl_seconds: u64,
-    /// Node id -> its newest certificate, for proxies whose certificate is still valid.
-    pub issued: std::collections::BTreeMap<String, Issued>,
+    /// The unexpired certificates, each proxy's newest, by Node id.
+    pub issued: Vec<Issued>,
 }
 
 /// A signed workload certificate.
@@ -145,11 +194,14 @@ pub struct Signed {
     pub signed_by: String,
 }
 
+/// A proxy, for the records of what was issued: its identity and its Node id.
+type Holder = (String, String);
+
 struct State {
     roots: Vec<Root>,
     signing: String,
-    /// Node id -> newest certificate; pruned of expired entries as it grows.
-    issued: HashMap<String, Issued>,
+    /// Each proxy's newest certificate, until it expires.
+    issued: HashMap<Holder, Issued>,
 }
 
 impl State {
@@ -336,22 +388,23 @@ impl CertificateAuthority {
         if workload_ttl < MIN_WORKLOAD_TTL {
             return Err(CaError::TtlTooShort(workload_ttl));
         }
-        let (dir, roots, signing) = match storage {
+        let (dir, roots, signing, issued) = match storage {
             CaStorage::Memory => {
                 let (der, key) = generate_root()?;
                 let root = root_from(der, key, "generated root")?;
                 let signing = root.id.clone();
-                (None, vec![root], signing)
+                (None, vec![root], signing, HashMap::new())
             }
             CaStorage::Directory { dir, import } => {
                 let (roots, signing) = Self::load_or_create(&dir, import)?;
-                (Some(dir), roots, signing)
+                let issued = Self::load_issued(&dir, &roots)?;
+                (Some(dir), roots, signing, issued)
             }
         };
         let state = State {
             roots,
             signing,
-            issued: HashMap::new(),
+            issued,
         };
         let bundle = watch::Sender::new(Arc::new(state.bundle()));
         Ok(CertificateAuthority {
@@ -412,6 +465,74 @@ impl CertificateAuthority {
         let roots = vec![root];
         tracing::info!(dir = %dir.display(), root = %signing, "CA created");
         Ok((roots, signing))
+    }
+
+    /// Reads `issued.json` (absent in a new CA directory), keeping the unexpired records of
+    /// roots that are still there.
+    fn load_issued(dir: &Path, roots: &[Root]) -> Result<HashMap<Holder, Issued>, CaError> {
+        let path = dir.join("issued.json");
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let file: IssuedFile = serde_json::from_str(&text).map_err(|e| CaError::Corrupt {
+            path: path.clone(),
+            reason: format!(
+                "{e} (it records the certificates still in use, which root removal checks; \
+                 remove the file only if no workload holds a certificate from a root you will \
+                 remove)"
+            ),
+        })?;
+        let now = SystemTime::now();
+        let issued: HashMap<Holder, Issued> = file
+            .certificates
+            .into_iter()
+            .map(|r| Issued {
+                node: r.node,
+                identity: r.identity,
+                serial: r.serial,
+                root: r.root,
+                not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(r.not_after),
+            })
+            .filter(|i| i.not_after > now && roots.iter().any(|r| r.id == i.root))
+            .map(|i| ((i.identity.clone(), i.node.clone()), i))
+            .collect();
+        tracing::info!(
+            certificates = issued.len(),
+            "CA records of unexpired certificates loaded"
+        );
+        Ok(issued)
+    }
+
+    /// Writes the records of what was issued, when the CA has a directory.
+    fn persist_issued(&self, issued: &HashMap<Holder, Issued>) -> Result<(), CaError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let mut certificates: Vec<IssuedRecord> = issued
+            .values()
+            .map(|i| IssuedRecord {
+                node: i.node.clone(),
+                identity: i.identity.clone(),
+                serial: i.serial.clone(),
+                root: i.root.clone(),
+                not_after: i
+                    .not_after
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+                    .unwrap_or_default(),
+            })
+            .collect();
+        certificates.sort_by(|a, b| (&a.identity, &a.node).cmp(&(&b.identity, &b.node)));
+        let path = dir.join("issued.json");
+        let json = serde_json::to_vec_pretty(&IssuedFile { certificates }).map_err(|e| {
+            CaError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        write_atomically(&path, &json, false)
     }
 
     fn persist_root(dir: &Path, root: &Root) -> Result<(), CaError> {
@@ -554,58 +675,72 @@ impl CertificateAuthority {
         self.workload_ttl
     }
 
-    /// The proxies whose newest certificate is still valid and chains to `root`.
-    pub fn holders_of(&self, root: &str) -> Vec<String> {
+    /// The unexpired certificates that chain to `root`, ordered by holder.
+    pub fn holders_of(&self, root: &str) -> Vec<Issued> {
         let now = SystemTime::now();
-        let mut holders: Vec<String> = self
+        let mut holders: Vec<Issued> = self
             .lock()
             .issued
-            .iter()
-            .filter(|(_, i)| i.root == root && i.not_after > now)
-            .map(|(node, _)| node.clone())
+            .values()
+            .filter(|i| i.root == root && i.not_after > now)
+            .cloned()
             .collect();
-        holders.sort();
+        holders.sort_by(|a, b| (&a.node, &a.identity).cmp(&(&b.node, &b.identity)));
         holders
     }
 
-    pub fn status(&self) -> CaStatus {
+    /// Every unexpired certificate, ordered by holder.
+    pub fn valid_certificates(&self) -> Vec<Issued> {
         let now = SystemTime::now();
+        let mut all: Vec<Issued> = self
+            .lock()
+            .issued
+            .values()
+            .filter(|i| i.not_after > now)
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| (&a.node, &a.identity).cmp(&(&b.node, &b.identity)));
+        all
+    }
+
+    pub fn status(&self) -> CaStatus {
+        let issued = self.valid_certificates();
         let state = self.lock();
         CaStatus {
             roots: state
                 .roots
                 .iter()
-                .map(|r| RootStatus {
-                    id: r.id.clone(),
-                    signing: r.id == state.signing,
-                    not_after: r.not_after,
-                    subject: x509_parser::parse_x509_certificate(&r.der)
-                        .map(|(_, c)| c.subject().to_string())
-                        .unwrap_or_default(),
+                .map(|r| {
+                    let chained = issued.iter().filter(|i| i.root == r.id);
+                    RootStatus {
+                        id: r.id.clone(),
+                        signing: r.id == state.signing,
+                        not_after: r.not_after,
+                        subject: x509_parser::parse_x509_certificate(&r.der)
+                            .map(|(_, c)| c.subject().to_string())
+                            .unwrap_or_default(),
+                        certificates: chained.clone().count(),
+                        last_expiry: chained.map(|i| i.not_after).max(),
+                    }
                 })
                 .collect(),
             workload_ttl_seconds: self.workload_ttl.as_secs(),
-            issued: state
-                .issued
-                .iter()
-                .filter(|(_, i)| i.not_after > now)
-                .map(|(n, i)| (n.clone(), i.clone()))
-                .collect(),
+            issued,
         }
     }
 
     /// Signs a workload certificate for `identity`, whose proof the caller has checked, over the
-    /// public key of `csr` (DER). The CSR must be well formed, correctly self-signed, and for an
-    /// ECDSA P-256 key; nothing else in it is used.
+    /// public key of `csr` (DER). The CSR must be well formed, correctly self-signed, for an
+    /// ECDSA P-256 key, and ask for exactly `identity` (see [`check_csr`]); the certificate is
+    /// built here, only the key is taken from the CSR.
     pub fn sign_workload(
         &self,
         csr: &[u8],
         identity: &SpiffeId,
         node_id: &str,
     ) -> Result<Signed, CaError> {
-        let request = check_csr(csr)?;
+        let request = check_csr(csr, identity)?;
         let now = SystemTime::now();
-        let not_after = now + self.workload_ttl;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(
@@ -621,26 +756,36 @@ impl CertificateAuthority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.not_before = (now - CLOCK_SKEW).into();
-        params.not_after = not_after.into();
-        params.serial_number = Some(random_serial());
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
         params.use_authority_key_identifier_extension = true;
         let mut state = self.lock();
         let root = state.signing_root();
+        // A leaf never outlives the root it chains to.
+        let not_after = (now + self.workload_ttl).min(root.not_after);
+        params.not_after = not_after.into();
         let cert = params.signed_by(&request.public_key, &root.issuer)?;
         let signed_by = root.id.clone();
         let bundle = state.bundle();
-        if !node_id.is_empty() {
-            if state.issued.len() > 4096 {
-                state.issued.retain(|_, i| i.not_after > now);
-            }
-            state.issued.insert(
-                node_id.to_owned(),
-                Issued {
-                    identity: identity.to_string(),
-                    root: signed_by.clone(),
-                    not_after,
-                },
-            );
+        let holder = (identity.to_string(), node_id.to_owned());
+        let record = Issued {
+            node: node_id.to_owned(),
+            identity: identity.to_string(),
+            serial: serial.to_string(),
+            root: signed_by.clone(),
+            not_after,
+        };
+        let previous = state.issued.insert(holder.clone(), record);
+        state.issued.retain(|_, i| i.not_after > now);
+        // Recorded before it is handed out: a certificate the records do not know of could
+        // make a root look unused.
+        if let Err(e) = self.persist_issued(&state.issued) {
+            match previous {
+                Some(previous) => state.issued.insert(holder, previous),
+                None => state.issued.remove(&holder),
+            };
+            tracing::error!(error = %e, "recording an issued certificate failed; refusing it");
+            return Err(e);
         }
         Ok(Signed {
             chain: vec![cert.der().clone()],
@@ -658,7 +803,6 @@ impl CertificateAuthority {
     ) -> Result<(Vec<CertificateDer<'static>>, KeyPair, SystemTime), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let now = SystemTime::now();
-        let not_after = now + self.workload_ttl;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         let mut sans = Vec::with_capacity(names.len());
@@ -673,17 +817,25 @@ impl CertificateAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = (now - CLOCK_SKEW).into();
-        params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         let state = self.lock();
-        let cert = params.signed_by(&key, &state.signing_root().issuer)?;
+        let root = state.signing_root();
+        let not_after = (now + self.workload_ttl).min(root.not_after);
+        params.not_after = not_after.into();
+        let cert = params.signed_by(&key, &root.issuer)?;
         Ok((vec![cert.der().clone()], key, not_after))
     }
 }
 
-/// Parses and checks a CSR: a valid self-signature over an ECDSA P-256 public key.
-fn check_csr(csr: &[u8]) -> Result<CertificateSigningRequestParams, CaError> {
+/// Parses and checks a CSR: a valid self-signature over an ECDSA P-256 public key, asking for
+/// `identity` and nothing else: exactly one requested extension, subjectAltName, holding exactly
+/// one name, the URI `identity`. A CSR for another identity is refused even though the CA would
+/// not sign what it asks for, so that a proxy asking for the wrong identity learns it at once
+/// instead of holding a certificate it did not expect.
+fn check_csr(csr: &[u8], identity: &SpiffeId) -> Result<CertificateSigningRequestParams, CaError> {
+    use x509_parser::cri_attributes::ParsedCriAttribute;
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
     use x509_parser::prelude::FromDer;
     let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(csr)
         .map_err(|e| CaError::BadCsr(format!("not a PKCS#10 request: {e}")))?;
@@ -703,14 +855,77 @@ fn check_csr(csr: &[u8]) -> Result<CertificateSigningRequestParams, CaError> {
     parsed
         .verify_signature()
         .map_err(|_| CaError::BadCsr("its signature does not verify".into()))?;
-    // rcgen re-parses it for the public key; extensions it does not know are irrelevant since
-    // none are copied, so only the key is taken from its answer.
-    match CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr)) {
-        Ok(request) => Ok(request),
-        Err(rcgen::Error::UnsupportedExtension) => Err(CaError::BadCsr(
-            "it requests an extension keel does not sign; send only the SPIFFE ID SAN".into(),
-        )),
-        Err(e) => Err(CaError::BadCsr(e.to_string())),
+
+    let wanted = identity.to_string();
+    let mut uris = Vec::new();
+    for attribute in parsed.certification_request_info.iter_attributes() {
+        let ParsedCriAttribute::ExtensionRequest(requested) = attribute.parsed_attribute() else {
+            continue;
+        };
+        for extension in &requested.extensions {
+            let ParsedExtension::SubjectAlternativeName(san) = extension.parsed_extension() else {
+                return Err(CaError::BadCsr(format!(
+                    "it requests extension {}, which keel does not sign; send only the \
+                     subjectAltName URI {wanted}",
+                    extension.oid
+                )));
+            };
+            for name in &san.general_names {
+                match name {
+                    GeneralName::URI(uri) => uris.push((*uri).to_owned()),
+                    other => {
+                        return Err(CaError::BadCsr(format!(
+                            "it asks for {}; an X.509-SVID carries only the URI {wanted}",
+                            describe_name(other)
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    match uris.as_slice() {
+        [only] if *only == wanted => {}
+        [] => {
+            return Err(CaError::BadCsr(format!(
+                "it names no identity; it must ask for exactly the URI SAN {wanted}"
+            )));
+        }
+        asked if asked.iter().all(|u| *u == wanted) => {
+            return Err(CaError::BadCsr(format!(
+                "it asks for {wanted} {} times; exactly one URI SAN is allowed",
+                asked.len()
+            )));
+        }
+        asked => {
+            return Err(CaError::IdentityMismatch {
+                requested: asked.join(", "),
+                proven: wanted,
+            });
+        }
+    }
+    // rcgen re-parses it for the public key; only the key is taken from its answer.
+    CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
+        .map_err(|e| CaError::BadCsr(e.to_string()))
+}
+
+/// A subjectAltName that is not a URI, for an error message.
+fn describe_name(name: &x509_parser::extensions::GeneralName<'_>) -> String {
+    use x509_parser::extensions::GeneralName;
+    match name {
+        GeneralName::DNSName(dns) => format!("the DNS name {dns}"),
+        GeneralName::RFC822Name(mail) => format!("the e-mail address {mail}"),
+        GeneralName::IPAddress(bytes) => match bytes.len() {
+            4 => format!(
+                "the IP address {}",
+                std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*bytes).unwrap_or_default())
+            ),
+            16 => format!(
+                "the IP address {}",
+                std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*bytes).unwrap_or_default())
+            ),
+            _ => "a malformed IP address".to_owned(),
+        },
+        other => format!("the name {other}"),
     }
 }
 
@@ -739,8 +954,7 @@ mod tests {
         let ca = memory_ca();
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
         let identity = id("spiffe://keel.local/ns/demo/sa/articles");
-        // The CSR may ask for anything; only its key is used.
-        let csr = csr_for(&key, "spiffe://evil.example/ns/kube-system/sa/admin");
+        let csr = csr_for(&key, &identity.to_string());
         let signed = ca
             .sign_workload(&csr, &identity, "articles-1.demo")
             .expect("signed");
@@ -773,8 +987,8 @@ mod tests {
                 }
                 ParsedExtension::KeyUsage(ku) => {
                     assert!(ext.critical, "KeyUsage must be critical");
-                    assert!(ku.digital_signature());
-                    assert!(!ku.key_cert_sign() && !ku.crl_sign());
+                    // Bit 0, digitalSignature, and nothing else.
+                    assert_eq!(ku.flags, 1, "KeyUsage {ku}");
                     saw.1 = true;
                 }
                 ParsedExtension::ExtendedKeyUsage(eku) => {
@@ -790,10 +1004,100 @@ mod tests {
         let lifetime =
             cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, 3600 + CLOCK_SKEW.as_secs() as i64);
-        assert_eq!(
-            ca.holders_of(&signed.signed_by),
-            vec!["articles-1.demo".to_owned()]
-        );
+        let holders = ca.holders_of(&signed.signed_by);
+        assert_eq!(holders.len(), 1);
+        assert_eq!(holders[0].node, "articles-1.demo");
+        assert_eq!(holders[0].identity, identity.to_string());
+        assert_eq!(holders[0].serial, cert.raw_serial_as_string());
+    }
+
+    fn csr_with(key: &KeyPair, sans: Vec<SanType>) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = sans;
+        params.serialize_request(key).expect("csr").der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().expect("uri"))
+    }
+
+    #[test]
+    fn a_csr_for_another_identity_is_refused_naming_both() {
+        let ca = memory_ca();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let proven = id("spiffe://keel.local/ns/demo/sa/articles");
+        let evil = "spiffe://evil.example/ns/kube-system/sa/admin";
+        for (what, sans) in [
+            ("another identity", vec![uri(evil)]),
+            (
+                "its own and another",
+                vec![uri(&proven.to_string()), uri(evil)],
+            ),
+        ] {
+            let err = ca
+                .sign_workload(&csr_with(&key, sans), &proven, "articles-1.demo")
+                .expect_err(what);
+            assert!(
+                matches!(err, CaError::IdentityMismatch { .. }),
+                "{what}: {err}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(evil) && message.contains(&proven.to_string()),
+                "{what}: {message}"
+            );
+        }
+        // Nothing was recorded as issued.
+        assert!(ca.status().issued.is_empty());
+    }
+
+    #[test]
+    fn a_csr_must_name_exactly_the_proven_identity_and_nothing_else() {
+        let ca = memory_ca();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let proven = id("spiffe://keel.local/ns/demo/sa/articles");
+        let me = proven.to_string();
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("no SAN", csr_with(&key, vec![]), "names no identity"),
+            (
+                "a DNS name beside the identity",
+                csr_with(
+                    &key,
+                    vec![
+                        uri(&me),
+                        SanType::DnsName("articles.demo.svc".try_into().expect("dns")),
+                    ],
+                ),
+                "articles.demo.svc",
+            ),
+            (
+                "an IP address",
+                csr_with(&key, vec![SanType::IpAddress([10, 0, 0, 3].into())]),
+                "10.0.0.3",
+            ),
+            (
+                "the identity twice",
+                csr_with(&key, vec![uri(&me), uri(&me)]),
+                "exactly one URI SAN",
+            ),
+            (
+                "another extension",
+                {
+                    let mut params = CertificateParams::default();
+                    params.distinguished_name = DistinguishedName::new();
+                    params.subject_alt_names = vec![uri(&me)];
+                    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                    params.serialize_request(&key).expect("csr").der().to_vec()
+                },
+                "does not sign",
+            ),
+        ];
+        for (what, csr, reason) in cases {
+            let err = ca.sign_workload(&csr, &proven, "n").expect_err(what);
+            assert!(matches!(err, CaError::BadCsr(_)), "{what}: {err}");
+            assert!(err.to_string().contains(reason), "{what}: {err}");
+        }
     }
 
     #[test]
@@ -874,6 +1178,104 @@ mod tests {
         let last = CertificateAuthority::open(storage, ttl).expect("reopen");
         assert_eq!(last.bundle().anchors.len(), 1);
         assert_eq!(last.bundle().anchors[0].id, root2);
+    }
+
+    #[test]
+    fn what_was_issued_is_recorded_before_it_is_handed_out() {
+        let dir = tempfile::tempdir().expect("dir");
+        let storage = CaStorage::Directory {
+            dir: dir.path().join("ca"),
+            import: None,
+        };
+        let ttl = Duration::from_secs(600);
+        let identity = id("spiffe://keel.local/ns/demo/sa/a");
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let csr = csr_for(&key, &identity.to_string());
+        let ca = CertificateAuthority::open(storage.clone(), ttl).expect("ca");
+        let root = ca.bundle().anchors[0].id.clone();
+        ca.sign_workload(&csr, &identity, "a-1.demo")
+            .expect("first");
+        let second = ca
+            .sign_workload(&csr, &identity, "a-1.demo")
+            .expect("renewal");
+        ca.sign_workload(&csr, &identity, "a-2.demo")
+            .expect("another replica");
+        // A renewal replaces the proxy's record; another proxy of the same identity has its own.
+        let holders = ca.holders_of(&root);
+        assert_eq!(
+            holders.iter().map(|i| i.node.as_str()).collect::<Vec<_>>(),
+            ["a-1.demo", "a-2.demo"]
+        );
+        drop(ca);
+        let reopened = CertificateAuthority::open(storage.clone(), ttl).expect("reopen");
+        let after = reopened.holders_of(&root);
+        assert_eq!(after.len(), 2);
+        assert_eq!(after[0].serial, holders[0].serial);
+        let expiry = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .expect("t")
+                .as_secs()
+        };
+        assert!(expiry(after[0].not_after) >= expiry(second.not_after));
+
+        // A write that fails refuses the certificate and leaves the records as they were.
+        let records = dir.path().join("ca/issued.json");
+        fs::remove_file(&records).expect("rm");
+        fs::create_dir(&records).expect("a directory where the file goes");
+        let err = reopened
+            .sign_workload(&csr, &identity, "a-3.demo")
+            .expect_err("unrecorded");
+        assert!(matches!(err, CaError::Io { .. }), "{err}");
+        assert_eq!(reopened.holders_of(&root).len(), 2);
+        drop(reopened);
+
+        // A damaged file is named, not ignored: ignoring it would make roots look unused.
+        fs::remove_dir(&records).expect("rmdir");
+        fs::write(&records, "{ not json").expect("write");
+        let err = CertificateAuthority::open(storage, ttl).expect_err("corrupt");
+        assert!(
+            err.to_string().contains("issued.json") && err.to_string().contains("root removal"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_certificate_outlives_its_root() {
+        let ca = memory_ca();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let now = SystemTime::now();
+        params.not_before = (now - CLOCK_SKEW).into();
+        let root_until = now + Duration::from_secs(600);
+        params.not_after = root_until.into();
+        let root = params.self_signed(&key).expect("root");
+        let id = ca
+            .add_root(Some((&root.pem(), &key.serialize_pem())))
+            .expect("a root valid for 10 minutes");
+        ca.use_root(&id).expect("use");
+
+        let identity = self::id("spiffe://keel.local/ns/demo/sa/a");
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let signed = ca
+            .sign_workload(&csr_for(&leaf_key, &identity.to_string()), &identity, "n")
+            .expect("signed");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&signed.chain[0]).expect("parse");
+        let (_, issuer) = x509_parser::parse_x509_certificate(root.der()).expect("parse");
+        // The CA's lifetime is an hour; the root's ten minutes win.
+        assert_eq!(
+            leaf.validity().not_after.timestamp(),
+            issuer.validity().not_after.timestamp()
+        );
+        assert!(signed.not_after <= root_until);
+        let (chain, _, server_until) = ca.sign_server(&["cp.example".to_owned()]).expect("server");
+        let (_, server) = x509_parser::parse_x509_certificate(&chain[0]).expect("parse");
+        assert_eq!(
+            server.validity().not_after.timestamp(),
+            issuer.validity().not_after.timestamp()
+        );
+        assert!(server_until <= root_until);
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! and the control plane's own TLS port that serves it.
 //!
 //! A proxy calls `Identity.Certify` with the SPIFFE ID it wants, a proof (see [`auth`]) and a
-//! CSR for a key it made and keeps. The service checks that the proof establishes exactly that
-//! identity in the mesh's trust domain, and the CA ([`ca`]) signs an X.509-SVID over the CSR's
-//! key. Anything else is refused with a status naming the reason.
+//! CSR for a key it made and keeps, asking for that SPIFFE ID. The service checks that the proof
+//! establishes exactly that identity in the mesh's trust domain and that the CSR asks for it and
+//! nothing else, and the CA ([`ca`]) signs an X.509-SVID over the CSR's key. Anything else is
+//! refused with a status naming the reason (`permission_denied` for an identity other than the
+//! proven one, in the request or in the CSR).
 //!
 //! Tokens are bearer secrets, so `Identity` is served only on the secure port, TLS with a
 //! certificate for the control plane signed by the mesh CA ([`SecurePort`]); proxies trust it
@@ -104,6 +106,7 @@ impl IdentityService {
             .sign_workload(&request.csr, &asked, &request.node_id)
             .map_err(|e| match e {
                 CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
+                CaError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),
                 _ => Status::internal(e.to_string()),
             })?;
         tracing::info!(

@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::{ArcSwap, Guard};
 use keel_proto::v1::type_url;
@@ -394,19 +395,33 @@ impl Serialize for Config {
 
 /// Where the current [`Config`] lives: read lock-free by the data path, replaced whole by the
 /// discovery client, watched by whoever must react to a change.
+///
+/// The initial snapshot is a placeholder (no services, default mesh settings) until the first
+/// [`ConfigStore::publish`]: [`ConfigStore::is_configured`] tells the two apart, for the parts of
+/// the data path that must not act on defaults they were never given (the inbound side's mTLS
+/// mode).
 #[derive(Debug)]
 pub struct ConfigStore {
     current: ArcSwap<Config>,
     changes: watch::Sender<Arc<Config>>,
+    configured: AtomicBool,
 }
 
 impl ConfigStore {
+    /// A store holding `initial` as its placeholder: not configured until the first publish.
     pub fn new(initial: Arc<Config>) -> ConfigStore {
         let (changes, _) = watch::channel(initial.clone());
         ConfigStore {
             current: ArcSwap::new(initial),
             changes,
+            configured: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a configuration has been published (the discovery client publishes only
+    /// complete, validated ones), as opposed to the placeholder the store started with.
+    pub fn is_configured(&self) -> bool {
+        self.configured.load(Ordering::Acquire)
     }
 
     /// The current snapshot, for the data path: no lock, no reference-count traffic in the
@@ -424,6 +439,8 @@ impl ConfigStore {
     /// Makes `config` the current snapshot and tells the watchers.
     pub fn publish(&self, config: Arc<Config>) {
         self.current.store(config.clone());
+        // After the store: whoever sees `configured` reads a published snapshot.
+        self.configured.store(true, Ordering::Release);
         self.changes.send_replace(config);
     }
 

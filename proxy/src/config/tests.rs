@@ -1574,8 +1574,13 @@ async fn the_store_publishes_to_readers_and_watchers() {
     let store = ConfigStore::default();
     let mut changes = store.subscribe();
     assert_eq!(store.load().generation(), 0);
+    assert!(
+        !store.is_configured(),
+        "the placeholder is not a configuration"
+    );
     let b = articles_and_frontend();
     store.publish(b.current().clone());
+    assert!(store.is_configured());
     assert!(Arc::ptr_eq(&store.current(), b.current()));
     changes.changed().await.expect("the store is alive");
     assert_eq!(

@@ -1,7 +1,9 @@
-//! Reconnect delays: exponential back-off with full jitter (AWS's "Exponential Backoff and
-//! Jitter"): the n-th consecutive failure waits a uniformly random time in
-//! `[0, min(max, base * 2^n)]`, so a fleet of proxies that lost the control plane together does
-//! not come back together.
+//! Retry delays: exponential back-off with jitter (AWS's "Exponential Backoff and Jitter"): the
+//! n-th consecutive failure waits a random time below the ceiling `min(max, base * 2^n)`, so a
+//! fleet of proxies that lost the control plane together does not come back together. With
+//! [`Jitter::Full`] (discovery's reconnects) the wait is uniform in `[0, ceiling]`; with
+//! [`Jitter::Equal`] (certificate requests) in `[ceiling / 2, ceiling]`, so that even the first
+//! retry waits: a request the control plane just refused is not sent again at once.
 //!
 //! This module must never produce a delay above the configured maximum.
 
@@ -9,7 +11,17 @@ use std::time::Duration;
 
 use rand::Rng;
 
-/// How the discovery client spaces its reconnection attempts.
+/// Where in `[0, ceiling]` a delay falls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Jitter {
+    /// Anywhere in `[0, ceiling]`.
+    #[default]
+    Full,
+    /// In `[ceiling / 2, ceiling]`.
+    Equal,
+}
+
+/// How a client spaces its retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackoffConfig {
     /// The ceiling of the first delay.
@@ -19,6 +31,7 @@ pub struct BackoffConfig {
     /// A stream that delivered a response and stayed up this long was healthy: the next
     /// failure starts again from `base`.
     pub healthy_after: Duration,
+    pub jitter: Jitter,
 }
 
 impl Default for BackoffConfig {
@@ -27,6 +40,7 @@ impl Default for BackoffConfig {
             base: Duration::from_millis(100),
             max: Duration::from_secs(15),
             healthy_after: Duration::from_secs(10),
+            jitter: Jitter::Full,
         }
     }
 }
@@ -61,7 +75,11 @@ impl Backoff {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
         let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rand::rng().random_range(0..=nanos))
+        let floor = match self.config.jitter {
+            Jitter::Full => 0,
+            Jitter::Equal => nanos / 2,
+        };
+        Duration::from_nanos(rand::rng().random_range(floor..=nanos))
     }
 
     /// The last stream was healthy: start again from `base`.
@@ -79,7 +97,31 @@ mod tests {
             base: Duration::from_millis(100),
             max: Duration::from_secs(15),
             healthy_after: Duration::from_secs(10),
+            jitter: Jitter::Full,
         }
+    }
+
+    #[test]
+    fn equal_jitter_never_waits_less_than_half_the_ceiling() {
+        let config = BackoffConfig {
+            jitter: Jitter::Equal,
+            ..config()
+        };
+        for _ in 0..100 {
+            let mut backoff = Backoff::new(config);
+            for _ in 0..12 {
+                let ceiling = backoff.ceiling();
+                let delay = backoff.next_delay();
+                assert!(
+                    delay >= ceiling / 2 && delay <= ceiling,
+                    "{delay:?} outside [{:?}, {ceiling:?}]",
+                    ceiling / 2
+                );
+            }
+        }
+        // The first retry in particular.
+        let first = Backoff::new(config).next_delay();
+        assert!(first >= Duration::from_millis(50), "{first:?}");
     }
 
     #[test]

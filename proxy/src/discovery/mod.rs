@@ -44,7 +44,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::config::{Config, ConfigBuilder, ConfigStore, ResourceKind};
 use crate::tls::control_plane::{ControlPlane, ControlPlaneTls};
 use backoff::Backoff;
-pub use backoff::BackoffConfig;
+pub use backoff::{BackoffConfig, Jitter};
 
 /// The version the proxy reports in its [`Node`].
 pub const PROXY_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -8,9 +8,10 @@
 //!
 //! Renewal starts at about 70% of the lifetime (spread between 65% and 75% so a fleet does not
 //! renew at once), at once when the mesh's signing root is not the one that signed the current
-//! certificate (a root rotation), and is retried with jittered exponential back-off on failure.
-//! A failed renewal never drops the certificate the proxy has: it keeps serving with it until it
-//! expires, and keeps trying.
+//! certificate (a root rotation), and is retried with jittered exponential back-off on failure
+//! (from 250-500 ms up to 15-30 s). A failed renewal never drops the certificate the proxy has:
+//! it keeps serving with it, and keeps trying; once it has expired the proxy is no longer
+//! ready (see [`crate::admin`]), since peers refuse it.
 //!
 //! The task also applies the trust bundle that discovery delivers, to the mesh configurations
 //! and to the control plane connection.
@@ -34,8 +35,8 @@ use tonic::transport::Channel;
 use super::control_plane::ControlPlane;
 use super::{Credentials, MeshTls};
 use crate::config::{Config, TrustAnchor};
-use crate::discovery::BackoffConfig;
 use crate::discovery::backoff::Backoff;
+use crate::discovery::{BackoffConfig, Jitter};
 
 /// How long one `Certify` call may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,10 +57,13 @@ impl CertifyConfig {
             identity,
             node_id,
             token_file,
+            // Equal jitter: even the first retry waits 250-500 ms, so a refusal is not
+            // answered by an immediate second request.
             backoff: BackoffConfig {
                 base: Duration::from_millis(500),
                 max: Duration::from_secs(30),
                 healthy_after: Duration::ZERO,
+                jitter: Jitter::Equal,
             },
         }
     }

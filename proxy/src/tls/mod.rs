@@ -103,6 +103,16 @@ pub struct Credentials {
     pub signed_by: String,
 }
 
+/// The state of the proxy's certificate at some moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Certified {
+    /// No certificate yet.
+    Not,
+    /// Its certificate expired at this time.
+    Expired(SystemTime),
+    Valid,
+}
+
 /// Why a mesh connection could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshConnectError {
@@ -190,6 +200,16 @@ impl MeshTls {
 
     pub fn credentials(&self) -> Option<Arc<Credentials>> {
         self.state.load().as_ref().map(|s| s.credentials.clone())
+    }
+
+    /// Whether the proxy holds a certificate that is valid at `now` (peers refuse an expired
+    /// one; the proxy keeps it all the same, and keeps renewing).
+    pub fn certified_at(&self, now: SystemTime) -> Certified {
+        match self.credentials() {
+            None => Certified::Not,
+            Some(c) if c.not_after <= now => Certified::Expired(c.not_after),
+            Some(_) => Certified::Valid,
+        }
     }
 
     /// The inbound side's configuration, once the proxy has a certificate.
