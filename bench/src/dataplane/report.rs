@@ -73,8 +73,9 @@ pub fn render(
          control plane and the network are set up once; every run starts fresh sidecars for \
          each case, and runs interleave the cases so that the machine's noise falls on all of \
          them alike. HTTP/2 (h2load) goes to nginx's h2c port directly and through the pairs; \
-         through one hop the sidecar speaks HTTP/1.1 to nginx. keel's sidecar pair over mTLS \
-         is not measured: keel has no mTLS in this build.\n"
+         through one hop the sidecar speaks HTTP/1.1 to nginx. *pair mTLS*: the pair with \
+         mutual TLS 1.3 between the sidecars (ECDSA P-256 SPIFFE certificates; keel's from its \
+         control plane's CA, Envoy's from files the benchmark generates).\n"
     );
     let _ = writeln!(out, "- Machine: {}", environment.machine);
     let _ = writeln!(
@@ -202,6 +203,7 @@ pub fn render(
     );
 
     ratios(&mut out, &table, options);
+    mtls_cost(&mut out, &table, options);
     targets(&mut out, &table, options);
     churn_section(&mut out, churn, options);
     if !discovery.is_empty() {
@@ -282,6 +284,64 @@ fn ratios(out: &mut String, table: &Table<'_>, options: &Options) {
     }
     row("client sidecar RSS after the load", &|c| {
         table.median(c, |m| Some(m.sidecar(Role::Client)?.loaded.rss_kib as f64))
+    });
+}
+
+/// What mTLS between the sidecars adds to each proxy's pair: the latency of the pair with mTLS
+/// minus the plaintext pair's in the same run, and the same for CPU per request.
+fn mtls_cost(out: &mut String, table: &Table<'_>, options: &Options) {
+    let pairs: Vec<(Case, Case)> = [
+        (Case::KeelPair, Case::KeelPairMtls),
+        (Case::EnvoyPair, Case::EnvoyPairMtls),
+    ]
+    .into_iter()
+    .filter(|(plain, mtls)| table.cases.contains(plain) && table.cases.contains(mtls))
+    .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n### What mTLS adds to a sidecar pair\n\nEach run's pair with mTLS minus the same \
+         proxy's plaintext pair in that run; median (min–max) over the runs.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| figure | {} |",
+        pairs
+            .iter()
+            .map(|(_, mtls)| format!("{} − plaintext", mtls.title()))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(out, "|---|{}", "---|".repeat(pairs.len()));
+    let mut row = |label: String, decimals: usize, figure: &dyn Fn(&Measurement) -> Option<f64>| {
+        let cells: Vec<String> = pairs
+            .iter()
+            .map(|(plain, mtls)| {
+                cell(
+                    Summary::of(&table.differences(*mtls, *plain, figure)),
+                    decimals,
+                    true,
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "| {label} | {} |", cells.join(" | "));
+    };
+    for (i, rate) in options.rates.iter().enumerate() {
+        for (name, pick) in PERCENTILES.iter().take(2) {
+            row(format!("latency at {rate} req/s, {name} (ms)"), 3, &|m| {
+                Some(pick(&m.open_loop.get(i)?.latency_us) / 1000.0)
+            });
+        }
+    }
+    row(
+        "proxy CPU per request, HTTP/1.1 max load, both sidecars (µs)".to_owned(),
+        1,
+        &|m| m.cpu_per_request_wrk(None),
+    );
+    row("max throughput HTTP/1.1 (req/s)".to_owned(), 0, &|m| {
+        Some(m.wrk.requests_per_second)
     });
 }
 
@@ -457,6 +517,22 @@ impl Table<'_> {
         figure: impl Fn(&Measurement) -> Option<f64>,
     ) -> Option<f64> {
         self.median(case, |m| Some(figure(m)? - figure(self.direct(m.run)?)?))
+    }
+
+    /// Per run, `figure` of `case` minus `figure` of `baseline` in the same run.
+    fn differences(
+        &self,
+        case: Case,
+        baseline: Case,
+        figure: &dyn Fn(&Measurement) -> Option<f64>,
+    ) -> Vec<f64> {
+        self.values(case, |m| {
+            let base = self
+                .measurements
+                .iter()
+                .find(|b| b.case == baseline && b.run == m.run)?;
+            Some(figure(m)? - figure(base)?)
+        })
     }
 
     fn direct(&self, run: usize) -> Option<&Measurement> {
