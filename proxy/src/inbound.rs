@@ -1,8 +1,9 @@
 //! The inbound side: connections redirected to the pod, handed to the local app.
 //!
-//! The original destination's port is the app's port; the proxy forwards to the app on
-//! 127.0.0.1 at that port, so the app sees connections from the proxy and the real client's
-//! address in `x-forwarded-for`. HTTP/2 from a peer sidecar carries HTTP/1 requests marked with
+//! The original destination's port is the app's port; the proxy forwards to the app on the
+//! loopback address of the connection's family at that port (127.0.0.1, or `[::1]` for a client
+//! that came over IPv6: an app reachable on the pod's IPv6 address listens on IPv6), so the app
+//! sees connections from the proxy and the real client's address in `x-forwarded-for`. HTTP/2 from a peer sidecar carries HTTP/1 requests marked with
 //! `keel-orig-proto`; they are sent to the app as HTTP/1.1. Other HTTP/2 (gRPC) stays HTTP/2,
 //! HTTP/1 stays HTTP/1, and anything else is copied as opaque TCP.
 //!
@@ -19,7 +20,7 @@
 //! This module must never forward to anything but the local app, and never pass on a
 //! `keel-client-id` it did not verify.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,7 +69,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
         return;
     }
     let _ = stream.set_nodelay(true);
-    let app = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), orig.port());
+    let app = SocketAddr::new(app_ip(orig), orig.port());
     let protocol = match detect::detect(&stream, shared.detect_timeout).await {
         Ok(p) => p,
         Err(e) => {
@@ -112,6 +113,14 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
                 to_app(&shared, stream, app, label).await;
             }
         }
+    }
+}
+
+/// Where the app is for a connection to `orig`: the loopback address of its family.
+fn app_ip(orig: SocketAddr) -> IpAddr {
+    match orig {
+        SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+        SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
     }
 }
 

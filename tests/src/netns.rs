@@ -22,7 +22,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 pub use keel_control_plane::demo::metrics::{Labels, Metrics, Sample, scrape};
 pub use keel_control_plane::demo::netns::{
@@ -56,6 +56,12 @@ const PID_WIDTH: usize = 5;
 const COUNTER_WIDTH: usize = 2;
 /// The sidecars' admin port.
 pub const ADMIN_PORT: u16 = 15020;
+/// The IPv6 prefix of dual-stack test networks (fd00:6b65:656c is "keel" in ASCII).
+pub const IPV6_PREFIX: Ipv6Net =
+    match Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x6b65, 0x656c, 0, 0, 0, 0, 0), 64) {
+        Ok(net) => net,
+        Err(_) => panic!("a /64 is a valid prefix"),
+    };
 
 /// Why the root tests cannot run here (not root, or a tool missing), or `None` when they can.
 pub fn require_root() -> Option<String> {
@@ -162,7 +168,19 @@ impl Deref for TestNetwork {
 
 impl TestNetwork {
     /// Creates the network, routing 10.96.0.0/16 (service VIPs) from its pods via the gateway.
+    /// Its pods are IPv4 only.
     pub fn create() -> anyhow::Result<TestNetwork> {
+        TestNetwork::create_with(None)
+    }
+
+    /// Like [`TestNetwork::create`], with IPv6 as well: every pod also gets an address of
+    /// [`IPV6_PREFIX`] (`<prefix>::<host number>`, see [`Network::ipv6_of`]). The prefix is the
+    /// same for every test network: IPv6 never leaves a network's own namespaces.
+    pub fn create_dual_stack() -> anyhow::Result<TestNetwork> {
+        TestNetwork::create_with(Some(IPV6_PREFIX))
+    }
+
+    fn create_with(ipv6: Option<Ipv6Net>) -> anyhow::Result<TestNetwork> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let count = COUNTER.fetch_add(1, Ordering::Relaxed);
         ensure!(
@@ -195,7 +213,11 @@ impl TestNetwork {
                     .all(|t| !t.contains(&candidate.network()) && !candidate.contains(&t.network()))
             })
             .context("every /24 of 10.250.0.0/16 is in use on this host")?;
-        let network = Network::builder(suffix, subnet).create()?;
+        let mut builder = Network::builder(suffix, subnet);
+        if let Some(prefix) = ipv6 {
+            builder = builder.ipv6(prefix);
+        }
+        let network = builder.create()?;
         Ok(TestNetwork { network })
     }
 
@@ -243,11 +265,15 @@ impl TestNetwork {
                     .arg(format!("http://{}", sidecar.control_plane));
             }
         }
+        let pod_ips = match pod.ipv6() {
+            Some(ipv6) => format!("{ip},{ipv6}"),
+            None => ip.to_string(),
+        };
         run.args(["--workload", sidecar.workload])
             .args(["--namespace", sidecar.namespace])
             .args(["--service-account", sidecar.service_account])
             .arg("--pod-ip")
-            .arg(ip.to_string())
+            .arg(pod_ips)
             .args(["--region", sidecar.region, "--zone", sidecar.zone])
             .env("KEEL_LOG", sidecar.log);
         let proxy = pod.spawn_command("proxy", run)?;
