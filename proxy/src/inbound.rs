@@ -99,7 +99,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
             let _conn = shared
                 .metrics
                 .connection(Direction::inbound, protocol.into());
-            let handler = HttpInbound::new(shared.clone(), app, client, None);
+            let handler = HttpInbound::new(shared.clone(), drain.clone(), app, client, None);
             serve::serve_http(stream, http2, drain, move |req| {
                 let handler = handler.clone();
                 async move { handler.request(req).await }
@@ -263,7 +263,7 @@ async fn mesh(
         .connection(Direction::inbound, ConnProtocol::mtls);
     match carried {
         Some(Carried::Http2 | Carried::Http1) => {
-            let handler = HttpInbound::new(shared.clone(), app, client, Some(peer));
+            let handler = HttpInbound::new(shared.clone(), drain.clone(), app, client, Some(peer));
             let http2 = carried == Some(Carried::Http2);
             serve::serve_http(tls, http2, drain, move |req| {
                 let handler = handler.clone();
@@ -285,6 +285,8 @@ async fn mesh(
 #[derive(Clone)]
 struct HttpInbound {
     shared: Arc<Shared>,
+    /// Upgraded connections are spliced in its tracker.
+    drain: Drain,
     app: SocketAddr,
     client: SocketAddr,
     /// The verified identity of the client's sidecar, over mTLS.
@@ -298,6 +300,7 @@ struct HttpInbound {
 impl HttpInbound {
     fn new(
         shared: Arc<Shared>,
+        drain: Drain,
         app: SocketAddr,
         client: SocketAddr,
         peer: Option<Arc<SpiffeId>>,
@@ -312,6 +315,7 @@ impl HttpInbound {
             .filter(|_| peer.is_some());
         HttpInbound {
             shared,
+            drain,
             app,
             client,
             peer,
@@ -410,7 +414,11 @@ impl HttpInbound {
                 if let Some(on_upgrade) = on_upgrade
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
-                    serve::splice_upgrade(on_upgrade, hyper::upgrade::on(&mut response));
+                    serve::splice_upgrade(
+                        &self.drain,
+                        on_upgrade,
+                        hyper::upgrade::on(&mut response),
+                    );
                 }
                 labels.status = response.status().as_u16();
                 self.shared.metrics.request(labels, started.elapsed());

@@ -116,6 +116,7 @@ async fn connection(
                 shared: shared.clone(),
                 orig,
                 client,
+                drain: drain.clone(),
             };
             serve::serve_http(stream, http2, drain, move |req| {
                 let handler = handler.clone();
@@ -341,6 +342,8 @@ struct HttpOutbound {
     shared: Arc<Shared>,
     orig: SocketAddr,
     client: SocketAddr,
+    /// Upgraded connections are spliced in its tracker.
+    drain: Drain,
 }
 
 /// Where a request goes.
@@ -509,7 +512,11 @@ impl HttpOutbound {
                         if let Some(on_upgrade) = on_upgrade.take()
                             && status == StatusCode::SWITCHING_PROTOCOLS
                         {
-                            serve::splice_upgrade(on_upgrade, hyper::upgrade::on(&mut response));
+                            serve::splice_upgrade(
+                                &self.drain,
+                                on_upgrade,
+                                hyper::upgrade::on(&mut response),
+                            );
                         }
                         labels.status = status.as_u16();
                         self.shared.metrics.request(labels, started.elapsed());

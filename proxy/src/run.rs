@@ -1,8 +1,9 @@
 //! `keel-proxy run`: starts the sidecar. Binds the outbound (15001), inbound (15006) and admin
 //! (15020) listeners, on IPv4 and IPv6 (one socket per family, the IPv6 one `IPV6_V6ONLY`, so
 //! that each connection's family is its socket's), connects to the control plane, keeps balancers in step with each new
-//! configuration, and drains gracefully on SIGTERM: stop accepting, let in-flight requests
-//! finish (HTTP/2 GOAWAY), exit at the latest after the grace period.
+//! configuration, and drains gracefully on SIGTERM (or SIGINT): stop accepting (new connections
+//! are refused), let in-flight requests and upgraded connections finish (HTTP/2 GOAWAY), keep
+//! the admin server answering (`/ready` says 503), exit at the latest after the grace period.
 //!
 //! The data path serves with the last good configuration whatever the control plane does; before
 //! the first configuration arrives, `/ready` says so and outbound traffic is passed through.
@@ -178,6 +179,11 @@ fn single_port(flag: &str, addrs: &[SocketAddr]) -> anyhow::Result<u16> {
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
+    // Installed first, so that a signal from here on drains rather than kills.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let inbound_port = single_port("--inbound-addr", &args.inbound_addr)?;
     let outbound_listeners = listen("outbound", &args.outbound_addr)?;
     let inbound_listeners = listen("inbound", &args.inbound_addr)?;
@@ -287,10 +293,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         identity: identity
             .as_ref()
             .map(|(tls, status, _)| (tls.clone(), status.clone())),
+        drain,
     });
     let admin_tasks: Vec<_> = admin_listeners
         .into_iter()
-        .map(|listener| tokio::spawn(admin.clone().serve(listener, drain.clone())))
+        .map(|listener| tokio::spawn(admin.clone().serve(listener)))
         .collect();
     tracing::info!(
         outbound = ?args.outbound_addr,
@@ -300,11 +307,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         "keel-proxy serving"
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
+        _ = interrupt.recv() => {},
+        _ = terminate.recv() => {},
     }
     tracing::info!(grace = ?args.shutdown_grace, "draining");
     let clean = trigger.drain(args.shutdown_grace).await;

@@ -2,9 +2,10 @@
 //! request-forwarding details the inbound and outbound sides share (authority, URI forms,
 //! upgrades, error answers).
 //!
-//! Draining: a [`DrainTrigger`] stops every accept loop, asks every HTTP connection to finish
-//! (HTTP/2 GOAWAY, HTTP/1 close after the response in flight) and waits for connections to end,
-//! up to a deadline. This module must never drop a request in flight before that deadline.
+//! Draining: a [`DrainTrigger`] stops every accept loop (closing its listener, so that new
+//! connections are refused), asks every HTTP connection to finish (HTTP/2 GOAWAY, HTTP/1 close
+//! after the response in flight) and waits for connections and upgraded splices to end, up to a
+//! deadline. This module must never drop a request in flight before that deadline.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -68,6 +69,11 @@ struct DrainState {
 }
 
 impl Drain {
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        self.state.draining.load(Ordering::Acquire)
+    }
+
     /// Resolves once draining has started.
     ///
     /// Every HTTP connection polls this beside the connection itself, on every wakeup of its
@@ -256,9 +262,15 @@ pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     req.headers().get(header::UPGRADE).cloned()
 }
 
-/// Joins the client's and the upstream's upgraded connections once both are ready.
-pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    tokio::spawn(async move {
+/// Joins the client's and the upstream's upgraded connections once both are ready. The splice
+/// outlives the HTTP connection it came from, so it is a task of `drain`'s own: draining waits
+/// for it (up to the deadline) like for any connection.
+pub fn splice_upgrade(
+    drain: &Drain,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    drain.tracker.spawn(async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(both) => both,
             Err(e) => {

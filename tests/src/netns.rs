@@ -235,6 +235,18 @@ impl TestNetwork {
         ip: Ipv4Addr,
         sidecar: &Sidecar<'_>,
     ) -> anyhow::Result<MeshedPod> {
+        self.add_meshed_pod_with(name, ip, sidecar, &[])
+    }
+
+    /// [`TestNetwork::add_meshed_pod`] with `run_args` added to `keel-proxy run`'s flags (e.g.
+    /// `--shutdown-grace 2s`).
+    pub fn add_meshed_pod_with(
+        &self,
+        name: &str,
+        ip: Ipv4Addr,
+        sidecar: &Sidecar<'_>,
+        run_args: &[&str],
+    ) -> anyhow::Result<MeshedPod> {
         let proxy_bin = self.stage_executable(&proxy_binary()?)?;
         let pod = self.add_pod(name, ip)?;
         let init = pod.exec([proxy_bin.as_os_str(), "init".as_ref()])?;
@@ -275,6 +287,7 @@ impl TestNetwork {
             .arg("--pod-ip")
             .arg(pod_ips)
             .args(["--region", sidecar.region, "--zone", sidecar.zone])
+            .args(run_args)
             .env("KEEL_LOG", sidecar.log);
         let proxy = pod.spawn_command("proxy", run)?;
         Ok(MeshedPod { proxy, pod })
@@ -390,6 +403,21 @@ impl TestNetwork {
         zone: &str,
         log: &str,
     ) -> anyhow::Result<Vec<MeshedPod>> {
+        self.add_certified_pods_with(control_plane, trust_domain, namespace, pods, zone, log, &[])
+    }
+
+    /// [`TestNetwork::add_certified_pods`] with `run_args` added to every sidecar's flags.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_certified_pods_with(
+        &self,
+        control_plane: &keel_control_plane::ControlPlane,
+        trust_domain: &str,
+        namespace: &str,
+        pods: &[(&str, Ipv4Addr)],
+        zone: &str,
+        log: &str,
+        run_args: &[&str],
+    ) -> anyhow::Result<Vec<MeshedPod>> {
         let identity = self.stage_identity(control_plane, trust_domain)?;
         let mut meshed = Vec::with_capacity(pods.len());
         for (name, ip) in pods {
@@ -404,7 +432,7 @@ impl TestNetwork {
                 zone,
                 log,
             };
-            meshed.push(self.add_meshed_pod(name, *ip, &sidecar)?);
+            meshed.push(self.add_meshed_pod_with(name, *ip, &sidecar, run_args)?);
         }
         Ok(meshed)
     }

@@ -1,7 +1,8 @@
 //! The data path's edges, end to end on a real kernel: the proxy's own answers with their
 //! `keel-error` reasons, request and response bodies streamed through both sidecars, many
 //! HTTP/1.1 client connections sharing one connection between sidecars, upgraded connections,
-//! gRPC errors in trailers, and `keelctl status` with real proxies.
+//! gRPC errors in trailers, graceful shutdown on SIGTERM (and `/ready` before the first
+//! configuration and while draining), and `keelctl status` with real proxies.
 //!
 //! Pods: `a` (the client, with a sidecar), `b` (an app with a sidecar), `r` (no sidecar: a server
 //! that resets every connection, and a port where nothing listens). The mesh runs with a CA, as
@@ -13,9 +14,11 @@
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, ensure};
 use bytes::Bytes;
@@ -122,12 +125,19 @@ struct Fixture {
     control_plane: ControlPlane,
     /// HTTP/1 and HTTP/2 connections b's app accepted.
     app_connections: Arc<AtomicUsize>,
+    /// `/sleep/<ms>` requests b's app began.
+    app_sleeps: Arc<AtomicUsize>,
     _dir: tempfile::TempDir,
     _net: TestNetwork,
 }
 
 impl Fixture {
     async fn start() -> anyhow::Result<Fixture> {
+        Fixture::start_with(&[]).await
+    }
+
+    /// The fixture with `run_args` added to both sidecars' `keel-proxy run` flags.
+    async fn start_with(run_args: &[&str]) -> anyhow::Result<Fixture> {
         let net = TestNetwork::create()?;
         let (ip_a, ip_b, ip_r) = (net.host(2), net.host(3), net.host(4));
         let dir = tempfile::tempdir()?;
@@ -142,22 +152,25 @@ impl Fixture {
             )))),
         })
         .await?;
-        let pods = net.add_certified_pods(
+        let pods = net.add_certified_pods_with(
             &control_plane,
             "dp.local",
             NS,
             &[("a", ip_a), ("b", ip_b)],
             "zone-a",
             "info",
+            run_args,
         )?;
         let [mut a, mut b]: [MeshedPod; 2] = pods.try_into().map_err(|_| anyhow!("two pods"))?;
         let r = net.add_pod("r", ip_r)?;
         let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         let app_connections = Arc::new(AtomicUsize::new(0));
+        let app_sleeps = Arc::new(AtomicUsize::new(0));
         let servers = vec![
             Task(tokio::spawn(serve_app(
                 netns::listen(&b, any(APP_PORT))?,
                 app_connections.clone(),
+                app_sleeps.clone(),
             ))),
             Task(tokio::spawn(serve_resets(netns::listen(
                 &r,
@@ -174,6 +187,7 @@ impl Fixture {
             _r: r,
             control_plane,
             app_connections,
+            app_sleeps,
             _dir: dir,
             _net: net,
         })
@@ -196,18 +210,25 @@ const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 /// - `/body`: reads the request body and answers `<bytes> <fnv> <HTTP version>`;
 /// - `/big/<n>`: answers `n` bytes, streamed in 64 KiB chunks without a length;
 /// - `/slow`: answers after 2 s;
+/// - `/sleep/<ms>`: counts itself in `sleeps`, then answers `slept <ms>` after that long;
 /// - a WebSocket-style upgrade: 101, then echoes bytes until the client half-closes, then
 ///   writes `bye` and closes;
 /// - anything else: `version=<HTTP version>`.
-async fn serve_app(listener: tokio::net::TcpListener, connections: Arc<AtomicUsize>) {
+async fn serve_app(
+    listener: tokio::net::TcpListener,
+    connections: Arc<AtomicUsize>,
+    sleeps: Arc<AtomicUsize>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         connections.fetch_add(1, Ordering::Relaxed);
+        let sleeps = sleeps.clone();
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(|mut req: http::Request<Incoming>| async move {
+            let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                let sleeps = sleeps.clone();
+                async move {
                     let version = format!("{:?}", req.version());
                     let path = req.uri().path().to_owned();
                     type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -267,8 +288,15 @@ async fn serve_app(listener: tokio::net::TcpListener, connections: Arc<AtomicUsi
                     if path == "/slow" {
                         tokio::time::sleep(Duration::from_secs(2)).await;
                     }
+                    if let Some(ms) = path.strip_prefix("/sleep/") {
+                        let ms: u64 = ms.parse().unwrap_or(0);
+                        sleeps.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        return Ok(text(format!("slept {ms}")));
+                    }
                     Ok(text(format!("version={version}")))
-                });
+                }
+            });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
@@ -463,7 +491,15 @@ async fn client_connections_share_one_connection_between_sidecars() -> anyhow::R
 async fn upgraded_connections_pass_through_with_half_close() -> anyhow::Result<()> {
     skip_unless_root!();
     let fx = Fixture::start().await?;
-    let mut stream = netns::connect(&fx.a, SocketAddr::from((WEB_VIP, 80))).await?;
+    let mut stream = upgrade(&fx.a).await.with_context(|| fx.logs())?;
+    echo(&mut stream, b"ping through the mesh").await?;
+    // Half-close: the app sees EOF, and its answer still comes back.
+    half_close_and_hear_bye(stream).await
+}
+
+/// A WebSocket-style upgrade from pod `a` to web: the connection once the 101 has arrived.
+async fn upgrade(a: &MeshedPod) -> anyhow::Result<tokio::net::TcpStream> {
+    let mut stream = netns::connect(a, SocketAddr::from((WEB_VIP, 80))).await?;
     stream
         .write_all(
             b"GET /chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
@@ -476,16 +512,23 @@ async fn upgraded_connections_pass_through_with_half_close() -> anyhow::Result<(
         head.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    ensure!(
-        head.starts_with("http/1.1 101"),
-        "no 101: {head}\n{}",
-        fx.logs()
-    );
-    stream.write_all(b"ping through the mesh").await?;
-    let mut echo = [0u8; 21];
-    stream.read_exact(&mut echo).await?;
-    ensure!(&echo == b"ping through the mesh", "echo: {echo:?}");
-    // Half-close: the app sees EOF, and its answer still comes back.
+    ensure!(head.starts_with("http/1.1 101"), "no 101: {head}");
+    Ok(stream)
+}
+
+/// Sends `message` on an upgraded connection and expects it back.
+async fn echo(stream: &mut tokio::net::TcpStream, message: &[u8]) -> anyhow::Result<()> {
+    stream.write_all(message).await?;
+    let mut echoed = vec![0u8; message.len()];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed))
+        .await
+        .map_err(|_| anyhow!("no echo within 10s"))??;
+    ensure!(echoed == message, "echo: {echoed:?}");
+    Ok(())
+}
+
+/// Half-closes an upgraded connection: the app sees EOF and answers `bye` before it closes.
+async fn half_close_and_hear_bye(mut stream: tokio::net::TcpStream) -> anyhow::Result<()> {
     stream.shutdown().await?;
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
@@ -535,5 +578,271 @@ async fn keelctl_status_lists_the_connected_proxies() -> anyhow::Result<()> {
             && text.contains("spiffe://dp.local/ns/dp/sa/b"),
         "keelctl ca status:\n{text}"
     );
+    Ok(())
+}
+
+/// `GET <path>` to web from pod `a`, over a connection of its own: (status, body).
+async fn get(from: PathBuf, path: &str) -> anyhow::Result<(u16, String)> {
+    let stream = netns::connect_from(&from, SocketAddr::from((WEB_VIP, 80))).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "web")
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let response = sender.send_request(req).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// `GET /ready` on a sidecar's admin port, from the host: (status, body).
+async fn ready(pod: &MeshedPod) -> anyhow::Result<(u16, String)> {
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(pod.admin()),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting to {}: timed out", pod.admin()))??;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/ready")
+        .header("host", "admin")
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let response = sender.send_request(req).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Polls `check` every 50 ms until it gives `Some`, for at most `within`.
+async fn until<T, F, Fut>(within: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(found) = check().await {
+            return Ok(found);
+        }
+        ensure!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for the sidecar's process to exit, at most `within`.
+async fn exit_status(pod: &mut MeshedPod, within: Duration) -> anyhow::Result<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = pod.proxy.exited() {
+            return Ok(status);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the sidecar of {} is still running after {within:?}:\n{}",
+            pod.name(),
+            pod.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP/2 client connection that sends no request. It acknowledges the server's SETTINGS
+/// and PINGs (a graceful shutdown waits for a PING's answer, as a client must give it) and,
+/// once the server has closed the connection, returns the type of every frame received.
+async fn idle_http2(mut stream: tokio::net::TcpStream) -> anyhow::Result<Vec<u8>> {
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const GOAWAY: u8 = 0x7;
+    const ACK: u8 = 0x1;
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
+        let mut out = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+        out.extend_from_slice(payload);
+        out
+    }
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await?;
+    stream.write_all(&frame(SETTINGS, 0, &[])).await?;
+    let mut seen = Vec::new();
+    loop {
+        let mut head = [0u8; 9];
+        match stream.read_exact(&mut head).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(seen),
+            // The server may close with an acknowledgement of ours unread.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && seen.contains(&GOAWAY) => {
+                return Ok(seen);
+            }
+            Err(e) => return Err(e).context("reading an HTTP/2 frame"),
+        }
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let (kind, flags) = (head[3], head[4]);
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await?;
+        seen.push(kind);
+        let answer = match kind {
+            SETTINGS if flags & ACK == 0 => Some(frame(SETTINGS, ACK, &[])),
+            PING if flags & ACK == 0 => Some(frame(PING, ACK, &payload)),
+            _ => None,
+        };
+        if let Some(answer) = answer {
+            // Writing after the server's last GOAWAY may fail; the frames read tell the story.
+            let _ = stream.write_all(&answer).await;
+        }
+    }
+}
+
+/// Whether `error` comes from a connection the other side refused.
+fn refused(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_work_in_flight_finish_then_exits() -> anyhow::Result<()> {
+    skip_unless_root!();
+    // A grace far longer than the work: the sidecar must leave as soon as it is done.
+    let mut fx = Fixture::start_with(&["--shutdown-grace", "120s"]).await?;
+
+    // Before its first configuration a sidecar is not ready: one whose control plane is not
+    // there (nothing listens on the gateway's port 9).
+    let mut lonely = fx._net.add_meshed_pod(
+        "n",
+        fx._net.host(5),
+        &netns::Sidecar {
+            control_plane: SocketAddr::from((fx._net.gateway(), 9)),
+            identity: None,
+            workload: "n",
+            namespace: NS,
+            service_account: "n",
+            region: "local",
+            zone: "zone-a",
+            log: "info",
+        },
+    )?;
+    let (code, body) = until(Duration::from_secs(30), "n's admin port", || async {
+        ready(&lonely).await.ok()
+    })
+    .await
+    .with_context(|| lonely.logs())?;
+    ensure!(
+        code == 503 && body.contains("waiting for the first configuration"),
+        "/ready before any configuration: {code} {body:?}"
+    );
+    ensure!(lonely.proxy.exited().is_none(), "{}", lonely.logs());
+
+    let web = SocketAddr::from((WEB_VIP, 80));
+    let idle = tokio::spawn(idle_http2(netns::connect(&fx.a, web).await?));
+    let mut upgraded = upgrade(&fx.a).await.with_context(|| fx.logs())?;
+    echo(&mut upgraded, b"before").await?;
+    let slow = tokio::spawn(get(fx.a.netns_path(), "/sleep/3000"));
+    let sleeps = fx.app_sleeps.clone();
+    until(
+        Duration::from_secs(10),
+        "the slow request reaching the app",
+        || {
+            let sleeps = sleeps.clone();
+            async move { (sleeps.load(Ordering::Relaxed) >= 1).then_some(()) }
+        },
+    )
+    .await?;
+    ensure!(ready(&fx.a).await?.0 == 200, "a is ready before SIGTERM");
+
+    fx.a.proxy.signal(libc::SIGTERM)?;
+    let signalled = Instant::now();
+    // Draining: the admin server still answers, and says so over HTTP.
+    let body = until(Duration::from_secs(10), "/ready answering 503", || async {
+        match ready(&fx.a).await {
+            Ok((503, body)) => Some(body),
+            _ => None,
+        }
+    })
+    .await?;
+    ensure!(body.contains("draining"), "/ready while draining: {body:?}");
+    // New connections are refused: the listener is closed.
+    until(
+        Duration::from_secs(10),
+        "a new connection being refused",
+        || async {
+            match netns::connect(&fx.a, web).await {
+                Err(e) if refused(&e) => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await?;
+    // The request in flight completes; the idle HTTP/2 connection gets GOAWAY and is closed.
+    let (code, body) = slow.await??;
+    ensure!(
+        code == 200 && body == "slept 3000",
+        "the request in flight: {code} {body:?}\n{}",
+        fx.logs()
+    );
+    let frames = tokio::time::timeout(Duration::from_secs(30), idle)
+        .await
+        .map_err(|_| anyhow!("the idle HTTP/2 connection was not closed"))???;
+    ensure!(
+        frames.contains(&0x7),
+        "no GOAWAY on the idle HTTP/2 connection; frames: {frames:?}"
+    );
+    // The upgraded connection outlives its HTTP connection and keeps the sidecar alive.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        fx.a.proxy.exited().is_none(),
+        "the sidecar left with an upgraded connection open:\n{}",
+        fx.logs()
+    );
+    echo(&mut upgraded, b"while draining").await?;
+    half_close_and_hear_bye(upgraded).await?;
+    // Then it leaves, long before the grace is over.
+    let status = exit_status(&mut fx.a, Duration::from_secs(60)).await?;
+    ensure!(status.success(), "the drained sidecar exited with {status}");
+    ensure!(
+        signalled.elapsed() < Duration::from_secs(120),
+        "the sidecar waited for the whole grace"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cuts_what_outlasts_the_grace() -> anyhow::Result<()> {
+    skip_unless_root!();
+    const GRACE: Duration = Duration::from_secs(2);
+    let mut fx = Fixture::start_with(&["--shutdown-grace", "2s"]).await?;
+    let from = fx.a.netns_path();
+    let long = tokio::spawn(async move {
+        let outcome = get(from, "/sleep/60000").await;
+        (outcome, Instant::now())
+    });
+    let sleeps = fx.app_sleeps.clone();
+    until(
+        Duration::from_secs(10),
+        "the long request reaching the app",
+        || {
+            let sleeps = sleeps.clone();
+            async move { (sleeps.load(Ordering::Relaxed) >= 1).then_some(()) }
+        },
+    )
+    .await?;
+    fx.a.proxy.signal(libc::SIGTERM)?;
+    let signalled = Instant::now();
+    let (outcome, ended) = tokio::time::timeout(Duration::from_secs(30), long)
+        .await
+        .map_err(|_| anyhow!("the request outlasting the grace was not cut"))??;
+    ensure!(
+        outcome.is_err(),
+        "the request outlasting the grace got an answer: {outcome:?}"
+    );
+    ensure!(
+        ended - signalled >= GRACE,
+        "the request was cut {:?} after SIGTERM, before the {GRACE:?} grace was over",
+        ended - signalled
+    );
+    exit_status(&mut fx.a, Duration::from_secs(30)).await?;
     Ok(())
 }

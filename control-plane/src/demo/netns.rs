@@ -972,6 +972,23 @@ impl Process {
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
+
+    /// Sends it `signal` (e.g. `libc::SIGTERM`); an error if it has already exited (its pid may
+    /// belong to another process by now).
+    pub fn signal(&mut self, signal: libc::c_int) -> io::Result<()> {
+        if let Some(status) = self.exited() {
+            return Err(io::Error::other(format!(
+                "{} already exited ({status})",
+                self.label
+            )));
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).map_err(io::Error::other)?;
+        // SAFETY: kill has no memory-safety preconditions; the child is ours and not reaped.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Process {
