@@ -100,7 +100,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
                 .metrics
                 .connection(Direction::inbound, protocol.into());
             let handler = HttpInbound::new(shared.clone(), drain.clone(), app, client, None);
-            serve::serve_http(stream, http2, drain, move |req| {
+            serve::serve_http(stream, http2, shared.head_timeout, drain, move |req| {
                 let handler = handler.clone();
                 async move { handler.request(req).await }
             })
@@ -265,7 +265,7 @@ async fn mesh(
         Some(Carried::Http2 | Carried::Http1) => {
             let handler = HttpInbound::new(shared.clone(), drain.clone(), app, client, Some(peer));
             let http2 = carried == Some(Carried::Http2);
-            serve::serve_http(tls, http2, drain, move |req| {
+            serve::serve_http(tls, http2, shared.head_timeout, drain, move |req| {
                 let handler = handler.clone();
                 async move { handler.request(req).await }
             })

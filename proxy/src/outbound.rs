@@ -96,9 +96,16 @@ async fn connection(
         .map(|t| (t.service.clone(), t.port.clone()));
 
     let declared = target.as_ref().map(|(_, port)| port.protocol);
+    // On a port declared HTTP, silence is a slow client, not a server-speaks-first protocol:
+    // it gets as long as any HTTP client to send its request head.
+    let detect_timeout = if declared.is_some_and(Protocol::is_http) {
+        shared.head_timeout
+    } else {
+        shared.detect_timeout
+    };
     let protocol = match declared {
         Some(Protocol::Tcp) => detect::Protocol::Opaque,
-        _ => match detect::detect(&stream, shared.detect_timeout).await {
+        _ => match detect::detect(&stream, detect_timeout).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(%client, error = %e, "detection failed");
@@ -118,7 +125,7 @@ async fn connection(
                 client,
                 drain: drain.clone(),
             };
-            serve::serve_http(stream, http2, drain, move |req| {
+            serve::serve_http(stream, http2, shared.head_timeout, drain, move |req| {
                 let handler = handler.clone();
                 async move { handler.request(req).await }
             })

@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// connection as opaque TCP (server-speaks-first protocols).
     #[arg(long, env = "KEEL_DETECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub detect_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request head (it is then answered 408), and
+    /// how long an idle HTTP/1 keep-alive connection is kept.
+    #[arg(long, env = "KEEL_HTTP_HEAD_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http_head_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "KEEL_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -277,6 +281,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         upstreams: Upstreams::new(identity.as_ref().map(|(tls, _, _)| tls.clone())),
         metrics: metrics.clone(),
         detect_timeout: args.detect_timeout,
+        head_timeout: args.http_head_timeout,
         inbound_port,
         tls: identity.as_ref().map(|(tls, _, _)| tls.clone()),
     });

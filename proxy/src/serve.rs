@@ -36,8 +36,6 @@ use crate::pool::{self, Body, BoxError, Upstreams};
 /// version; beyond it the client gets 431. The sidecar-to-sidecar hop allows the same, so what
 /// the outbound side accepts the inbound side accepts too.
 pub const MAX_HEAD_BYTES: usize = 64 << 10;
-/// An HTTP/1 client must send its request head within this time.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every connection handler needs.
 #[derive(Debug)]
@@ -48,6 +46,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// How long protocol detection waits for a client's first bytes.
     pub detect_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request head (the first, on a port declared
+    /// HTTP, counted from the connection's start), and how long an idle keep-alive connection
+    /// is kept.
+    pub head_timeout: Duration,
     /// The inbound listener's port: never a destination the proxy forwards to.
     pub inbound_port: u16,
     /// The proxy's mTLS state, when it has an identity.
@@ -178,10 +180,20 @@ where
 
 /// Serves HTTP/1 or HTTP/2 on `stream`, answering each request with `handler`, until the
 /// client goes away or draining finishes the connection gracefully.
-pub async fn serve_http<S, F, Fut>(stream: S, http2: bool, mut drain: Drain, handler: F)
-where
+///
+/// HTTP/1: a client may half-close (shut its write side) once its request is sent and still
+/// gets the response. One that has sent part of a request head and nothing more for
+/// `head_timeout` gets 408 with `keel-error: request-timeout`; an idle keep-alive connection is
+/// closed after that long without a word, as HTTP/1.1 allows.
+pub async fn serve_http<S, F, Fut>(
+    stream: S,
+    http2: bool,
+    head_timeout: Duration,
+    mut drain: Drain,
+    handler: F,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let io = TokioIo::new(stream);
@@ -208,19 +220,36 @@ where
             }
         }
     } else {
-        let conn = hyper::server::conn::http1::Builder::new()
+        let mut conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEAD_TIMEOUT)
+            .header_read_timeout(head_timeout)
+            .half_close(true)
             .max_buf_size(MAX_HEAD_BYTES)
             .serve_connection(io, service)
             .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            served = conn.as_mut() => log_end(served),
+        let served = tokio::select! {
+            served = &mut conn => served,
             _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                log_end(conn.await);
+                Pin::new(&mut conn).graceful_shutdown();
+                (&mut conn).await
             }
+        };
+        match served {
+            Err(e) if e.is_timeout() => {
+                // hyper closes without a word; a client that was sending a head is told why.
+                // What it sent is still in the connection's read buffer.
+                if let Some(parts) = conn.into_parts()
+                    && !parts.read_buf.is_empty()
+                {
+                    answer_raw(
+                        parts.io.into_inner(),
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request-timeout",
+                    )
+                    .await;
+                }
+            }
+            served => log_end(served),
         }
     }
 }
@@ -388,13 +417,37 @@ pub fn head_too_large(headers: &http::HeaderMap) -> bool {
         > MAX_HEAD_BYTES
 }
 
-/// Answers a client that sent something other than HTTP to an HTTP port with a 400, then
-/// closes.
-pub async fn refuse_not_http(mut stream: TcpStream) {
+/// Answers a client of a port declared HTTP that did not speak HTTP, then closes: 400
+/// (`not-http`) when it sent something else, 408 (`request-timeout`) when it sent nothing at all
+/// before detection gave up, and nothing when it already closed without a byte.
+pub async fn refuse_not_http(stream: TcpStream) {
+    let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    // Not waiting: detection has already waited as long as it would.
+    let (status, reason) = match socket2::SockRef::from(&stream).peek(&mut first) {
+        Ok(0) => return,
+        Ok(_) => (StatusCode::BAD_REQUEST, "not-http"),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            (StatusCode::REQUEST_TIMEOUT, "request-timeout")
+        }
+        Err(_) => return,
+    };
+    answer_raw(stream, status, reason).await;
+}
+
+/// Writes an answer of the proxy's own straight to a connection that has no HTTP server on it
+/// (any more), then closes it: at most a second, a client that reads nothing is not waited for.
+async fn answer_raw<S: AsyncWrite + Unpin>(mut stream: S, status: StatusCode, reason: &str) {
     use tokio::io::AsyncWriteExt;
-    const ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nkeel-error: not-http\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 9\r\nconnection: close\r\n\r\nnot-http\n";
-    let _ = stream.write_all(ANSWER).await;
-    let _ = stream.shutdown().await;
+    let answer = format!(
+        "HTTP/1.1 {status}\r\nkeel-error: {reason}\r\ncontent-type: text/plain; \
+         charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}\n",
+        reason.len() + 1
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Keeps `in_flight` alive until the response body has been sent (or dropped).

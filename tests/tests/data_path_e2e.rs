@@ -1,6 +1,7 @@
 //! The data path's edges, end to end on a real kernel: the proxy's own answers with their
 //! `keel-error` reasons, request and response bodies streamed through both sidecars, many
 //! HTTP/1.1 client connections sharing one connection between sidecars, upgraded connections,
+//! half-closed and stalled clients, a stream cut mid-response beside others on its connection,
 //! gRPC errors in trailers, graceful shutdown on SIGTERM (and `/ready` before the first
 //! configuration and while draining), and `keelctl status` with real proxies.
 //!
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, ensure};
 use bytes::Bytes;
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -211,6 +213,8 @@ const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 /// - `/big/<n>`: answers `n` bytes, streamed in 64 KiB chunks without a length;
 /// - `/slow`: answers after 2 s;
 /// - `/sleep/<ms>`: counts itself in `sleeps`, then answers `slept <ms>` after that long;
+/// - `/abort`: sends its head and `partial`, then fails (the connection to the proxy is cut
+///   mid-body);
 /// - a WebSocket-style upgrade: 101, then echoes bytes until the client half-closes, then
 ///   writes `bye` and closes;
 /// - anything else: `version=<HTTP version>`.
@@ -231,9 +235,11 @@ async fn serve_app(
                 async move {
                     let version = format!("{:?}", req.version());
                     let path = req.uri().path().to_owned();
-                    type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+                    type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
                     let text = |s: String| -> http::Response<Body> {
-                        http::Response::new(Full::new(Bytes::from(s)).boxed())
+                        http::Response::new(
+                            Full::new(Bytes::from(s)).map_err(|n| match n {}).boxed(),
+                        )
                     };
                     if req.headers().contains_key(http::header::UPGRADE) {
                         let upgrade = hyper::upgrade::on(&mut req);
@@ -255,7 +261,7 @@ async fn serve_app(
                             let _ = io.write_all(b"bye").await;
                             let _ = io.shutdown().await;
                         });
-                        let mut response = http::Response::new(Full::new(Bytes::new()).boxed());
+                        let mut response = text(String::new());
                         *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
                         response
                             .headers_mut()
@@ -280,10 +286,23 @@ async fn serve_app(
                         let n: usize = n.parse().unwrap_or(0);
                         let chunks = (0..n.div_ceil(65536)).map(move |i| {
                             let size = (n - i * 65536).min(65536);
-                            Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; size])))
+                            Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'x'; size])))
                         });
                         let body = StreamBody::new(futures::stream::iter(chunks));
                         return Ok(http::Response::new(BodyExt::boxed(body)));
+                    }
+                    if path == "/abort" {
+                        // The head and a first chunk, then the app fails mid-body.
+                        let frames =
+                            futures::stream::iter([true, false]).then(|first| async move {
+                                if first {
+                                    Ok(Frame::data(Bytes::from_static(b"partial")))
+                                } else {
+                                    tokio::time::sleep(Duration::from_millis(300)).await;
+                                    Err(std::io::Error::other("the app gave up mid-body"))
+                                }
+                            });
+                        return Ok(http::Response::new(BodyExt::boxed(StreamBody::new(frames))));
                     }
                     if path == "/slow" {
                         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -844,5 +863,122 @@ async fn sigterm_cuts_what_outlasts_the_grace() -> anyhow::Result<()> {
         ended - signalled
     );
     exit_status(&mut fx.a, Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// Everything a raw connection receives until the other side closes (at most 30 s).
+async fn read_all(stream: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .map_err(|_| anyhow!("the connection was not closed within 30 s"))??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_closed_and_stalled_clients_get_an_answer() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start_with(&["--http-head-timeout", "2s"]).await?;
+    let web = SocketAddr::from((WEB_VIP, 80));
+
+    // A client that shuts its write side once the request is sent still gets the response,
+    // however long the app takes.
+    let mut half = netns::connect(&fx.a, web).await?;
+    half.write_all(b"GET /sleep/1000 HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await?;
+    half.shutdown().await?;
+    let answer = read_all(&mut half).await?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("slept 1000"),
+        "a half-closed client: {answer:?}\n{}",
+        fx.logs()
+    );
+
+    // Silence on a port declared HTTP: 408 once the head timeout is over.
+    let mut silent = netns::connect(&fx.a, web).await?;
+    let answer = read_all(&mut silent).await?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("keel-error: request-timeout"),
+        "a silent client: {answer:?}\n{}",
+        fx.logs()
+    );
+
+    // Part of a head, then nothing: 408 too, as the first request and after one served.
+    for served_before in [false, true] {
+        let mut partial = netns::connect(&fx.a, web).await?;
+        if served_before {
+            partial
+                .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+                .await?;
+        }
+        partial
+            .write_all(b"GET / HTTP/1.1\r\nHost: web\r\nx-waiting: for")
+            .await?;
+        let answer = read_all(&mut partial).await?;
+        let last = answer.rfind("HTTP/1.1 ").map_or("", |at| &answer[at..]);
+        ensure!(
+            last.starts_with("HTTP/1.1 408") && last.contains("keel-error: request-timeout"),
+            "a stalled head (after a request: {served_before}): {answer:?}\n{}",
+            fx.logs()
+        );
+        if served_before {
+            ensure!(
+                answer.starts_with("HTTP/1.1 200"),
+                "the request before the stalled head: {answer:?}"
+            );
+        }
+    }
+
+    // An idle keep-alive connection is closed after the head timeout, without a word.
+    let mut idle = netns::connect(&fx.a, web).await?;
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await?;
+    let answer = read_all(&mut idle).await?;
+    ensure!(
+        answer.matches("HTTP/1.1 ").count() == 1 && answer.starts_with("HTTP/1.1 200"),
+        "an idle keep-alive connection: {answer:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_mid_response_spares_the_others_on_its_connection() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start().await?;
+    let stream = netns::connect(&fx.a, SocketAddr::from((WEB_VIP, 80))).await?;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let get = |path: &'static str| {
+        let mut sender = sender.clone();
+        async move {
+            let req = http::Request::get(format!("http://web{path}"))
+                .body(http_body_util::Empty::<Bytes>::new())?;
+            let response = sender.send_request(req).await?;
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.map(|b| b.to_bytes());
+            anyhow::Ok((status, body))
+        }
+    };
+    // One stream waits on the app while another is cut after its head and first bytes.
+    let (slow, cut) = tokio::join!(get("/sleep/1500"), get("/abort"));
+    let (status, body) = cut.with_context(|| fx.logs())?;
+    ensure!(
+        status == 200 && body.is_err(),
+        "the cut stream: {status}, body {body:?}"
+    );
+    let (status, body) = slow?;
+    ensure!(
+        status == 200 && body.as_deref().ok() == Some(&b"slept 1500"[..]),
+        "the stream beside the cut one: {status}, body {body:?}\n{}",
+        fx.logs()
+    );
+    // The connection itself is unharmed.
+    let (status, body) = get("/").await?;
+    ensure!(
+        status == 200 && body.as_deref().ok() == Some(&b"version=HTTP/2.0"[..]),
+        "a request after the cut: {status}, body {body:?}"
+    );
+    ensure!(!conn.is_finished(), "the client's connection ended");
     Ok(())
 }
