@@ -366,6 +366,17 @@ impl HttpInbound {
             error: "",
             client_id: &self.peer_label,
         };
+        // Over HTTP/1 the client is not a sidecar (whose outbound side checked already), and
+        // hyper's own limits are above keel's (see `serve`).
+        if req.version() != Version::HTTP_2 && serve::head_too_large(&req) {
+            labels.status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.as_u16();
+            labels.error = "headers-too-large";
+            self.shared.metrics.request(labels, started.elapsed());
+            return serve::error_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers-too-large",
+            );
+        }
         if let Some(reason) = self.denied(&req) {
             tracing::debug!(client = %self.client, peer = ?self.peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), %reason, "request denied");
             labels.status = StatusCode::FORBIDDEN.as_u16();

@@ -396,7 +396,7 @@ enum Attempt {
 impl HttpOutbound {
     async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        if serve::head_too_large(req.headers()) {
+        if serve::head_too_large(&req) {
             return serve::error_response(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers-too-large",

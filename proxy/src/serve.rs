@@ -32,10 +32,20 @@ use crate::config::ConfigStore;
 use crate::metrics::Metrics;
 use crate::pool::{self, Body, BoxError, Upstreams};
 
-/// The largest request head (request line and headers) accepted from a client, on either HTTP
-/// version; beyond it the client gets 431. The sidecar-to-sidecar hop allows the same, so what
-/// the outbound side accepts the inbound side accepts too.
+/// The largest request head accepted from a client, on either HTTP version, counted as HTTP/2
+/// counts a header list (see [`head_too_large`]); beyond it the client gets 431 with
+/// `keel-error: headers-too-large`. The sidecar-to-sidecar hop allows the same, so what the
+/// outbound side accepts the inbound side accepts too.
 pub const MAX_HEAD_BYTES: usize = 64 << 10;
+/// The most header fields an HTTP/1 request may carry (hyper's default limit); beyond it, 431
+/// with `keel-error: headers-too-large`.
+pub const MAX_HEADERS: usize = 100;
+/// hyper's own limits on an HTTP/1 head, twice keel's. hyper answers a head it cannot parse
+/// within its limits itself, with a bare 431 that cannot carry `keel-error`; with room above
+/// keel's limits, every head up to twice the limit reaches keel's check and is told why. (A
+/// limit of more than 100 fields costs hyper a small allocation per request head.)
+const HYPER_MAX_HEAD_BYTES: usize = 2 * MAX_HEAD_BYTES;
+const HYPER_MAX_HEADERS: usize = 2 * MAX_HEADERS;
 
 /// What every connection handler needs.
 #[derive(Debug)]
@@ -224,7 +234,8 @@ pub async fn serve_http<S, F, Fut>(
             .timer(TokioTimer::new())
             .header_read_timeout(head_timeout)
             .half_close(true)
-            .max_buf_size(MAX_HEAD_BYTES)
+            .max_buf_size(HYPER_MAX_HEAD_BYTES)
+            .max_headers(HYPER_MAX_HEADERS)
             .serve_connection(io, service)
             .with_upgrades();
         let served = tokio::select! {
@@ -408,13 +419,15 @@ pub fn error_response(status: StatusCode, reason: &'static str) -> Response<Body
 }
 
 /// Whether a request's headers exceed [`MAX_HEAD_BYTES`] (counted as HTTP/2 does: name, value
-/// and 32 bytes of overhead each).
-pub fn head_too_large(headers: &http::HeaderMap) -> bool {
-    headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 32)
-        .sum::<usize>()
-        > MAX_HEAD_BYTES
+/// and 32 bytes of overhead each) or, over HTTP/1, [`MAX_HEADERS`] fields.
+pub fn head_too_large<B>(req: &Request<B>) -> bool {
+    let headers = req.headers();
+    (req.version() != http::Version::HTTP_2 && headers.len() > MAX_HEADERS)
+        || headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum::<usize>()
+            > MAX_HEAD_BYTES
 }
 
 /// Answers a client of a port declared HTTP that did not speak HTTP, then closes: 400
@@ -558,6 +571,43 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), late.signaled())
             .await
             .expect("a drain that already started is seen at once");
+    }
+
+    #[test]
+    fn heads_are_too_large_by_size_or_by_count_over_http1() {
+        let with = |fields: usize, value: usize, version: http::Version| {
+            let mut req = Request::get("/").version(version);
+            for i in 0..fields {
+                req = req.header(format!("x-{i}"), "v".repeat(value));
+            }
+            req.body(()).expect("req")
+        };
+        assert!(!head_too_large(&with(
+            MAX_HEADERS,
+            10,
+            http::Version::HTTP_11
+        )));
+        assert!(head_too_large(&with(
+            MAX_HEADERS + 1,
+            10,
+            http::Version::HTTP_11
+        )));
+        // HTTP/2 counts bytes only: the hop between sidecars adds its own header.
+        assert!(!head_too_large(&with(
+            MAX_HEADERS + 1,
+            10,
+            http::Version::HTTP_2
+        )));
+        assert!(head_too_large(&with(
+            1,
+            MAX_HEAD_BYTES,
+            http::Version::HTTP_2
+        )));
+        assert!(!head_too_large(&with(
+            1,
+            MAX_HEAD_BYTES - 64,
+            http::Version::HTTP_11
+        )));
     }
 
     #[test]
