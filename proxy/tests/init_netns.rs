@@ -656,6 +656,30 @@ fn init_redirects_in_a_fresh_namespace_and_cleanup_restores_it() -> anyhow::Resu
         expect_arrival(l, &peer, APP, "[fd00:200::1]:9000", "pod app 9000")?;
     }
 
+    // Installed again with the same flags: nothing is touched, not even for a moment. A flush
+    // and refill would leave the same rules, but with their packet counters back at zero.
+    let counted = |pod: &NetNs| -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        for family in families {
+            let save = pod.exec(family.save(), &["-c", "-t", "nat"])?;
+            lines.extend(
+                save.lines()
+                    .filter(|line| line.contains("KEEL_"))
+                    .map(|line| format!("{}: {line}", family.iptables())),
+            );
+        }
+        Ok(lines)
+    };
+    let before = counted(&pod)?;
+    ensure!(
+        before.iter().any(|line| {
+            line.contains("-A KEEL_OUTBOUND_REDIRECT") && !line.contains(": [0:0] ")
+        }),
+        "the redirects above were not counted: {before:#?}"
+    );
+    pod.init(&flags)?;
+    assert_eq!(counted(&pod)?, before, "a second init with the same flags");
+
     // Re-installed with other flags: the chains are refilled, not appended to.
     let other = ["--outbound-exclude-ports", "80", "--ipv6", "off"];
     let replanned = dry_run_tables(&pod.init(&[&["--dry-run"][..], &other].concat())?);

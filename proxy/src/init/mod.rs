@@ -11,8 +11,8 @@
 //!
 //! The rules are data: `rules::RuleSet::build` computes them from the flags, `--dry-run`
 //! prints them, and `netfilter` reads the live table and plans the commands that make it
-//! exactly that — so running `init` twice leaves the same rules, and `--cleanup` removes what
-//! `init` added. Every binary is found and every table read before the first change; a run
+//! exactly that — so running `init` twice runs no command the second time (the rules, and the
+//! connections they redirect, are never touched), and `--cleanup` removes what `init` added. Every binary is found and every table read before the first change; a run
 //! that fails midway (an init container is retried) is completed by the next.
 //!
 //! It must never touch a chain or rule that is not keel's (everything keel owns is a `KEEL_*`
@@ -298,11 +298,17 @@ fn install(
         tables.push((table, observed, set));
     }
     for (table, observed, set) in &tables {
-        table.apply(&plan_install(set, observed))?;
+        let steps = plan_install(set, observed);
+        if steps.is_empty() {
+            tracing::info!(family = %set.family, "the redirect rules are already in place");
+            continue;
+        }
+        table.apply(&steps)?;
         tracing::info!(
             family = %set.family,
             chains = ?OWN_CHAINS,
             rules = set.rules.len(),
+            commands = steps.len(),
             reinstalled = !observed.is_empty(),
             "installed the redirect rules"
         );
