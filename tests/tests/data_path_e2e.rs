@@ -213,6 +213,7 @@ const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 /// - `/big/<n>`: answers `n` bytes, streamed in 64 KiB chunks without a length;
 /// - `/slow`: answers after 2 s;
 /// - `/sleep/<ms>`: counts itself in `sleeps`, then answers `slept <ms>` after that long;
+/// - `/method`: answers `method=<method> <HTTP version>`;
 /// - `/abort`: sends its head and `partial`, then fails (the connection to the proxy is cut
 ///   mid-body);
 /// - a WebSocket-style upgrade: 101, then echoes bytes until the client half-closes, then
@@ -290,6 +291,9 @@ async fn serve_app(
                         });
                         let body = StreamBody::new(futures::stream::iter(chunks));
                         return Ok(http::Response::new(BodyExt::boxed(body)));
+                    }
+                    if path == "/method" {
+                        return Ok(text(format!("method={} {version}", req.method())));
                     }
                     if path == "/abort" {
                         // The head and a first chunk, then the app fails mid-body.
@@ -1072,4 +1076,26 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> anyhow::Result<Vec<u8>
         head.push(byte[0]);
     }
     Ok(head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_method_token_is_http_on_a_declared_http_port() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start().await?;
+    // WebDAV's methods and others HTTP/1.1 allows, one of them with a long request line.
+    let long = format!("http://{WEB_VIP}/method?{}", "q".repeat(3000));
+    for (method, url) in [
+        ("PROPFIND", format!("http://{WEB_VIP}/method")),
+        ("MKCOL", format!("http://{WEB_VIP}/method")),
+        ("PURGE", long),
+    ] {
+        let (code, headers, body) = curl(&fx.a, &["-X", method, &url])?;
+        let body = String::from_utf8_lossy(&body);
+        ensure!(
+            code == 200 && body == format!("method={method} HTTP/1.1"),
+            "{method}: {code} {body:?}\n{headers}\n{}",
+            fx.logs()
+        );
+    }
+    Ok(())
 }
