@@ -5,7 +5,7 @@
 //! gRPC errors in trailers, graceful shutdown on SIGTERM (and `/ready` before the first
 //! configuration and while draining), and `keelctl status` with real proxies.
 //!
-//! Pods: `a` (the client, with a sidecar), `b` (an app with a sidecar), `r` (no sidecar: a server
+//! Pods: `a` (the client, with a sidecar), `b` (an app and a gRPC server with a sidecar), `r` (no sidecar: a server
 //! that resets every connection, and a port where nothing listens). The mesh runs with a CA, as
 //! users run it, and with `REGISTRY_ONLY` so that destinations outside it are refused. Without
 //! root each test prints `SKIP: <reason>` and passes.
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, ensure};
+use anyhow::{Context, anyhow, bail, ensure};
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -29,6 +29,9 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keel_control_plane::server::IdentityConfig;
 use keel_control_plane::{ControlPlane, ControlPlaneConfig};
+use keel_proto::v1::discovery_client::DiscoveryClient;
+use keel_proto::v1::discovery_server::{Discovery, DiscoveryServer};
+use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse};
 use keel_tests::netns::{self, MeshedPod, Task, TestNetwork};
 use keel_tests::skip_unless_root;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,6 +42,8 @@ const SLOW_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 51);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 52);
 const DEAD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const RESET_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 54);
+const GRPC_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 55);
+const GRPC_PORT: u16 = 9090;
 const APP_PORT: u16 = 8080;
 const DEAD_PORT: u16 = 8081;
 const READY: Duration = Duration::from_secs(30);
@@ -99,6 +104,14 @@ spec:
   - name: once
     destinations: [{{service: reset}}]
     retries: {{attempts: 0}}
+---
+apiVersion: keel.dev/v1alpha1
+kind: Service
+metadata: {{name: grpc, namespace: {NS}}}
+spec:
+  vips: [{GRPC_VIP}]
+  ports: [{{name: grpc, port: {GRPC_PORT}, targetPort: {GRPC_PORT}, protocol: GRPC}}]
+  selector: {{app: web}}
 ---
 apiVersion: keel.dev/v1alpha1
 kind: Workload
@@ -177,6 +190,10 @@ impl Fixture {
             Task(tokio::spawn(serve_resets(netns::listen(
                 &r,
                 any(APP_PORT),
+            )?))),
+            Task(tokio::spawn(serve_grpc_errors(netns::listen(
+                &b,
+                any(GRPC_PORT),
             )?))),
         ];
         for pod in [&mut a, &mut b] {
@@ -1098,4 +1115,181 @@ async fn any_method_token_is_http_on_a_declared_http_port() -> anyhow::Result<()
         );
     }
     Ok(())
+}
+
+/// A gRPC server in b that fails on purpose, implementing `keel.mesh.v1.Discovery/Stream`:
+/// a stream whose first message has type URL `fail-now` is refused at once (PERMISSION_DENIED,
+/// a trailers-only response); otherwise every message comes back until one with type URL
+/// `fail`, which ends the stream with NOT_FOUND in the trailers. Both statuses carry the
+/// metadata `x-detail: kept`.
+struct FailingGrpc;
+
+fn failing(code: tonic::Code, message: &str) -> tonic::Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(
+        "x-detail",
+        tonic::metadata::MetadataValue::from_static("kept"),
+    );
+    tonic::Status::with_metadata(code, message, metadata)
+}
+
+type Responses = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<DiscoveryResponse, tonic::Status>> + Send + 'static>,
+>;
+
+#[tonic::async_trait]
+impl Discovery for FailingGrpc {
+    type StreamStream = Responses;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Responses>, tonic::Status> {
+        let mut requests = request.into_inner();
+        let first = requests.message().await?.unwrap_or_default();
+        if first.type_url == "fail-now" {
+            return Err(failing(tonic::Code::PermissionDenied, "refused at once"));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
+                let reply = if request.type_url == "fail" {
+                    Err(failing(tonic::Code::NotFound, "no such article: 17"))
+                } else {
+                    Ok(DiscoveryResponse {
+                        type_url: request.type_url,
+                        nonce: request.response_nonce,
+                        ..Default::default()
+                    })
+                };
+                let last = reply.is_err();
+                if tx.send(reply).await.is_err() || last {
+                    return;
+                }
+                next = requests.message().await.ok().flatten();
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+async fn serve_grpc_errors(listener: tokio::net::TcpListener) {
+    let _ = tonic::transport::Server::builder()
+        .add_service(DiscoveryServer::new(FailingGrpc))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_errors_cross_both_sidecars_in_trailers() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start().await?;
+    let before = fx.b.metrics().await?;
+    let from = fx.a.netns_path();
+    let target = SocketAddr::from((GRPC_VIP, GRPC_PORT));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let from = from.clone();
+            async move {
+                let stream = netns::connect_from(&from, target).await?;
+                anyhow::Ok(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .context("connecting the gRPC channel from pod a")?;
+    let mut client = DiscoveryClient::new(channel);
+    let message = |type_url: &str, nonce: &str| DiscoveryRequest {
+        type_url: type_url.to_owned(),
+        response_nonce: nonce.to_owned(),
+        ..Default::default()
+    };
+    let detail = |status: &tonic::Status| {
+        status
+            .metadata()
+            .get("x-detail")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+
+    // Refused before any message: the status is all the response has.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(message("fail-now", "0")).await?;
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .map_err(|_| anyhow!("no answer to fail-now\n{}", fx.logs()))?;
+    let status = match refused {
+        Ok(_) => bail!("the stream was accepted"),
+        Err(status) => status,
+    };
+    ensure!(
+        status.code() == tonic::Code::PermissionDenied
+            && status.message() == "refused at once"
+            && detail(&status).as_deref() == Some("kept"),
+        "the trailers-only error: {status:?}\n{}",
+        fx.logs()
+    );
+
+    // Two answers, then an error in the trailers.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(message("echo", "1")).await?;
+    let mut responses = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .map_err(|_| anyhow!("opening the stream: timed out\n{}", fx.logs()))??
+    .into_inner();
+    let first = next_message(&mut responses)
+        .await??
+        .context("the first answer")?;
+    ensure!(first.nonce == "1", "first answer: {first:?}");
+    tx.send(message("echo", "2")).await?;
+    let second = next_message(&mut responses)
+        .await??
+        .context("the second answer")?;
+    ensure!(second.nonce == "2", "second answer: {second:?}");
+    tx.send(message("fail", "3")).await?;
+    let status = match next_message(&mut responses).await? {
+        Err(status) => status,
+        Ok(other) => bail!("expected the trailers' error, got {other:?}"),
+    };
+    ensure!(
+        status.code() == tonic::Code::NotFound
+            && status.message() == "no such article: 17"
+            && detail(&status).as_deref() == Some("kept"),
+        "the error in the trailers: {status:?}\n{}",
+        fx.logs()
+    );
+    // Both streams went through b's sidecar, over mTLS from a's.
+    let after = fx.b.metrics().await?;
+    let inbound = |m: &netns::Metrics| {
+        m.sum(
+            "keel_requests_total",
+            &[
+                ("direction", "inbound"),
+                ("client_id", "spiffe://dp.local/ns/dp/sa/a"),
+            ],
+        )
+    };
+    ensure!(
+        inbound(&after) - inbound(&before) == 2.0,
+        "b's sidecar counted {} gRPC streams from a",
+        inbound(&after) - inbound(&before)
+    );
+    Ok(())
+}
+
+async fn next_message(
+    responses: &mut tonic::Streaming<DiscoveryResponse>,
+) -> anyhow::Result<Result<Option<DiscoveryResponse>, tonic::Status>> {
+    tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .map_err(|_| anyhow!("no message within 10 s"))
 }
