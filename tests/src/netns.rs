@@ -605,7 +605,11 @@ pub fn listen(pod: &Pod, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpList
 /// the pod's sidecar when it has one. Takes a path rather than a [`Pod`] so that connectors
 /// (tonic's, hyper's) can own what they need.
 pub async fn connect_from(netns: &Path, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
-    let socket = in_netns(netns, tokio::net::TcpSocket::new_v4)?;
+    let socket = if addr.is_ipv6() {
+        in_netns(netns, tokio::net::TcpSocket::new_v6)?
+    } else {
+        in_netns(netns, tokio::net::TcpSocket::new_v4)?
+    };
     let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
         .await
         .map_err(|_| anyhow!("connecting to {addr} from {}: timed out", netns.display()))?

@@ -2,8 +2,12 @@
 //! sidecar reads the original destination of a redirected IPv6 connection itself, the server's
 //! hands it to the app on `[::1]`), IPv4 beside it in the same pods.
 //!
+//! Destinations outside the mesh are passed through (the mesh's default, `ALLOW_ANY`), over both
+//! families, for HTTP and for opaque TCP.
+//!
 //! Pods, each with an IPv4 and an IPv6 address on the test bridge: `a` (the client, with a
-//! sidecar) and `b` (an app with a sidecar). The mesh runs with a CA, as users run it. Service
+//! sidecar), `b` (an app with a sidecar) and `x` (no sidecar and not in the mesh: an HTTP app, a
+//! TCP echo and a server that speaks first). The mesh runs with a CA, as users run it. Service
 //! `web` has an IPv4 VIP and reaches b over IPv4; `web6` has an IPv6 VIP and reaches b over
 //! IPv6 (b appears as two Workloads, one per address, so that each service has endpoints of one
 //! family only). Without root each test prints `SKIP: <reason>` and passes.
@@ -24,11 +28,15 @@ use keel_control_plane::server::IdentityConfig;
 use keel_control_plane::{ControlPlane, ControlPlaneConfig};
 use keel_tests::netns::{self, MeshedPod, Metrics, Task, TestNetwork};
 use keel_tests::skip_unless_root;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NS: &str = "ds";
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
 const WEB6_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x60);
 const APP_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 7000;
+const BANNER_PORT: u16 = 7001;
+const BANNER: &[u8] = b"220 keel test server\r\n";
 const READY: Duration = Duration::from_secs(30);
 
 fn yaml(a4: Ipv4Addr, a6: Ipv6Addr, b4: Ipv4Addr, b6: Ipv6Addr) -> String {
@@ -78,6 +86,7 @@ struct Fixture {
     _servers: Vec<Task>,
     a: MeshedPod,
     b: MeshedPod,
+    x: keel_control_plane::demo::netns::Pod,
     _control_plane: ControlPlane,
     _dir: tempfile::TempDir,
     _net: TestNetwork,
@@ -111,8 +120,17 @@ impl Fixture {
         )?;
         let [mut a, mut b]: [MeshedPod; 2] = pods.try_into().map_err(|_| anyhow!("two pods"))?;
         // `[::]` without IPV6_V6ONLY: the app takes both families, as most apps do.
-        let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, APP_PORT));
-        let servers = vec![Task(tokio::spawn(serve_app(netns::listen(&b, any)?)))];
+        let x = net.add_pod("x", net.host(4))?;
+        let any = |port| SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        let servers = vec![
+            Task(tokio::spawn(serve_app(netns::listen(&b, any(APP_PORT))?))),
+            Task(tokio::spawn(serve_app(netns::listen(&x, any(APP_PORT))?))),
+            Task(tokio::spawn(serve_echo(netns::listen(&x, any(ECHO_PORT))?))),
+            Task(tokio::spawn(serve_banner(netns::listen(
+                &x,
+                any(BANNER_PORT),
+            )?))),
+        ];
         for pod in [&mut a, &mut b] {
             pod.wait_ready(READY).await?;
         }
@@ -120,6 +138,7 @@ impl Fixture {
             _servers: servers,
             a,
             b,
+            x,
             _control_plane: control_plane,
             _dir: dir,
             _net: net,
@@ -159,6 +178,39 @@ async fn serve_app(listener: tokio::net::TcpListener) {
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+        });
+    }
+}
+
+/// Echoes every byte until the client half-closes, then says `bye` and closes.
+async fn serve_echo(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let (mut read, mut write) = stream.split();
+            if tokio::io::copy(&mut read, &mut write).await.is_ok() {
+                let _ = write.write_all(b"bye").await;
+            }
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// Speaks first (as SMTP or MySQL do): the banner, then an echo of one read.
+async fn serve_banner(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let _ = stream.write_all(BANNER).await;
+            let mut buf = [0u8; 64];
+            if let Ok(n) = stream.read(&mut buf).await {
+                let _ = stream.write_all(&buf[..n]).await;
+            }
+            let _ = stream.shutdown().await;
         });
     }
 }
@@ -244,6 +296,94 @@ async fn ipv6_goes_through_both_sidecars_beside_ipv4() -> anyhow::Result<()> {
         mtls == 2.0,
         "b's sidecar accepted {mtls} mTLS connections, expected one per family\n{}",
         fx.logs()
+    );
+    Ok(())
+}
+
+/// A raw connection from pod `a`, redirected through its sidecar, that sends `message`, expects
+/// it back, half-closes and returns what came after.
+async fn echo_from(a: &MeshedPod, to: SocketAddr, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut stream = netns::connect(a, to).await?;
+    stream.write_all(message).await?;
+    let mut echoed = vec![0u8; message.len()];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed))
+        .await
+        .map_err(|_| anyhow!("{to}: no echo within 10 s"))??;
+    ensure!(echoed == message, "{to} echoed {echoed:?}");
+    stream.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .map_err(|_| anyhow!("{to}: not closed after the half-close"))??;
+    Ok(rest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_outside_the_mesh_are_passed_through_on_both_families() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let fx = Fixture::start().await?;
+    let x4 = fx.x.ip();
+    let x6 = fx.x.ipv6().context("x has IPv6")?;
+    let a6 = fx.a.ipv6().context("a has IPv6")?;
+    let before = fx.a.metrics().await?;
+    for (x, a) in [
+        (
+            std::net::IpAddr::from(x4),
+            std::net::IpAddr::from(fx.a.ip()),
+        ),
+        (x6.into(), a6.into()),
+    ] {
+        let http = SocketAddr::new(x, APP_PORT);
+        // HTTP, request by request: from a's sidecar (its address, the proxy's connection),
+        // with nothing of the mesh's added.
+        let (code, body) = curl(&fx.a, &format!("http://{http}/"))?;
+        let expected = format!("peer={a} xff=- id=-");
+        ensure!(
+            code == 200 && body == expected,
+            "HTTP to {http}: {code} {body:?}, expected {expected:?}\n{}",
+            fx.logs()
+        );
+        // Opaque TCP, with the half-close passed on.
+        let echo = SocketAddr::new(x, ECHO_PORT);
+        let rest = echo_from(&fx.a, echo, b"through a's sidecar").await?;
+        ensure!(rest == b"bye", "after the half-close to {echo}: {rest:?}");
+        // A server that speaks first: detection gives up waiting for the client and copies.
+        let banner = SocketAddr::new(x, BANNER_PORT);
+        let mut stream = netns::connect(&fx.a, banner).await?;
+        let mut got = vec![0u8; BANNER.len()];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut got))
+            .await
+            .map_err(|_| anyhow!("{banner}: no banner within 10 s\n{}", fx.logs()))??;
+        ensure!(got == BANNER, "{banner} sent {got:?}");
+        stream.write_all(b"hello").await?;
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply))
+            .await
+            .map_err(|_| anyhow!("{banner}: not closed"))??;
+        ensure!(reply == b"hello", "{banner} answered {reply:?}");
+    }
+    // All of it went through a's sidecar: two HTTP requests for no service, and four opaque
+    // connections.
+    let after = fx.a.metrics().await?;
+    let passthrough = grew(
+        &before,
+        &after,
+        "keel_requests_total",
+        &[("direction", "outbound"), ("service", "")],
+    );
+    ensure!(
+        passthrough == 2.0,
+        "a's sidecar counted {passthrough} passthrough requests"
+    );
+    let opaque = grew(
+        &before,
+        &after,
+        "keel_tcp_connections_opened_total",
+        &[("direction", "outbound"), ("protocol", "tcp")],
+    );
+    ensure!(
+        opaque == 4.0,
+        "a's sidecar counted {opaque} opaque connections"
     );
     Ok(())
 }
