@@ -6,7 +6,7 @@
 //! module adds what only tests need: names and subnets that never collide between tests running
 //! in parallel (in one process or several), the removal of what a killed test process left behind,
 //! and [`require_root`], which every root test calls first so that it prints `SKIP: <reason>`
-//! instead of passing silently:
+//! instead of passing silently (or fails, with `KEEL_REQUIRE_NETNS=1`, as in CI):
 //!
 //! ```text
 //! #[tokio::test]
@@ -68,14 +68,27 @@ pub fn require_root() -> Option<String> {
     keel_control_plane::demo::netns::missing_requirements(&TOOLS)
 }
 
-/// Returns `Ok(())` from the calling test after printing `SKIP: <reason>` to stderr when
+/// The environment variable that turns a skipped root test into a failed one when set to `1`,
+/// as `.ci/run` does: there the network-namespace tests must run.
+pub const REQUIRE_NETNS: &str = "KEEL_REQUIRE_NETNS";
+
+/// What a root test returns when it cannot run because of `why`: `Ok(())` after printing
+/// `SKIP: <why>` to stderr, or, with [`REQUIRE_NETNS`]`=1`, an error saying so.
+pub fn skip(why: &str) -> anyhow::Result<()> {
+    if std::env::var_os(REQUIRE_NETNS).is_some_and(|v| v == "1") {
+        bail!("this test cannot run here ({why}), and {REQUIRE_NETNS}=1 requires it to");
+    }
+    eprintln!("SKIP: {why}");
+    Ok(())
+}
+
+/// Returns [`skip`]'s answer from the calling test (which returns `anyhow::Result<()>`) when
 /// [`require_root`] gives a reason.
 #[macro_export]
 macro_rules! skip_unless_root {
     () => {
         if let Some(why) = $crate::netns::require_root() {
-            eprintln!("SKIP: {why}");
-            return Ok(());
+            return $crate::netns::skip(&why);
         }
     };
 }
@@ -626,6 +639,48 @@ pub async fn connect(pod: &Pod, addr: SocketAddr) -> anyhow::Result<tokio::net::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Skips, when run by `a_skip_fails_where_netns_tests_are_required` (else does nothing).
+    #[test]
+    fn skip_probe() -> anyhow::Result<()> {
+        if std::env::var_os("KEEL_SKIP_PROBE").is_some() {
+            return skip("probing");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_skip_fails_where_netns_tests_are_required() -> anyhow::Result<()> {
+        let probe = |require: Option<&str>| -> anyhow::Result<std::process::Output> {
+            let mut command = std::process::Command::new(std::env::current_exe()?);
+            command
+                .args(["--exact", "netns::tests::skip_probe", "--nocapture"])
+                .env("KEEL_SKIP_PROBE", "1")
+                .env_remove(REQUIRE_NETNS);
+            if let Some(value) = require {
+                command.env(REQUIRE_NETNS, value);
+            }
+            Ok(command.output()?)
+        };
+        for require in [None, Some("0")] {
+            let output = probe(require)?;
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            ensure!(output.status.success(), "{require:?}: {stderr}");
+            ensure!(stderr.contains("SKIP: probing"), "{require:?}: {stderr}");
+        }
+        let output = probe(Some("1"))?;
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        ensure!(!output.status.success(), "a required skip passed: {all}");
+        ensure!(
+            all.contains("KEEL_REQUIRE_NETNS=1 requires it"),
+            "the failure does not say why: {all}"
+        );
+        Ok(())
+    }
 
     #[test]
     fn suffixes_encode_their_owner() {
