@@ -1,13 +1,16 @@
 //! The proxy's admin server (port 15020): `/live`, `/ready` (once the first complete
 //! configuration arrived and, with an identity, while it holds a certificate that has not
-//! expired), `/config` (the applied configuration, the discovery client's state and the
-//! certificate's, JSON) and `/metrics` (Prometheus).
+//! expired; 503 again once draining has started), `/config` (the applied configuration, the
+//! discovery client's state and the certificate's, JSON) and `/metrics` (Prometheus).
 //!
-//! It runs beside the data path and never blocks it: every answer reads a snapshot.
+//! It keeps serving while the data path drains, so that a kubelet's readiness probe sees 503
+//! and takes the pod out of its Services' endpoints rather than failing to connect; its
+//! connections are not the drain's to wait for. It runs beside the data path and never blocks
+//! it: every answer reads a snapshot.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -18,7 +21,7 @@ use tokio::net::TcpListener;
 
 use crate::discovery::DiscoveryHandle;
 use crate::metrics::Metrics;
-use crate::serve::{self, Drain};
+use crate::serve::Drain;
 use crate::tls::certify::CertStatus;
 use crate::tls::{Certified, MeshTls};
 
@@ -27,13 +30,24 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// The proxy's identity and its certificate task's state, when it has one.
     pub identity: Option<(Arc<MeshTls>, Arc<std::sync::Mutex<CertStatus>>)>,
+    /// The data path's drain, for `/ready`.
+    pub drain: Drain,
 }
 
 impl Admin {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
-        serve::accept_loop(listener, drain, move |stream, _client, _drain| {
+    /// Serves `listener` until the task is aborted, draining or not.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
             let admin = self.clone();
-            async move {
+            tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(&req)) }
@@ -41,9 +55,8 @@ impl Admin {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
-            }
-        })
-        .await;
+            });
+        }
     }
 
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -56,7 +69,9 @@ impl Admin {
                 let certified = self.identity.as_ref().map_or(Certified::Valid, |(tls, _)| {
                     tls.certified_at(SystemTime::now())
                 });
-                if !self.discovery.is_ready() {
+                if self.drain.is_draining() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down\n")
+                } else if !self.discovery.is_ready() {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "waiting for the first configuration from the control plane\n",

@@ -1,8 +1,9 @@
 //! The inbound side: connections redirected to the pod, handed to the local app.
 //!
-//! The original destination's port is the app's port; the proxy forwards to the app on
-//! 127.0.0.1 at that port, so the app sees connections from the proxy and the real client's
-//! address in `x-forwarded-for`. HTTP/2 from a peer sidecar carries HTTP/1 requests marked with
+//! The original destination's port is the app's port; the proxy forwards to the app on the
+//! loopback address of the connection's family at that port (127.0.0.1, or `[::1]` for a client
+//! that came over IPv6: an app reachable on the pod's IPv6 address listens on IPv6), so the app
+//! sees connections from the proxy and the real client's address in `x-forwarded-for`. HTTP/2 from a peer sidecar carries HTTP/1 requests marked with
 //! `keel-orig-proto`; they are sent to the app as HTTP/1.1. Other HTTP/2 (gRPC) stays HTTP/2,
 //! HTTP/1 stays HTTP/1, and anything else is copied as opaque TCP.
 //!
@@ -22,7 +23,7 @@
 //! `keel-client-id` it did not verify, and never accept a connection before the first
 //! configuration.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -80,7 +81,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
         return;
     }
     let _ = stream.set_nodelay(true);
-    let app = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), orig.port());
+    let app = SocketAddr::new(app_ip(orig), orig.port());
     let protocol = match detect::detect(&stream, shared.detect_timeout).await {
         Ok(p) => p,
         Err(e) => {
@@ -110,8 +111,8 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
             let _conn = shared
                 .metrics
                 .connection(Direction::inbound, protocol.into());
-            let handler = HttpInbound::new(shared.clone(), app, client, None);
-            serve::serve_http(stream, http2, drain, move |req| {
+            let handler = HttpInbound::new(shared.clone(), drain.clone(), app, client, None);
+            serve::serve_http(stream, http2, shared.head_timeout, drain, move |req| {
                 let handler = handler.clone();
                 async move { handler.request(req).await }
             })
@@ -124,6 +125,14 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
                 to_app(&shared, stream, app, label).await;
             }
         }
+    }
+}
+
+/// Where the app is for a connection to `orig`: the loopback address of its family.
+fn app_ip(orig: SocketAddr) -> IpAddr {
+    match orig {
+        SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+        SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
     }
 }
 
@@ -266,9 +275,9 @@ async fn mesh(
         .connection(Direction::inbound, ConnProtocol::mtls);
     match carried {
         Some(Carried::Http2 | Carried::Http1) => {
-            let handler = HttpInbound::new(shared.clone(), app, client, Some(peer));
+            let handler = HttpInbound::new(shared.clone(), drain.clone(), app, client, Some(peer));
             let http2 = carried == Some(Carried::Http2);
-            serve::serve_http(tls, http2, drain, move |req| {
+            serve::serve_http(tls, http2, shared.head_timeout, drain, move |req| {
                 let handler = handler.clone();
                 async move { handler.request(req).await }
             })
@@ -288,6 +297,8 @@ async fn mesh(
 #[derive(Clone)]
 struct HttpInbound {
     shared: Arc<Shared>,
+    /// Upgraded connections are spliced in its tracker.
+    drain: Drain,
     app: SocketAddr,
     client: SocketAddr,
     /// The verified identity of the client's sidecar, over mTLS.
@@ -301,6 +312,7 @@ struct HttpInbound {
 impl HttpInbound {
     fn new(
         shared: Arc<Shared>,
+        drain: Drain,
         app: SocketAddr,
         client: SocketAddr,
         peer: Option<Arc<SpiffeId>>,
@@ -315,6 +327,7 @@ impl HttpInbound {
             .filter(|_| peer.is_some());
         HttpInbound {
             shared,
+            drain,
             app,
             client,
             peer,
@@ -365,6 +378,17 @@ impl HttpInbound {
             error: "",
             client_id: &self.peer_label,
         };
+        // Over HTTP/1 the client is not a sidecar (whose outbound side checked already), and
+        // hyper's own limits are above keel's (see `serve`).
+        if req.version() != Version::HTTP_2 && serve::head_too_large(&req) {
+            labels.status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.as_u16();
+            labels.error = "headers-too-large";
+            self.shared.metrics.request(labels, started.elapsed());
+            return serve::error_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers-too-large",
+            );
+        }
         if let Some(reason) = self.denied(&req) {
             tracing::debug!(client = %self.client, peer = ?self.peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), %reason, "request denied");
             labels.status = StatusCode::FORBIDDEN.as_u16();
@@ -413,7 +437,11 @@ impl HttpInbound {
                 if let Some(on_upgrade) = on_upgrade
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
-                    serve::splice_upgrade(on_upgrade, hyper::upgrade::on(&mut response));
+                    serve::splice_upgrade(
+                        &self.drain,
+                        on_upgrade,
+                        hyper::upgrade::on(&mut response),
+                    );
                 }
                 labels.status = response.status().as_u16();
                 self.shared.metrics.request(labels, started.elapsed());

@@ -96,9 +96,16 @@ async fn connection(
         .map(|t| (t.service.clone(), t.port.clone()));
 
     let declared = target.as_ref().map(|(_, port)| port.protocol);
+    // On a port declared HTTP, silence is a slow client, not a server-speaks-first protocol:
+    // it gets as long as any HTTP client to send its request head.
+    let detect_timeout = if declared.is_some_and(Protocol::is_http) {
+        shared.head_timeout
+    } else {
+        shared.detect_timeout
+    };
     let protocol = match declared {
         Some(Protocol::Tcp) => detect::Protocol::Opaque,
-        _ => match detect::detect(&stream, shared.detect_timeout).await {
+        _ => match detect::detect(&stream, detect_timeout).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(%client, error = %e, "detection failed");
@@ -116,8 +123,9 @@ async fn connection(
                 shared: shared.clone(),
                 orig,
                 client,
+                drain: drain.clone(),
             };
-            serve::serve_http(stream, http2, drain, move |req| {
+            serve::serve_http(stream, http2, shared.head_timeout, drain, move |req| {
                 let handler = handler.clone();
                 async move { handler.request(req).await }
             })
@@ -341,6 +349,8 @@ struct HttpOutbound {
     shared: Arc<Shared>,
     orig: SocketAddr,
     client: SocketAddr,
+    /// Upgraded connections are spliced in its tracker.
+    drain: Drain,
 }
 
 /// Where a request goes.
@@ -386,7 +396,7 @@ enum Attempt {
 impl HttpOutbound {
     async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        if serve::head_too_large(req.headers()) {
+        if serve::head_too_large(&req) {
             return serve::error_response(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers-too-large",
@@ -509,7 +519,11 @@ impl HttpOutbound {
                         if let Some(on_upgrade) = on_upgrade.take()
                             && status == StatusCode::SWITCHING_PROTOCOLS
                         {
-                            serve::splice_upgrade(on_upgrade, hyper::upgrade::on(&mut response));
+                            serve::splice_upgrade(
+                                &self.drain,
+                                on_upgrade,
+                                hyper::upgrade::on(&mut response),
+                            );
                         }
                         labels.status = status.as_u16();
                         self.shared.metrics.request(labels, started.elapsed());

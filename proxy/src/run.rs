@@ -1,7 +1,9 @@
 //! `keel-proxy run`: starts the sidecar. Binds the outbound (15001), inbound (15006) and admin
-//! (15020) listeners, connects to the control plane, keeps balancers in step with each new
-//! configuration, and drains gracefully on SIGTERM: stop accepting, let in-flight requests
-//! finish (HTTP/2 GOAWAY), exit at the latest after the grace period.
+//! (15020) listeners, on IPv4 and IPv6 (one socket per family, the IPv6 one `IPV6_V6ONLY`, so
+//! that each connection's family is its socket's), connects to the control plane, keeps balancers in step with each new
+//! configuration, and drains gracefully on SIGTERM (or SIGINT): stop accepting (new connections
+//! are refused), let in-flight requests and upgraded connections finish (HTTP/2 GOAWAY), keep
+//! the admin server answering (`/ready` says 503), exit at the latest after the grace period.
 //!
 //! The data path serves with the last good configuration whatever the control plane does; before
 //! the first configuration arrives, `/ready` says so and outbound traffic is passed through.
@@ -55,16 +57,40 @@ pub struct RunArgs {
     pub zone: String,
     #[arg(long, env = "KEEL_SUBZONE", default_value = "")]
     pub subzone: String,
-    #[arg(long, env = "KEEL_OUTBOUND_ADDR", default_value = "0.0.0.0:15001")]
-    pub outbound_addr: SocketAddr,
-    #[arg(long, env = "KEEL_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
-    pub inbound_addr: SocketAddr,
-    #[arg(long, env = "KEEL_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
-    pub admin_addr: SocketAddr,
+    /// Where the outbound listener binds (repeatable, or comma-separated). `keel-proxy init`
+    /// redirects IPv4 and IPv6 alike, so both families are served; an IPv6 wildcard is skipped
+    /// with a warning where the kernel has no IPv6 at all.
+    #[arg(
+        long,
+        env = "KEEL_OUTBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15001,[::]:15001"
+    )]
+    pub outbound_addr: Vec<SocketAddr>,
+    /// Where the inbound listener binds, like --outbound-addr; every address has the same port.
+    #[arg(
+        long,
+        env = "KEEL_INBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15006,[::]:15006"
+    )]
+    pub inbound_addr: Vec<SocketAddr>,
+    /// Where the admin server binds, like --outbound-addr.
+    #[arg(
+        long,
+        env = "KEEL_ADMIN_ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15020,[::]:15020"
+    )]
+    pub admin_addr: Vec<SocketAddr>,
     /// How long protocol detection waits for a client's first bytes before treating the
     /// connection as opaque TCP (server-speaks-first protocols).
     #[arg(long, env = "KEEL_DETECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub detect_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request head (it is then answered 408), and
+    /// how long an idle HTTP/1 keep-alive connection is kept.
+    #[arg(long, env = "KEEL_HTTP_HEAD_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http_head_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "KEEL_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -103,16 +129,69 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(args))
 }
 
-async fn listen(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} listener on {addr}"))
+/// Binds one listener per address. An IPv6 socket is `IPV6_V6ONLY`, so that it never takes the
+/// IPv4 connections of the IPv4 socket beside it on the same port, and every connection it
+/// accepts is IPv6. Where the kernel has no IPv6 at all, an IPv6 wildcard is left out.
+fn listen(what: &str, addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        match bind(*addr) {
+            Ok(listener) => listeners.push(listener),
+            Err(e)
+                if addr.is_ipv6()
+                    && addr.ip().is_unspecified()
+                    && e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+            {
+                tracing::warn!(%addr, "no IPv6 in this kernel; the {what} listener serves IPv4 only");
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("binding the {what} listener on {addr}"));
+            }
+        }
+    }
+    anyhow::ensure!(
+        !listeners.is_empty(),
+        "the {what} listener has no address to bind"
+    );
+    Ok(listeners)
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The one port every address of a listener shares.
+fn single_port(flag: &str, addrs: &[SocketAddr]) -> anyhow::Result<u16> {
+    let mut ports = addrs.iter().map(SocketAddr::port);
+    let port = ports
+        .next()
+        .with_context(|| format!("{flag} names no address"))?;
+    anyhow::ensure!(
+        ports.all(|p| p == port),
+        "{flag}: every address must have the same port (the redirect rules send to one port)"
+    );
+    Ok(port)
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
-    let outbound_listener = listen("outbound", args.outbound_addr).await?;
-    let inbound_listener = listen("inbound", args.inbound_addr).await?;
-    let admin_listener = listen("admin", args.admin_addr).await?;
+    // Installed first, so that a signal from here on drains rather than kills.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let inbound_port = single_port("--inbound-addr", &args.inbound_addr)?;
+    let outbound_listeners = listen("outbound", &args.outbound_addr)?;
+    let inbound_listeners = listen("inbound", &args.inbound_addr)?;
+    let admin_listeners = listen("admin", &args.admin_addr)?;
 
     let node = Node {
         id: format!("{}.{}", args.workload, args.namespace),
@@ -202,44 +281,49 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         upstreams: Upstreams::new(identity.as_ref().map(|(tls, _, _)| tls.clone())),
         metrics: metrics.clone(),
         detect_timeout: args.detect_timeout,
-        inbound_port: args.inbound_addr.port(),
+        head_timeout: args.http_head_timeout,
+        inbound_port,
         tls: identity.as_ref().map(|(tls, _, _)| tls.clone()),
     });
     let (trigger, drain) = DrainTrigger::new();
-    tokio::spawn(outbound::serve(
-        shared.clone(),
-        outbound_listener,
-        drain.clone(),
-    ));
-    tokio::spawn(inbound::serve(shared, inbound_listener, drain.clone()));
+    for listener in outbound_listeners {
+        tokio::spawn(outbound::serve(shared.clone(), listener, drain.clone()));
+    }
+    for listener in inbound_listeners {
+        tokio::spawn(inbound::serve(shared.clone(), listener, drain.clone()));
+    }
     let admin = Arc::new(Admin {
         discovery: discovery.clone(),
         metrics,
         identity: identity
             .as_ref()
             .map(|(tls, status, _)| (tls.clone(), status.clone())),
+        drain,
     });
-    let admin_task = tokio::spawn(admin.serve(admin_listener, drain));
+    let admin_tasks: Vec<_> = admin_listeners
+        .into_iter()
+        .map(|listener| tokio::spawn(admin.clone().serve(listener)))
+        .collect();
     tracing::info!(
-        outbound = %args.outbound_addr,
-        inbound = %args.inbound_addr,
-        admin = %args.admin_addr,
+        outbound = ?args.outbound_addr,
+        inbound = ?args.inbound_addr,
+        admin = ?args.admin_addr,
         control_plane = %args.control_plane,
         "keel-proxy serving"
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
+        _ = interrupt.recv() => {},
+        _ = terminate.recv() => {},
     }
     tracing::info!(grace = ?args.shutdown_grace, "draining");
     let clean = trigger.drain(args.shutdown_grace).await;
     if !clean {
         tracing::warn!("grace period over with connections still open; exiting");
     }
-    admin_task.abort();
+    for task in admin_tasks {
+        task.abort();
+    }
     balancer_updates.abort();
     if let Some((_, _, task)) = identity {
         task.abort();

@@ -2,9 +2,10 @@
 //! request-forwarding details the inbound and outbound sides share (authority, URI forms,
 //! upgrades, error answers).
 //!
-//! Draining: a [`DrainTrigger`] stops every accept loop, asks every HTTP connection to finish
-//! (HTTP/2 GOAWAY, HTTP/1 close after the response in flight) and waits for connections to end,
-//! up to a deadline. This module must never drop a request in flight before that deadline.
+//! Draining: a [`DrainTrigger`] stops every accept loop (closing its listener, so that new
+//! connections are refused), asks every HTTP connection to finish (HTTP/2 GOAWAY, HTTP/1 close
+//! after the response in flight) and waits for connections and upgraded splices to end, up to a
+//! deadline. This module must never drop a request in flight before that deadline.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,12 +32,20 @@ use crate::config::ConfigStore;
 use crate::metrics::Metrics;
 use crate::pool::{self, Body, BoxError, Upstreams};
 
-/// The largest request head (request line and headers) accepted from a client, on either HTTP
-/// version; beyond it the client gets 431. The sidecar-to-sidecar hop allows the same, so what
-/// the outbound side accepts the inbound side accepts too.
+/// The largest request head accepted from a client, on either HTTP version, counted as HTTP/2
+/// counts a header list (see [`head_too_large`]); beyond it the client gets 431 with
+/// `keel-error: headers-too-large`. The sidecar-to-sidecar hop allows the same, so what the
+/// outbound side accepts the inbound side accepts too.
 pub const MAX_HEAD_BYTES: usize = 64 << 10;
-/// An HTTP/1 client must send its request head within this time.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most header fields an HTTP/1 request may carry (hyper's default limit); beyond it, 431
+/// with `keel-error: headers-too-large`.
+pub const MAX_HEADERS: usize = 100;
+/// hyper's own limits on an HTTP/1 head, twice keel's. hyper answers a head it cannot parse
+/// within its limits itself, with a bare 431 that cannot carry `keel-error`; with room above
+/// keel's limits, every head up to twice the limit reaches keel's check and is told why. (A
+/// limit of more than 100 fields costs hyper a small allocation per request head.)
+const HYPER_MAX_HEAD_BYTES: usize = 2 * MAX_HEAD_BYTES;
+const HYPER_MAX_HEADERS: usize = 2 * MAX_HEADERS;
 
 /// What every connection handler needs.
 #[derive(Debug)]
@@ -47,6 +56,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// How long protocol detection waits for a client's first bytes.
     pub detect_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request head (the first, on a port declared
+    /// HTTP, counted from the connection's start), and how long an idle keep-alive connection
+    /// is kept.
+    pub head_timeout: Duration,
     /// The inbound listener's port: never a destination the proxy forwards to.
     pub inbound_port: u16,
     /// The proxy's mTLS state, when it has an identity.
@@ -68,6 +81,11 @@ struct DrainState {
 }
 
 impl Drain {
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        self.state.draining.load(Ordering::Acquire)
+    }
+
     /// Resolves once draining has started.
     ///
     /// Every HTTP connection polls this beside the connection itself, on every wakeup of its
@@ -172,10 +190,20 @@ where
 
 /// Serves HTTP/1 or HTTP/2 on `stream`, answering each request with `handler`, until the
 /// client goes away or draining finishes the connection gracefully.
-pub async fn serve_http<S, F, Fut>(stream: S, http2: bool, mut drain: Drain, handler: F)
-where
+///
+/// HTTP/1: a client may half-close (shut its write side) once its request is sent and still
+/// gets the response. One that has sent part of a request head and nothing more for
+/// `head_timeout` gets 408 with `keel-error: request-timeout`; an idle keep-alive connection is
+/// closed after that long without a word, as HTTP/1.1 allows.
+pub async fn serve_http<S, F, Fut>(
+    stream: S,
+    http2: bool,
+    head_timeout: Duration,
+    mut drain: Drain,
+    handler: F,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let io = TokioIo::new(stream);
@@ -202,19 +230,37 @@ where
             }
         }
     } else {
-        let conn = hyper::server::conn::http1::Builder::new()
+        let mut conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEAD_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES)
+            .header_read_timeout(head_timeout)
+            .half_close(true)
+            .max_buf_size(HYPER_MAX_HEAD_BYTES)
+            .max_headers(HYPER_MAX_HEADERS)
             .serve_connection(io, service)
             .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            served = conn.as_mut() => log_end(served),
+        let served = tokio::select! {
+            served = &mut conn => served,
             _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                log_end(conn.await);
+                Pin::new(&mut conn).graceful_shutdown();
+                (&mut conn).await
             }
+        };
+        match served {
+            Err(e) if e.is_timeout() => {
+                // hyper closes without a word; a client that was sending a head is told why.
+                // What it sent is still in the connection's read buffer.
+                if let Some(parts) = conn.into_parts()
+                    && !parts.read_buf.is_empty()
+                {
+                    answer_raw(
+                        parts.io.into_inner(),
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request-timeout",
+                    )
+                    .await;
+                }
+            }
+            served => log_end(served),
         }
     }
 }
@@ -256,9 +302,15 @@ pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     req.headers().get(header::UPGRADE).cloned()
 }
 
-/// Joins the client's and the upstream's upgraded connections once both are ready.
-pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    tokio::spawn(async move {
+/// Joins the client's and the upstream's upgraded connections once both are ready. The splice
+/// outlives the HTTP connection it came from, so it is a task of `drain`'s own: draining waits
+/// for it (up to the deadline) like for any connection.
+pub fn splice_upgrade(
+    drain: &Drain,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    drain.tracker.spawn(async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(both) => both,
             Err(e) => {
@@ -371,22 +423,48 @@ pub fn error_response(status: StatusCode, reason: &'static str) -> Response<Body
 }
 
 /// Whether a request's headers exceed [`MAX_HEAD_BYTES`] (counted as HTTP/2 does: name, value
-/// and 32 bytes of overhead each).
-pub fn head_too_large(headers: &http::HeaderMap) -> bool {
-    headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 32)
-        .sum::<usize>()
-        > MAX_HEAD_BYTES
+/// and 32 bytes of overhead each) or, over HTTP/1, [`MAX_HEADERS`] fields.
+pub fn head_too_large<B>(req: &Request<B>) -> bool {
+    let headers = req.headers();
+    (req.version() != http::Version::HTTP_2 && headers.len() > MAX_HEADERS)
+        || headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum::<usize>()
+            > MAX_HEAD_BYTES
 }
 
-/// Answers a client that sent something other than HTTP to an HTTP port with a 400, then
-/// closes.
-pub async fn refuse_not_http(mut stream: TcpStream) {
+/// Answers a client of a port declared HTTP that did not speak HTTP, then closes: 400
+/// (`not-http`) when it sent something else, 408 (`request-timeout`) when it sent nothing at all
+/// before detection gave up, and nothing when it already closed without a byte.
+pub async fn refuse_not_http(stream: TcpStream) {
+    let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    // Not waiting: detection has already waited as long as it would.
+    let (status, reason) = match socket2::SockRef::from(&stream).peek(&mut first) {
+        Ok(0) => return,
+        Ok(_) => (StatusCode::BAD_REQUEST, "not-http"),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            (StatusCode::REQUEST_TIMEOUT, "request-timeout")
+        }
+        Err(_) => return,
+    };
+    answer_raw(stream, status, reason).await;
+}
+
+/// Writes an answer of the proxy's own straight to a connection that has no HTTP server on it
+/// (any more), then closes it: at most a second, a client that reads nothing is not waited for.
+async fn answer_raw<S: AsyncWrite + Unpin>(mut stream: S, status: StatusCode, reason: &str) {
     use tokio::io::AsyncWriteExt;
-    const ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nkeel-error: not-http\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 9\r\nconnection: close\r\n\r\nnot-http\n";
-    let _ = stream.write_all(ANSWER).await;
-    let _ = stream.shutdown().await;
+    let answer = format!(
+        "HTTP/1.1 {status}\r\nkeel-error: {reason}\r\ncontent-type: text/plain; \
+         charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}\n",
+        reason.len() + 1
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Keeps `in_flight` alive until the response body has been sent (or dropped).
@@ -497,6 +575,43 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), late.signaled())
             .await
             .expect("a drain that already started is seen at once");
+    }
+
+    #[test]
+    fn heads_are_too_large_by_size_or_by_count_over_http1() {
+        let with = |fields: usize, value: usize, version: http::Version| {
+            let mut req = Request::get("/").version(version);
+            for i in 0..fields {
+                req = req.header(format!("x-{i}"), "v".repeat(value));
+            }
+            req.body(()).expect("req")
+        };
+        assert!(!head_too_large(&with(
+            MAX_HEADERS,
+            10,
+            http::Version::HTTP_11
+        )));
+        assert!(head_too_large(&with(
+            MAX_HEADERS + 1,
+            10,
+            http::Version::HTTP_11
+        )));
+        // HTTP/2 counts bytes only: the hop between sidecars adds its own header.
+        assert!(!head_too_large(&with(
+            MAX_HEADERS + 1,
+            10,
+            http::Version::HTTP_2
+        )));
+        assert!(head_too_large(&with(
+            1,
+            MAX_HEAD_BYTES,
+            http::Version::HTTP_2
+        )));
+        assert!(!head_too_large(&with(
+            1,
+            MAX_HEAD_BYTES - 64,
+            http::Version::HTTP_11
+        )));
     }
 
     #[test]

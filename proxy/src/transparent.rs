@@ -2,71 +2,49 @@
 //!
 //! `keel-proxy init` makes netfilter REDIRECT the pod's TCP to the proxy's listeners; the
 //! connection's original destination survives in conntrack and is read back with
-//! `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6).
+//! `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6), through socket2.
 //!
 //! This module must never guess a destination: a connection whose original destination cannot
 //! be read, or that was addressed to the proxy's own listener (a loop), is refused by the caller.
 
 use std::io;
-use std::mem::MaybeUninit;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
 
-use tokio::net::TcpStream;
-
-/// `SO_ORIGINAL_DST` and `IP6T_SO_ORIGINAL_DST` share the value 80 (linux/netfilter_ipv4.h,
-/// linux/netfilter_ipv6/ip6_tables.h).
-const SO_ORIGINAL_DST: libc::c_int = 80;
+use socket2::SockRef;
 
 /// The destination the client dialled before netfilter redirected the connection here.
-pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
-    let fd = stream.as_raw_fd();
-    match stream.local_addr()? {
-        SocketAddr::V4(_) => {
-            let addr: libc::sockaddr_in = sockopt(fd, libc::SOL_IP)?;
-            let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-            Ok(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(addr.sin_port),
-            )))
-        }
-        SocketAddr::V6(_) => {
-            let addr: libc::sockaddr_in6 = sockopt(fd, libc::SOL_IPV6)?;
-            Ok(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(addr.sin6_addr.s6_addr),
-                u16::from_be(addr.sin6_port),
-                addr.sin6_flowinfo,
-                addr.sin6_scope_id,
-            )))
-        }
-    }
-}
-
-/// Reads the `SO_ORIGINAL_DST` option at `level` into a socket address structure `T`
-/// (`sockaddr_in` or `sockaddr_in6`, plain C structs for which all-zero bytes are valid).
-fn sockopt<T: Copy>(fd: std::os::fd::RawFd, level: libc::c_int) -> io::Result<T> {
-    let mut addr = MaybeUninit::<T>::zeroed();
-    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
-    // SAFETY: `addr` is a writable buffer of `len` bytes, as getsockopt requires.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            SO_ORIGINAL_DST,
-            addr.as_mut_ptr().cast(),
-            &mut len,
-        )
+///
+/// The option's level follows the connection's family, not the listening socket's: on a
+/// dual-stack IPv6 socket an IPv4 client shows up as an IPv4-mapped address (`::ffff:a.b.c.d`)
+/// and its conntrack entry is IPv4, so it is read at `SOL_IP` and returned as IPv4.
+pub fn original_dst(socket: &impl AsFd) -> io::Result<SocketAddr> {
+    let socket = SockRef::from(socket);
+    let local = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket"))?;
+    let ipv4 = match local {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
     };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: getsockopt succeeded; the struct was zeroed and the kernel filled it.
-    Ok(unsafe { addr.assume_init() })
+    let original = if ipv4 {
+        socket.original_dst_v4()?
+    } else {
+        socket.original_dst_v6()?
+    };
+    original.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the original destination is not an IP address",
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     #[tokio::test]
     async fn a_connection_that_was_not_redirected_has_no_original_destination() {

@@ -6,7 +6,7 @@
 //! module adds what only tests need: names and subnets that never collide between tests running
 //! in parallel (in one process or several), the removal of what a killed test process left behind,
 //! and [`require_root`], which every root test calls first so that it prints `SKIP: <reason>`
-//! instead of passing silently:
+//! instead of passing silently (or fails, with `KEEL_REQUIRE_NETNS=1`, as in CI):
 //!
 //! ```text
 //! #[tokio::test]
@@ -22,7 +22,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 pub use keel_control_plane::demo::metrics::{Labels, Metrics, Sample, scrape};
 pub use keel_control_plane::demo::netns::{
@@ -56,20 +56,39 @@ const PID_WIDTH: usize = 5;
 const COUNTER_WIDTH: usize = 2;
 /// The sidecars' admin port.
 pub const ADMIN_PORT: u16 = 15020;
+/// The IPv6 prefix of dual-stack test networks (fd00:6b65:656c is "keel" in ASCII).
+pub const IPV6_PREFIX: Ipv6Net =
+    match Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x6b65, 0x656c, 0, 0, 0, 0, 0), 64) {
+        Ok(net) => net,
+        Err(_) => panic!("a /64 is a valid prefix"),
+    };
 
 /// Why the root tests cannot run here (not root, or a tool missing), or `None` when they can.
 pub fn require_root() -> Option<String> {
     keel_control_plane::demo::netns::missing_requirements(&TOOLS)
 }
 
-/// Returns `Ok(())` from the calling test after printing `SKIP: <reason>` to stderr when
+/// The environment variable that turns a skipped root test into a failed one when set to `1`,
+/// as `.ci/run` does: there the network-namespace tests must run.
+pub const REQUIRE_NETNS: &str = "KEEL_REQUIRE_NETNS";
+
+/// What a root test returns when it cannot run because of `why`: `Ok(())` after printing
+/// `SKIP: <why>` to stderr, or, with [`REQUIRE_NETNS`]`=1`, an error saying so.
+pub fn skip(why: &str) -> anyhow::Result<()> {
+    if std::env::var_os(REQUIRE_NETNS).is_some_and(|v| v == "1") {
+        bail!("this test cannot run here ({why}), and {REQUIRE_NETNS}=1 requires it to");
+    }
+    eprintln!("SKIP: {why}");
+    Ok(())
+}
+
+/// Returns [`skip`]'s answer from the calling test (which returns `anyhow::Result<()>`) when
 /// [`require_root`] gives a reason.
 #[macro_export]
 macro_rules! skip_unless_root {
     () => {
         if let Some(why) = $crate::netns::require_root() {
-            eprintln!("SKIP: {why}");
-            return Ok(());
+            return $crate::netns::skip(&why);
         }
     };
 }
@@ -162,7 +181,19 @@ impl Deref for TestNetwork {
 
 impl TestNetwork {
     /// Creates the network, routing 10.96.0.0/16 (service VIPs) from its pods via the gateway.
+    /// Its pods are IPv4 only.
     pub fn create() -> anyhow::Result<TestNetwork> {
+        TestNetwork::create_with(None)
+    }
+
+    /// Like [`TestNetwork::create`], with IPv6 as well: every pod also gets an address of
+    /// [`IPV6_PREFIX`] (`<prefix>::<host number>`, see [`Network::ipv6_of`]). The prefix is the
+    /// same for every test network: IPv6 never leaves a network's own namespaces.
+    pub fn create_dual_stack() -> anyhow::Result<TestNetwork> {
+        TestNetwork::create_with(Some(IPV6_PREFIX))
+    }
+
+    fn create_with(ipv6: Option<Ipv6Net>) -> anyhow::Result<TestNetwork> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let count = COUNTER.fetch_add(1, Ordering::Relaxed);
         ensure!(
@@ -195,7 +226,11 @@ impl TestNetwork {
                     .all(|t| !t.contains(&candidate.network()) && !candidate.contains(&t.network()))
             })
             .context("every /24 of 10.250.0.0/16 is in use on this host")?;
-        let network = Network::builder(suffix, subnet).create()?;
+        let mut builder = Network::builder(suffix, subnet);
+        if let Some(prefix) = ipv6 {
+            builder = builder.ipv6(prefix);
+        }
+        let network = builder.create()?;
         Ok(TestNetwork { network })
     }
 
@@ -212,6 +247,18 @@ impl TestNetwork {
         name: &str,
         ip: Ipv4Addr,
         sidecar: &Sidecar<'_>,
+    ) -> anyhow::Result<MeshedPod> {
+        self.add_meshed_pod_with(name, ip, sidecar, &[])
+    }
+
+    /// [`TestNetwork::add_meshed_pod`] with `run_args` added to `keel-proxy run`'s flags (e.g.
+    /// `--shutdown-grace 2s`).
+    pub fn add_meshed_pod_with(
+        &self,
+        name: &str,
+        ip: Ipv4Addr,
+        sidecar: &Sidecar<'_>,
+        run_args: &[&str],
     ) -> anyhow::Result<MeshedPod> {
         let proxy_bin = self.stage_executable(&proxy_binary()?)?;
         let pod = self.add_pod(name, ip)?;
@@ -243,12 +290,17 @@ impl TestNetwork {
                     .arg(format!("http://{}", sidecar.control_plane));
             }
         }
+        let pod_ips = match pod.ipv6() {
+            Some(ipv6) => format!("{ip},{ipv6}"),
+            None => ip.to_string(),
+        };
         run.args(["--workload", sidecar.workload])
             .args(["--namespace", sidecar.namespace])
             .args(["--service-account", sidecar.service_account])
             .arg("--pod-ip")
-            .arg(ip.to_string())
+            .arg(pod_ips)
             .args(["--region", sidecar.region, "--zone", sidecar.zone])
+            .args(run_args)
             .env("KEEL_LOG", sidecar.log);
         let proxy = pod.spawn_command("proxy", run)?;
         Ok(MeshedPod { proxy, pod })
@@ -364,6 +416,21 @@ impl TestNetwork {
         zone: &str,
         log: &str,
     ) -> anyhow::Result<Vec<MeshedPod>> {
+        self.add_certified_pods_with(control_plane, trust_domain, namespace, pods, zone, log, &[])
+    }
+
+    /// [`TestNetwork::add_certified_pods`] with `run_args` added to every sidecar's flags.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_certified_pods_with(
+        &self,
+        control_plane: &keel_control_plane::ControlPlane,
+        trust_domain: &str,
+        namespace: &str,
+        pods: &[(&str, Ipv4Addr)],
+        zone: &str,
+        log: &str,
+        run_args: &[&str],
+    ) -> anyhow::Result<Vec<MeshedPod>> {
         let identity = self.stage_identity(control_plane, trust_domain)?;
         let mut meshed = Vec::with_capacity(pods.len());
         for (name, ip) in pods {
@@ -378,7 +445,7 @@ impl TestNetwork {
                 zone,
                 log,
             };
-            meshed.push(self.add_meshed_pod(name, *ip, &sidecar)?);
+            meshed.push(self.add_meshed_pod_with(name, *ip, &sidecar, run_args)?);
         }
         Ok(meshed)
     }
@@ -551,7 +618,11 @@ pub fn listen(pod: &Pod, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpList
 /// the pod's sidecar when it has one. Takes a path rather than a [`Pod`] so that connectors
 /// (tonic's, hyper's) can own what they need.
 pub async fn connect_from(netns: &Path, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
-    let socket = in_netns(netns, tokio::net::TcpSocket::new_v4)?;
+    let socket = if addr.is_ipv6() {
+        in_netns(netns, tokio::net::TcpSocket::new_v6)?
+    } else {
+        in_netns(netns, tokio::net::TcpSocket::new_v4)?
+    };
     let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
         .await
         .map_err(|_| anyhow!("connecting to {addr} from {}: timed out", netns.display()))?
@@ -568,6 +639,48 @@ pub async fn connect(pod: &Pod, addr: SocketAddr) -> anyhow::Result<tokio::net::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Skips, when run by `a_skip_fails_where_netns_tests_are_required` (else does nothing).
+    #[test]
+    fn skip_probe() -> anyhow::Result<()> {
+        if std::env::var_os("KEEL_SKIP_PROBE").is_some() {
+            return skip("probing");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_skip_fails_where_netns_tests_are_required() -> anyhow::Result<()> {
+        let probe = |require: Option<&str>| -> anyhow::Result<std::process::Output> {
+            let mut command = std::process::Command::new(std::env::current_exe()?);
+            command
+                .args(["--exact", "netns::tests::skip_probe", "--nocapture"])
+                .env("KEEL_SKIP_PROBE", "1")
+                .env_remove(REQUIRE_NETNS);
+            if let Some(value) = require {
+                command.env(REQUIRE_NETNS, value);
+            }
+            Ok(command.output()?)
+        };
+        for require in [None, Some("0")] {
+            let output = probe(require)?;
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            ensure!(output.status.success(), "{require:?}: {stderr}");
+            ensure!(stderr.contains("SKIP: probing"), "{require:?}: {stderr}");
+        }
+        let output = probe(Some("1"))?;
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        ensure!(!output.status.success(), "a required skip passed: {all}");
+        ensure!(
+            all.contains("KEEL_REQUIRE_NETNS=1 requires it"),
+            "the failure does not say why: {all}"
+        );
+        Ok(())
+    }
 
     #[test]
     fn suffixes_encode_their_owner() {

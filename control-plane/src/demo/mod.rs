@@ -123,14 +123,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         )
         .try_init();
     let binaries = Binaries::locate(args.bin_dir.as_deref())?;
+    // Every handler is installed before the first namespace exists. (`tokio::signal::ctrl_c()`
+    // would install SIGINT's only when first polled, and the demo's setup runs `ip` commands
+    // for seconds before it yields: a Ctrl-C then killed keelctl and left the mesh behind.) A
+    // signal that arrives while the setup is busy is acted on as soon as it yields.
     use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
     // Dropping the demo's future drops every guard it holds: processes, pods, network, control
     // plane, lock. That is the cleanup, whichever branch wins.
     let code = tokio::select! {
         result = demo(&args, &binaries) => result?,
-        _ = tokio::signal::ctrl_c() => 130,
+        _ = interrupt.recv() => 130,
         _ = terminate.recv() => 143,
         _ = hangup.recv() => 129,
     };

@@ -22,8 +22,14 @@
 //! (`net.bridge.bridge-nf-call-iptables`), and a host firewall (Docker sets `FORWARD` to `DROP`)
 //! would silently drop pod-to-pod traffic. In the hub namespace those sysctls are turned off and
 //! its tables are empty, so the host's firewall only ever sees traffic addressed to the host
-//! itself (its `INPUT` chain must accept the subnet for the control plane to be reachable). Pods
-//! are IPv4 only: IPv6 is disabled in their namespaces.
+//! itself (its `INPUT` chain must accept the subnet for the control plane to be reachable).
+//!
+//! Pods are IPv4 only unless the network is built with [`NetworkBuilder::ipv6`]: without it IPv6
+//! is disabled in the hub and in every pod. With it, each pod also gets an address of the given
+//! /64 (the prefix plus the pod's host number in the IPv4 subnet, so 10.250.7.3 becomes
+//! `<prefix>::3`) and routes all IPv6 on-link through `eth0`; the host takes no part in IPv6 (the
+//! control plane stays reachable over IPv4 only), so every IPv6 address lives inside the
+//! network's own namespaces.
 //!
 //! Everything created carries the network's suffix in its name, and removal ([`Network`]'s and
 //! [`Pod`]'s `Drop`, [`remove_network`]) kills every process left in a namespace before deleting
@@ -35,14 +41,14 @@ use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 /// The uid keel's sidecar runs as; the redirect rules exempt it.
 pub const PROXY_UID: u32 = 1337;
@@ -370,9 +376,17 @@ pub struct NetworkBuilder {
     subnet: Ipv4Net,
     gateway: Option<Ipv4Addr>,
     routed: Vec<Ipv4Net>,
+    ipv6: Option<Ipv6Net>,
 }
 
 impl NetworkBuilder {
+    /// Gives the network IPv6 too: every pod gets an address of `prefix` (a /64) beside its
+    /// IPv4 address. See the module's comment.
+    pub fn ipv6(mut self, prefix: Ipv6Net) -> Self {
+        self.ipv6 = Some(prefix.trunc());
+        self
+    }
+
     /// The host-side address pods use as their gateway; default: the subnet's first address.
     pub fn gateway(mut self, gateway: Ipv4Addr) -> Self {
         self.gateway = Some(gateway);
@@ -394,6 +408,15 @@ impl NetworkBuilder {
             return Err(invalid_suffix(&self.suffix));
         }
         let subnet = self.subnet.trunc();
+        if let Some(prefix) = self.ipv6
+            && prefix.prefix_len() != 64
+        {
+            return Err(NetnsError::Invalid {
+                what: "IPv6 prefix",
+                value: prefix.to_string(),
+                why: "must be a /64".to_owned(),
+            });
+        }
         if subnet.prefix_len() > 30 {
             return Err(NetnsError::Invalid {
                 what: "subnet",
@@ -444,6 +467,7 @@ impl NetworkBuilder {
             subnet,
             gateway,
             routed: self.routed,
+            ipv6: self.ipv6,
             workdir,
             next_port: AtomicU32::new(0),
         };
@@ -464,6 +488,7 @@ pub struct Network {
     subnet: Ipv4Net,
     gateway: Ipv4Addr,
     routed: Vec<Ipv4Net>,
+    ipv6: Option<Ipv6Net>,
     hub: String,
     bridge: String,
     uplink: String,
@@ -480,6 +505,7 @@ impl Network {
             subnet,
             gateway: None,
             routed: vec![DEFAULT_SERVICE_RANGE],
+            ipv6: None,
         }
     }
 
@@ -493,8 +519,10 @@ impl Network {
         ] {
             sysctl(&self.hub, key, "0")?;
         }
-        sysctl(&self.hub, "net.ipv6.conf.all.disable_ipv6", "1")?;
-        sysctl(&self.hub, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        if self.ipv6.is_none() {
+            sysctl(&self.hub, "net.ipv6.conf.all.disable_ipv6", "1")?;
+            sysctl(&self.hub, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        }
         ip([
             "-n",
             &self.hub,
@@ -550,6 +578,21 @@ impl Network {
     /// The host's address on the network, the pods' gateway.
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
+    }
+
+    /// The network's IPv6 prefix, when it has IPv6.
+    pub fn ipv6_prefix(&self) -> Option<Ipv6Net> {
+        self.ipv6
+    }
+
+    /// The IPv6 address a pod at `ip` gets, when the network has IPv6: the prefix plus the
+    /// pod's host number in the IPv4 subnet.
+    pub fn ipv6_of(&self, ip: Ipv4Addr) -> Option<Ipv6Addr> {
+        let prefix = self.ipv6?;
+        let host = u32::from(ip).wrapping_sub(u32::from(self.subnet.network()));
+        Some(Ipv6Addr::from(
+            u128::from(prefix.network()) | u128::from(host),
+        ))
     }
 
     /// The host's interface on the network.
@@ -645,6 +688,7 @@ impl Network {
             name: name.to_owned(),
             netns,
             ip,
+            ipv6: self.ipv6_of(ip),
             logs: self.workdir.path().to_path_buf(),
         };
         self.plumb_pod(&pod)?;
@@ -653,8 +697,10 @@ impl Network {
 
     fn plumb_pod(&self, pod: &Pod) -> Result<(), NetnsError> {
         let netns = pod.netns.as_str();
-        sysctl(netns, "net.ipv6.conf.all.disable_ipv6", "1")?;
-        sysctl(netns, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        if pod.ipv6.is_none() {
+            sysctl(netns, "net.ipv6.conf.all.disable_ipv6", "1")?;
+            sysctl(netns, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        }
         let port = format!("p{}", self.next_port.fetch_add(1, Ordering::Relaxed));
         ip([
             "-n", &self.hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
@@ -677,6 +723,14 @@ impl Network {
         ip(["-n", netns, "addr", "add", &address, "dev", "eth0"])?;
         ip(["-n", netns, "link", "set", "dev", "eth0", "up"])?;
         ip(["-n", netns, "route", "add", "default", "via", &gateway])?;
+        if let Some(ipv6) = pod.ipv6 {
+            // No duplicate address detection: the address is usable at once, and nobody else
+            // on the bridge has it. Every IPv6 destination is on-link: a SYN to a service VIP
+            // needs a route to leave, so that the pod's nat OUTPUT rules can redirect it.
+            let address = format!("{ipv6}/64");
+            ip(["-n", netns, "addr", "add", &address, "dev", "eth0", "nodad"])?;
+            ip(["-n", netns, "-6", "route", "add", "default", "dev", "eth0"])?;
+        }
         for cidr in &self.routed {
             if !self.subnet.contains(cidr) {
                 ip([
@@ -713,6 +767,7 @@ pub struct Pod {
     name: String,
     netns: String,
     ip: Ipv4Addr,
+    ipv6: Option<Ipv6Addr>,
     logs: PathBuf,
 }
 
@@ -733,6 +788,11 @@ impl Pod {
 
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The pod's IPv6 address, on a network with IPv6.
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.ipv6
     }
 
     /// `program` run as root inside the pod; add arguments and environment before spawning.
@@ -911,6 +971,23 @@ impl Process {
     /// Its exit status if it has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Sends it `signal` (e.g. `libc::SIGTERM`); an error if it has already exited (its pid may
+    /// belong to another process by now).
+    pub fn signal(&mut self, signal: libc::c_int) -> io::Result<()> {
+        if let Some(status) = self.exited() {
+            return Err(io::Error::other(format!(
+                "{} already exited ({status})",
+                self.label
+            )));
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).map_err(io::Error::other)?;
+        // SAFETY: kill has no memory-safety preconditions; the child is ours and not reaped.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

@@ -11,8 +11,8 @@
 //!
 //! The rules are data: `rules::RuleSet::build` computes them from the flags, `--dry-run`
 //! prints them, and `netfilter` reads the live table and plans the commands that make it
-//! exactly that — so running `init` twice leaves the same rules, and `--cleanup` removes what
-//! `init` added. Every binary is found and every table read before the first change; a run
+//! exactly that — so running `init` twice runs no command the second time (the rules, and the
+//! connections they redirect, are never touched), and `--cleanup` removes what `init` added. Every binary is found and every table read before the first change; a run
 //! that fails midway (an init container is retried) is completed by the next.
 //!
 //! It must never touch a chain or rule that is not keel's (everything keel owns is a `KEEL_*`
@@ -96,9 +96,9 @@ pub struct InitArgs {
     #[arg(long, env = "KEEL_INBOUND_PORTS", value_name = "PORTS")]
     inbound_ports: Vec<PortList>,
 
-    /// Whether to program ip6tables too: `auto` does when the namespace has an IPv6 address on
-    /// an interface other than `lo` (per /proc/net/if_inet6); with `--cleanup`, `auto` removes
-    /// keel's IPv6 rules wherever ip6tables can be used.
+    /// Whether to program ip6tables too: `auto` does when the namespace has an IPv6 address
+    /// other than loopback and link-local (per /proc/net/if_inet6); with `--cleanup`, `auto`
+    /// removes keel's IPv6 rules wherever ip6tables can be used.
     #[arg(
         long,
         env = "KEEL_IPV6",
@@ -298,11 +298,17 @@ fn install(
         tables.push((table, observed, set));
     }
     for (table, observed, set) in &tables {
-        table.apply(&plan_install(set, observed))?;
+        let steps = plan_install(set, observed);
+        if steps.is_empty() {
+            tracing::info!(family = %set.family, "the redirect rules are already in place");
+            continue;
+        }
+        table.apply(&steps)?;
         tracing::info!(
             family = %set.family,
             chains = ?OWN_CHAINS,
             rules = set.rules.len(),
+            commands = steps.len(),
             reinstalled = !observed.is_empty(),
             "installed the redirect rules"
         );
@@ -377,7 +383,7 @@ const IF_INET6: &str = "/proc/net/if_inet6";
 
 fn namespace_has_ipv6() -> Result<bool, InitError> {
     match std::fs::read_to_string(IF_INET6) {
-        Ok(listing) => Ok(has_ipv6_beyond_loopback(&listing)),
+        Ok(listing) => Ok(has_routable_ipv6(&listing)),
         // No such file: the kernel runs without IPv6.
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(source) => Err(InitError::DetectIpv6 {
@@ -387,13 +393,24 @@ fn namespace_has_ipv6() -> Result<bool, InitError> {
     }
 }
 
-/// Whether an interface other than `lo` has an IPv6 address. `::1` alone does not count: the
-/// loopback is never redirected, so a namespace whose only IPv6 is `::1` has nothing to program.
-fn has_ipv6_beyond_loopback(if_inet6: &str) -> bool {
+/// Whether the namespace has an IPv6 address that pods talk over: neither loopback nor
+/// link-local. Every interface of a kernel with IPv6 gets a link-local address whether or not the
+/// cluster uses IPv6, so counting those would program ip6tables in every IPv4 pod. That would be
+/// harmless now that the proxy serves IPv6, but useless: link-local destinations are never
+/// redirected (see `rules`), and services are not reached at link-local addresses. A pod that
+/// wants its IPv6 redirected anyway passes `--ipv6 on`.
+fn has_routable_ipv6(if_inet6: &str) -> bool {
     if_inet6
         .lines()
-        .filter_map(|line| line.split_whitespace().nth(5))
-        .any(|interface| interface != "lo")
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = u128::from_str_radix(fields.next()?, 16).ok()?;
+            let interface = fields.nth(4)?;
+            Some((std::net::Ipv6Addr::from(address), interface))
+        })
+        .any(|(address, interface)| {
+            interface != "lo" && !address.is_loopback() && !address.is_unicast_link_local()
+        })
 }
 
 #[cfg(test)]
@@ -547,15 +564,17 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_counts_only_beyond_loopback() {
-        assert!(!has_ipv6_beyond_loopback(""));
-        assert!(!has_ipv6_beyond_loopback(
-            "00000000000000000000000000000001 01 80 10 80       lo\n"
-        ));
-        assert!(has_ipv6_beyond_loopback(
-            "00000000000000000000000000000001 01 80 10 80       lo\n\
-             fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n"
-        ));
+    fn ipv6_counts_only_beyond_loopback_and_link_local() {
+        let lo = "00000000000000000000000000000001 01 80 10 80       lo\n";
+        let link_local = "fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n";
+        let ula = "fd006b65656c00000000000000000002 04 40 00 80     eth0\n";
+        let global = "20010db8000000000000000000000002 04 40 00 80     eth0\n";
+        assert!(!has_routable_ipv6(""));
+        assert!(!has_routable_ipv6(lo));
+        assert!(!has_routable_ipv6(&format!("{lo}{link_local}")));
+        assert!(has_routable_ipv6(&format!("{lo}{link_local}{ula}")));
+        assert!(has_routable_ipv6(&format!("{lo}{global}")));
+        assert!(!has_routable_ipv6("garbage\n"));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub(crate) struct Observed {
     pub(crate) chains: Vec<&'static str>,
     /// Every rule in a hook chain that jumps to one of keel's chains, with its spec as listed.
     pub(crate) jumps: Vec<(String, String)>,
+    /// The rules in keel's chains, in order: (chain, spec as listed).
+    pub(crate) rules: Vec<(&'static str, String)>,
 }
 
 impl Observed {
@@ -36,7 +38,7 @@ impl Observed {
                         observed.chains.push(own);
                     }
                 }
-                (Some("-A"), Some(chain)) if HOOK_CHAINS.contains(&chain) => {
+                (Some("-A"), Some(chain)) => {
                     let spec = line
                         .trim()
                         .strip_prefix("-A")
@@ -44,7 +46,11 @@ impl Observed {
                         .and_then(|rest| rest.strip_prefix(chain))
                         .map(str::trim)
                         .unwrap_or_default();
-                    if jump_target(spec).is_some_and(|target| OWN_CHAINS.contains(&target)) {
+                    if let Some(own) = OWN_CHAINS.iter().find(|own| **own == chain) {
+                        observed.rules.push((own, spec.to_owned()));
+                    } else if HOOK_CHAINS.contains(&chain)
+                        && jump_target(spec).is_some_and(|target| OWN_CHAINS.contains(&target))
+                    {
                         observed.jumps.push((chain.to_owned(), spec.to_owned()));
                     }
                 }
@@ -125,24 +131,36 @@ impl fmt::Display for Step {
 }
 
 /// The commands that turn `observed` into exactly `desired`, whatever was there before: a
-/// partial install, an install with other flags, or a duplicated jump.
+/// partial install, an install with other flags, or a duplicated jump. When the table already
+/// is `desired`, there are none: running `init` twice changes nothing, not even for a moment.
 ///
-/// keel's chains are created (or flushed) and filled before any jump into them is added, so a
-/// first install never redirects into a half-built chain. A re-install flushes and refills the
-/// chains in place; for the few commands in between, connections are not redirected (the empty
-/// chain falls through) rather than refused. The jumps are left alone when they already are
-/// exactly the desired ones; otherwise every jump into keel's chains is deleted and the desired
-/// ones appended.
+/// keel's chains are created and filled before any jump into them is added, so a first install
+/// never redirects into a half-built chain. A chain whose rules are already exactly the desired
+/// ones is left alone; one that differs is flushed and refilled in place, and for the few
+/// commands in between its connections are not redirected (the empty chain falls through)
+/// rather than refused. The jumps are left alone when they already are exactly the desired
+/// ones; otherwise every jump into keel's chains is deleted and the desired ones appended.
 pub(crate) fn plan_install(desired: &RuleSet, observed: &Observed) -> Vec<Step> {
-    let mut steps = Vec::new();
+    let mut steps: Vec<Step> = OWN_CHAINS
+        .into_iter()
+        .filter(|chain| !observed.chains.contains(chain))
+        .map(Step::NewChain)
+        .collect();
     for chain in OWN_CHAINS {
-        steps.push(if observed.chains.contains(&chain) {
-            Step::FlushChain(chain)
-        } else {
-            Step::NewChain(chain)
-        });
+        let want = desired.rules.iter().filter(|rule| rule.chain == chain);
+        let have = observed.rules.iter().filter(|(c, _)| *c == chain);
+        let same = want
+            .clone()
+            .map(|rule| rule.spec.as_str())
+            .eq(have.map(|(_, spec)| spec.as_str()));
+        if same && observed.chains.contains(&chain) {
+            continue;
+        }
+        if observed.chains.contains(&chain) {
+            steps.push(Step::FlushChain(chain));
+        }
+        steps.extend(want.cloned().map(Step::Append));
     }
-    steps.extend(desired.rules.iter().cloned().map(Step::Append));
 
     let jumps_in_place = observed.jumps.len() == desired.jumps.len()
         && desired.jumps.iter().all(|want| {
@@ -294,20 +312,21 @@ mod tests {
     use super::super::rules::Policy;
     use super::*;
 
+    fn policy() -> Policy {
+        Policy {
+            proxy_uid: 1337,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            admin_port: 15020,
+            outbound_exclude_ports: Vec::new(),
+            outbound_exclude_cidrs: Vec::new(),
+            inbound_exclude_ports: Vec::new(),
+            inbound_ports: Vec::new(),
+        }
+    }
+
     fn defaults() -> RuleSet {
-        RuleSet::build(
-            &Policy {
-                proxy_uid: 1337,
-                outbound_port: 15001,
-                inbound_port: 15006,
-                admin_port: 15020,
-                outbound_exclude_ports: Vec::new(),
-                outbound_exclude_cidrs: Vec::new(),
-                inbound_exclude_ports: Vec::new(),
-                inbound_ports: Vec::new(),
-            },
-            Family::V4,
-        )
+        RuleSet::build(&policy(), Family::V4)
     }
 
     /// What `iptables -t nat -S` lists once `set` is installed in an otherwise empty table.
@@ -335,6 +354,16 @@ mod tests {
     }
 
     #[test]
+    fn a_second_install_changes_nothing() {
+        let set = defaults();
+        let observed = Observed::parse(&listing_after(&set));
+        assert_eq!(observed.chains, OWN_CHAINS);
+        assert_eq!(observed.jumps.len(), 2);
+        assert_eq!(observed.rules.len(), set.rules.len());
+        assert_eq!(plan_install(&set, &observed), []);
+    }
+
+    #[test]
     fn a_first_install_creates_fills_then_jumps() {
         let set = defaults();
         let steps = plan_install(&set, &Observed::default());
@@ -359,23 +388,37 @@ mod tests {
     }
 
     #[test]
-    fn a_second_install_flushes_and_refills_without_touching_the_jumps() {
-        let set = defaults();
-        let observed = Observed::parse(&listing_after(&set));
-        assert_eq!(observed.chains, OWN_CHAINS);
-        assert_eq!(observed.jumps.len(), 2);
-        let steps = plan_install(&set, &observed);
-        assert!(
-            steps[..4]
-                .iter()
-                .all(|step| matches!(step, Step::FlushChain(_)))
+    fn an_install_with_other_flags_refills_only_the_chains_that_differ() {
+        let installed = defaults();
+        let observed = Observed::parse(&listing_after(&installed));
+        let desired = RuleSet::build(
+            &Policy {
+                outbound_exclude_ports: vec!["3306".parse().unwrap_or_else(|e| panic!("{e}"))],
+                ..policy()
+            },
+            Family::V4,
         );
-        assert!(appended_jumps(&steps).is_empty());
+        let steps = plan_install(&desired, &observed);
+        assert_eq!(steps[0], Step::FlushChain("KEEL_OUTBOUND"));
         assert!(
-            !steps
+            steps[1..]
                 .iter()
-                .any(|step| matches!(step, Step::Delete { .. } | Step::NewChain(_)))
+                .all(|step| matches!(step, Step::Append(rule) if rule.chain == "KEEL_OUTBOUND"))
         );
+        let refilled: Vec<&str> = steps[1..]
+            .iter()
+            .filter_map(|step| match step {
+                Step::Append(rule) => Some(rule.spec.as_str()),
+                _ => None,
+            })
+            .collect();
+        let wanted: Vec<&str> = desired
+            .rules
+            .iter()
+            .filter(|rule| rule.chain == "KEEL_OUTBOUND")
+            .map(|rule| rule.spec.as_str())
+            .collect();
+        assert_eq!(refilled, wanted);
     }
 
     #[test]
@@ -405,18 +448,28 @@ mod tests {
     #[test]
     fn a_partial_install_is_completed() {
         let set = defaults();
-        let observed = Observed::parse("-P OUTPUT ACCEPT\n-N KEEL_OUTBOUND\n");
+        let observed = Observed::parse(
+            "-P OUTPUT ACCEPT\n-N KEEL_OUTBOUND\n-A KEEL_OUTBOUND -o lo -j RETURN\n",
+        );
         let steps = plan_install(&set, &observed);
-        let text: Vec<String> = steps[..4].iter().map(ToString::to_string).collect();
+        let text: Vec<String> = steps.iter().map(ToString::to_string).collect();
         assert_eq!(
-            text,
+            &text[..3],
             [
                 "-N KEEL_INBOUND",
                 "-N KEEL_INBOUND_REDIRECT",
-                "-F KEEL_OUTBOUND",
                 "-N KEEL_OUTBOUND_REDIRECT"
             ]
         );
+        // The half-filled chain is emptied before it is filled; every rule is appended once.
+        let flush = text.iter().position(|t| t == "-F KEEL_OUTBOUND");
+        let first_outbound = text.iter().position(|t| t.starts_with("-A KEEL_OUTBOUND "));
+        assert!(flush.is_some() && flush < first_outbound, "{text:?}");
+        let appended_rules = steps
+            .iter()
+            .filter(|step| matches!(step, Step::Append(rule) if OWN_CHAINS.contains(&rule.chain)))
+            .count();
+        assert_eq!(appended_rules, set.rules.len());
         assert_eq!(appended_jumps(&steps).len(), 2);
     }
 

@@ -240,8 +240,11 @@ impl RuleSet {
     ///    such a call reaches the application directly rather than through the inbound proxy.
     ///    That is Linkerd's choice; Istio instead sends it back through its inbound chain, which
     ///    costs extra rules keyed on the proxy's uid for a call that never leaves the pod;
-    /// 3. excluded destination ports and CIDRs (of this family only) return;
-    /// 4. everything else is redirected to the outbound listener.
+    /// 3. for IPv6, link-local destinations (`fe80::/10`) return: their scope (the interface)
+    ///    is not part of the original destination the proxy reads back, so it could not open
+    ///    the connection the app asked for;
+    /// 4. excluded destination ports and CIDRs (of this family only) return;
+    /// 5. everything else is redirected to the outbound listener.
     ///
     /// Inbound (`PREROUTING`, connections arriving at the pod): the proxy's own listeners and
     /// admin port, then the excluded ports, return — a connection addressed to the proxy is never
@@ -291,6 +294,9 @@ impl RuleSet {
             format!("-m owner --uid-owner {} -j RETURN", policy.proxy_uid),
         ));
         rules.push(Rule::new(OUTBOUND_CHAIN, "-o lo -j RETURN"));
+        if family == Family::V6 {
+            rules.push(Rule::new(OUTBOUND_CHAIN, "-d fe80::/10 -j RETURN"));
+        }
         for port in distinct(&policy.outbound_exclude_ports) {
             rules.push(Rule::new(OUTBOUND_CHAIN, dport_spec(port, "RETURN")));
         }
@@ -408,11 +414,20 @@ COMMIT
     }
 
     #[test]
-    fn defaults_are_the_same_for_both_families() {
+    fn ipv6_differs_only_by_returning_link_local_destinations() {
         let v4 = RuleSet::build(&defaults(), Family::V4);
         let v6 = RuleSet::build(&defaults(), Family::V6);
-        assert_eq!(v4.rules, v6.rules);
         assert_eq!(v4.jumps, v6.jumps);
+        let link_local = Rule::new(OUTBOUND_CHAIN, "-d fe80::/10 -j RETURN");
+        let at = v6
+            .rules
+            .iter()
+            .position(|r| *r == link_local)
+            .unwrap_or_else(|| panic!("no link-local return in {:?}", v6.rules));
+        assert_eq!(v6.rules[at - 1].spec, "-o lo -j RETURN");
+        let mut without = v6.rules.clone();
+        without.remove(at);
+        assert_eq!(v4.rules, without);
     }
 
     #[test]
@@ -443,6 +458,7 @@ COMMIT
         assert_eq!(
             v6_cidrs,
             [
+                "-A KEEL_OUTBOUND -d fe80::/10 -j RETURN",
                 "-A KEEL_OUTBOUND -d fd00::/8 -j RETURN",
                 "-A KEEL_OUTBOUND -d 2001:db8::1/128 -j RETURN",
             ]
