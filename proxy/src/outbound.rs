@@ -179,6 +179,7 @@ async fn opaque(
                 };
                 let addr = endpoint.socket_addr(&port);
                 let peer = endpoint.endpoint.mtls_peer();
+                let connecting = Instant::now();
                 match shared
                     .upstreams
                     .connect(addr, peer, Carried::Opaque, timeout)
@@ -194,6 +195,7 @@ async fn opaque(
                     Err(e) => {
                         tracing::debug!(service = service.name(), %addr, error = %e, "endpoint connect failed");
                         balancer.record(&endpoint, Outcome::ConnectFailed);
+                        endpoint.connect_failed(connecting.elapsed());
                         tried.push(endpoint);
                     }
                 }
@@ -759,14 +761,17 @@ impl SendContext<'_> {
             (Some(p), None) => (Some(p), true),
             (_, d) => (d, false),
         };
+        // Every ending but a circuit breaker's refusal (not the endpoint's doing) feeds peak
+        // EWMA: a response by its latency (a 5xx as a failure), a failure by its penalty.
         match serve::with_timeout(limit, send).await {
             Ok(Ok(response)) => {
-                in_flight.responded();
+                in_flight.finished(response.status().is_server_error());
                 Attempt::Response(response, in_flight)
             }
             Ok(Err(UpstreamError::Overflow { limit, .. })) => Attempt::Overflow(limit),
             Ok(Err(e)) if e.before_request() => {
                 tracing::debug!(service = self.balancer.service(), %addr, error = %e, "endpoint unreachable");
+                in_flight.finished(true);
                 Attempt::Failed {
                     outcome: Outcome::ConnectFailed,
                     status: StatusCode::SERVICE_UNAVAILABLE,
@@ -775,18 +780,25 @@ impl SendContext<'_> {
             }
             Ok(Err(e)) => {
                 tracing::debug!(service = self.balancer.service(), %addr, error = %e, "upstream failed");
+                in_flight.finished(true);
                 Attempt::Failed {
                     outcome: Outcome::Reset,
                     status: StatusCode::BAD_GATEWAY,
                     reason: "upstream-reset",
                 }
             }
-            Err(_) if per_try => Attempt::Failed {
-                outcome: Outcome::Timeout,
-                status: StatusCode::GATEWAY_TIMEOUT,
-                reason: "timeout",
-            },
-            Err(_) => Attempt::DeadlineExceeded,
+            Err(_) if per_try => {
+                in_flight.finished(true);
+                Attempt::Failed {
+                    outcome: Outcome::Timeout,
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    reason: "timeout",
+                }
+            }
+            Err(_) => {
+                in_flight.finished(true);
+                Attempt::DeadlineExceeded
+            }
         }
     }
 }

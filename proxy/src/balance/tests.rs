@@ -134,14 +134,93 @@ fn weighted_least_request_keeps_the_lighter_endpoint_in_proportion() {
 fn peak_ewma_prefers_the_faster_endpoint() {
     let b = balancer(LoadBalancer::PeakEwma, &[endpoint(1, 1), endpoint(2, 1)]);
     let slow = find(&b, 1);
-    slow.stats.observe(Duration::from_millis(50));
-    find(&b, 2).stats.observe(Duration::from_millis(1));
+    let now = Instant::now();
+    slow.stats.observe_at(Duration::from_millis(50), now);
+    find(&b, 2).stats.observe_at(Duration::from_millis(1), now);
     let c = counts(&b, 200);
     assert_eq!(c[2], 200, "{c:?}");
     // With unequal weights the EDF still gives the slow endpoint some share.
     let weighted = balancer(LoadBalancer::PeakEwma, &[endpoint(1, 1), endpoint(2, 3)]);
     let c = counts(&weighted, 400);
     assert!(c[1] > 50 && c[2] > 250, "{c:?}");
+}
+
+/// A host set of `endpoints` as one level of a pool holds it.
+fn host_set(lb: &LoadBalancer, endpoints: &[Endpoint]) -> HostSet {
+    let epoch = Instant::now();
+    let hosts = endpoints
+        .iter()
+        .map(|e| {
+            Arc::new(EndpointState {
+                endpoint: e.clone(),
+                key: (e.address, e.port),
+                stats: Arc::new(EndpointStats::new(epoch)),
+            })
+        })
+        .collect();
+    HostSet::new(lb, hosts)
+}
+
+#[test]
+fn peak_ewma_decays_so_a_once_slow_endpoint_is_tried_again() {
+    let set = host_set(&LoadBalancer::PeakEwma, &[endpoint(1, 1), endpoint(2, 1)]);
+    let (slow, fast) = (&set.hosts[0], &set.hosts[1]);
+    let t0 = Instant::now();
+    // One slow response from endpoint 1, then light traffic (one request a second, nothing in
+    // flight when the next is picked), every response taking 1 ms wherever it goes.
+    slow.stats.observe_at(Duration::from_secs(1), t0);
+    fast.stats.observe_at(Duration::from_millis(1), t0);
+    let mut back = None;
+    for second in 1..=300u64 {
+        let now = t0 + Duration::from_secs(second);
+        let picked = &set.hosts[set.pick_at(&LoadBalancer::PeakEwma, None, || now)];
+        picked.stats.observe_at(Duration::from_millis(1), now);
+        if Arc::ptr_eq(picked, slow) {
+            back = Some(second);
+            break;
+        }
+    }
+    // Without decay the estimate stays at 1 s and endpoint 1 never wins again. With it, 1 s
+    // decays below the other's 1 ms after 10 s * ln(1000), about 69 s.
+    let back = back.expect("the once-slow endpoint is never picked again");
+    assert!((60..=80).contains(&back), "picked again after {back} s");
+    // Its fresh sample (above the decayed estimate) replaced it: 1 ms, like the other's.
+    let now = t0 + Duration::from_secs(back);
+    let cost = slow.ewma_cost(now);
+    assert!((cost - 1e6).abs() < 1.0, "{cost}");
+}
+
+#[test]
+fn peak_ewma_does_not_prefer_an_endpoint_that_fails_fast() {
+    let set = host_set(
+        &LoadBalancer::PeakEwma,
+        &[endpoint(1, 1), endpoint(2, 1), endpoint(3, 1)],
+    );
+    let t0 = Instant::now();
+    // Endpoint 1 refuses connections in 50 µs; the others answer in 20 ms.
+    set.hosts[0]
+        .stats
+        .observe_attempt(Duration::from_micros(50), true, t0);
+    for healthy in &set.hosts[1..] {
+        healthy
+            .stats
+            .observe_attempt(Duration::from_millis(20), false, t0);
+    }
+    let now = t0 + Duration::from_millis(100);
+    for _ in 0..200 {
+        let i = set.pick_at(&LoadBalancer::PeakEwma, None, || now);
+        assert_ne!(i, 0, "the failing endpoint was preferred");
+    }
+    // A fast failure raises an estimate at once (the peak), like a slow response.
+    set.hosts[1]
+        .stats
+        .observe_attempt(Duration::from_micros(50), true, now);
+    assert!(set.hosts[1].ewma_cost(now) >= EWMA_FAILURE_PENALTY.as_nanos() as f64);
+    // A success is its latency, even a fast one.
+    set.hosts[2]
+        .stats
+        .observe_attempt(Duration::from_micros(50), false, now);
+    assert!(set.hosts[2].ewma_cost(now) < Duration::from_millis(20).as_nanos() as f64);
 }
 
 #[test]
