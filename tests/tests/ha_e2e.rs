@@ -375,6 +375,71 @@ async fn a_zone_fails_over_to_the_next_and_comes_back() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With outlier detection at its defaults (`outlierDetection: {}`: five consecutive 5xx, 10 s
+/// interval, 30 s ejection, no cap on the ejection percentage) and the default retry policy, a
+/// whole zone's death is failed over without losing a request: both of its endpoints are
+/// ejected, so the zone takes no load at all, rather than one staying in (as Envoy's 10% cap
+/// would leave it) with most of the zone's load and a retry for every request until the retry
+/// budget runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_zone_fails_over_with_default_outlier_settings() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let policy = "  outlierDetection: {}\n  localityFailover: {enabled: true}\n";
+    let mut fleet = Fleet::start(spec(fleet::three_zones(), policy, "")).await?;
+    let (a1, a2) = (ip_of(&fleet, "a1")?, ip_of(&fleet, "a2")?);
+    let traffic = Traffic::start(fleet.target(), 4, Duration::from_millis(2));
+    traffic
+        .wait_for_last(100, CONVERGE, "zone-a serving", |o| {
+            o.served_by().and_then(zone_of) == Some('a')
+        })
+        .await?;
+    fleet.kill("a1")?;
+    fleet.kill("a2")?;
+    let killed_at = traffic.len();
+    let ejected = eventually(&fleet, "both zone-a endpoints ejected", |m| {
+        fleet::endpoint_healthy(m, a1) == Some(0.0) && fleet::endpoint_healthy(m, a2) == Some(0.0)
+    })
+    .await;
+    let moved = match ejected {
+        Ok(()) => {
+            traffic
+                .wait_for_last(300, CONVERGE, "every request served by zone-b", |o| {
+                    o.served_by().and_then(zone_of) == Some('b')
+                })
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    let outcomes = traffic.finish().await;
+    moved.map_err(|e| anyhow!("{e}\n{}", fleet.logs()))?;
+    let after = &outcomes[killed_at..];
+    let lost = failures(after);
+    ensure!(
+        lost.is_empty(),
+        "{} of {} requests after the zone died were lost: {:?}\n{}",
+        lost.len(),
+        after.len(),
+        &lost[..lost.len().min(5)],
+        fleet.logs()
+    );
+    let zones = by_zone(after);
+    ensure!(
+        !zones.contains_key(&'c'),
+        "zone-c (another region) must get nothing while zone-b serves: {zones:?}"
+    );
+    let metrics = fleet.client_metrics().await?;
+    let overflow = metrics.sum(
+        "keel_outlier_ejections_overflow_total",
+        &[("service", fleet::SERVICE)],
+    );
+    ensure!(
+        overflow == 0.0,
+        "{overflow} ejections were refused by the maximum ejection percentage"
+    );
+    eprintln!("after zone-a died: {zones:?}");
+    Ok(())
+}
+
 /// Without outlier detection, readiness from the control plane drives failover alone: zone-a
 /// marked not ready sends everything to zone-b, without a failed request, and back when ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -494,8 +494,9 @@ impl Default for FailurePercentageEjection {
     }
 }
 
-/// Passive health checking. Defaults are Envoy's. Where Envoy differs from what a YAML author
-/// would expect, keel follows Istio: consecutive-gateway-error, success-rate and
+/// Passive health checking. Defaults are Envoy's, but for the maximum ejection percentage (100,
+/// see [`OutlierDetection::DEFAULT_MAX_EJECTION_PERCENT`]). Where Envoy differs from what a YAML
+/// author would expect, keel follows Istio: consecutive-gateway-error, success-rate and
 /// failure-percentage ejection run only when configured (in Envoy the gateway and
 /// failure-percentage detectors default to 0% enforcement, and keel also leaves success-rate
 /// ejection off unless asked, as Istio does).
@@ -512,14 +513,31 @@ pub struct OutlierDetection {
     pub base_ejection_time: Duration,
     /// Default 300 s, or `base_ejection_time` if that is larger; never below it.
     pub max_ejection_time: Duration,
-    /// Percent of hosts that may be ejected at once, 0..=100. Default 10, which means that
-    /// services with fewer than 10 endpoints eject nothing (Envoy's arithmetic).
+    /// Percent of hosts that may be ejected at once, 0..=100 (counted over all of the service's
+    /// endpoints, every priority included, as Envoy counts them); whatever the percentage, one
+    /// endpoint may be ejected when none is, unless it is 0. Default 100, where Envoy's and
+    /// Istio's is 10: see [`OutlierDetection::DEFAULT_MAX_EJECTION_PERCENT`].
     pub max_ejection_percent: u8,
     /// Panic threshold: below this percentage of healthy hosts, balance over all hosts.
     /// 0..=100, 0 disables panic. Default 50 (Envoy; Istio uses 0).
     pub min_health_percent: u8,
     pub success_rate: Option<SuccessRateEjection>,
     pub failure_percentage: Option<FailurePercentageEjection>,
+}
+
+impl OutlierDetection {
+    /// keel's default maximum ejection percentage: no cap of its own. Envoy and Istio default to
+    /// 10%, which breaks locality failover, the case outlier detection matters most for: when a
+    /// zone of two endpoints dies in a service of six, 10% (even with keel's "at least one")
+    /// ejects one of them, the zone stays 50% healthy, keeps 70% of the load on the dead one, and
+    /// every such request needs a retry until the retry budget runs out. What a cap protects
+    /// against (ejecting so much that the rest is overwhelmed, or ejecting everything on a
+    /// failure that is not the endpoints') is the panic threshold's job, and keel keeps Envoy's
+    /// 50% (Istio turns panic off): a priority with fewer than half of its endpoints healthy,
+    /// when the other priorities cannot make up for it, balances over all of them again. With
+    /// `min_health_percent: 0` nothing takes that place, so set a cap along with it. Linkerd's
+    /// failure accrual has no cap either.
+    pub const DEFAULT_MAX_EJECTION_PERCENT: u8 = 100;
 }
 
 impl Default for OutlierDetection {
@@ -530,7 +548,7 @@ impl Default for OutlierDetection {
             interval: Duration::from_secs(10),
             base_ejection_time: Duration::from_secs(30),
             max_ejection_time: Duration::from_secs(300),
-            max_ejection_percent: 10,
+            max_ejection_percent: Self::DEFAULT_MAX_EJECTION_PERCENT,
             min_health_percent: 50,
             success_rate: None,
             failure_percentage: None,

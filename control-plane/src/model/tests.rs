@@ -768,7 +768,9 @@ spec:
     let outlier = policy.outlier_detection.as_ref().unwrap();
     assert_eq!(outlier.consecutive_5xx, 5);
     assert_eq!(outlier.interval, Duration::from_secs(10));
-    assert_eq!(outlier.max_ejection_percent, 10);
+    // keel's default, not Envoy's 10%: a whole zone may be ejected (the panic threshold guards).
+    assert_eq!(outlier.max_ejection_percent, 100);
+    assert_eq!(outlier.min_health_percent, 50);
     // Envoy: max ejection time defaults to 300 s, or the base if that is longer.
     assert_eq!(outlier.max_ejection_time, Duration::from_secs(400));
 }
