@@ -550,7 +550,10 @@ impl HttpOutbound {
                     .retry_skipped(dest.service.name(), "body-too-large");
                 return self.give_up(labels, started, last_answer, admitted);
             }
-            match balancer.limits().admit_retry() {
+            // A retry that would start at or past the deadline is not made, and spends no
+            // budget; the client gets the last attempt's own answer rather than a 504.
+            let wait = resilience::backoff(retries + 1, policy.backoff_base, policy.backoff_max);
+            match balancer.limits().admit_retry(wait, deadline) {
                 Ok(permit) => retry_permit = Some(permit),
                 Err(denied) => {
                     self.shared
@@ -560,10 +563,6 @@ impl HttpOutbound {
                 }
             }
             retries += 1;
-            let wait = resilience::backoff(retries, policy.backoff_base, policy.backoff_max);
-            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
-                return self.answer(labels, started, StatusCode::GATEWAY_TIMEOUT, "timeout");
-            }
             // The failed response (if any) is dropped before the retry.
             drop(last_answer);
             self.shared.metrics.retry(dest.service.name(), condition);

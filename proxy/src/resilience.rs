@@ -38,7 +38,10 @@
 //!
 //! **Timeouts**: the route's timeout bounds the whole request (every attempt and back-off) until
 //! the response headers; the per-try timeout bounds one attempt; connect and idle timeouts are
-//! applied by the connection pool.
+//! applied by the connection pool. A retry whose back-off would end at or past the route's
+//! deadline is not made, and is refused before it spends any budget: the caller gets the last
+//! attempt's own answer (the upstream's response, or the proxy's error for that attempt), not a
+//! 504 for a retry that never happened.
 //!
 //! This module must never queue a request, and never hold a lock across an await.
 
@@ -88,6 +91,8 @@ pub enum RetryDenied {
     Budget,
     /// `max_retries` retries are already in flight.
     MaxRetries,
+    /// The back-off would end at or past the route's deadline.
+    Deadline,
 }
 
 impl RetryDenied {
@@ -95,6 +100,7 @@ impl RetryDenied {
         match self {
             RetryDenied::Budget => "budget",
             RetryDenied::MaxRetries => "max-retries",
+            RetryDenied::Deadline => "deadline",
         }
     }
 }
@@ -186,9 +192,19 @@ impl ServiceLimits {
         Ok(permit)
     }
 
-    /// Admits one retry: held until the retried attempt has an outcome.
-    pub fn admit_retry(self: &Arc<Self>) -> Result<LimitPermit, RetryDenied> {
-        self.admit_retry_at(Instant::now())
+    /// Admits one retry that would start after `wait`: held until the retried attempt has an
+    /// outcome. The route's `deadline` is checked first, so that a retry that could not finish
+    /// in time is refused without spending the budget or a `max_retries` slot.
+    pub fn admit_retry(
+        self: &Arc<Self>,
+        wait: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<LimitPermit, RetryDenied> {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now + wait >= d) {
+            return Err(RetryDenied::Deadline);
+        }
+        self.admit_retry_at(now)
     }
 
     fn admit_retry_at(self: &Arc<Self>, now: Instant) -> Result<LimitPermit, RetryDenied> {
@@ -698,7 +714,7 @@ mod tests {
         // No percent and no floor: no retries.
         let none = limits(CircuitBreaker::default(), budget(0, 0));
         drop(none.admit_request().expect("admit"));
-        assert!(none.admit_retry().is_err());
+        assert!(none.admit_retry(Duration::ZERO, None).is_err());
         // max_retries caps retries in flight whatever the budget.
         let capped = limits(
             CircuitBreaker {
@@ -707,11 +723,48 @@ mod tests {
             },
             RetryBudget::default(),
         );
-        let one = capped.admit_retry().expect("first");
-        assert_eq!(capped.admit_retry().err(), Some(RetryDenied::MaxRetries));
+        let one = capped.admit_retry(Duration::ZERO, None).expect("first");
+        assert_eq!(
+            capped.admit_retry(Duration::ZERO, None).err(),
+            Some(RetryDenied::MaxRetries)
+        );
         drop(one);
-        assert!(capped.admit_retry().is_ok());
+        assert!(capped.admit_retry(Duration::ZERO, None).is_ok());
         assert_eq!(l.in_flight().0, 0);
+    }
+
+    #[test]
+    fn a_retry_past_the_deadline_is_refused_before_it_spends_anything() {
+        let l = limits(
+            CircuitBreaker {
+                max_retries: 1,
+                ..CircuitBreaker::default()
+            },
+            RetryBudget {
+                percent: 0,
+                min_retries_per_second: 1,
+                ttl: Duration::from_secs(10),
+            },
+        );
+        let now = Instant::now();
+        let wait = Duration::from_millis(200);
+        // The back-off would end past the deadline: refused, nothing spent.
+        let soon = Some(now + Duration::from_millis(100));
+        assert_eq!(l.admit_retry(wait, soon).err(), Some(RetryDenied::Deadline));
+        assert_eq!(l.budget.allowance(Instant::now()), (10, 0));
+        assert_eq!(l.in_flight().1, 0);
+        // With time for it (or no deadline), the same retry is admitted and spends one.
+        let later = Some(now + Duration::from_secs(60));
+        let permit = l.admit_retry(wait, later).expect("retry");
+        assert_eq!(l.budget.allowance(Instant::now()), (10, 1));
+        assert_eq!(l.in_flight().1, 1);
+        // The max-retries slot is taken: that is now the refusal, even without a deadline.
+        assert_eq!(
+            l.admit_retry(wait, None).err(),
+            Some(RetryDenied::MaxRetries)
+        );
+        drop(permit);
+        assert!(l.admit_retry(wait, None).is_ok());
     }
 
     #[test]

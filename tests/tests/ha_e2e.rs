@@ -578,6 +578,52 @@ async fn the_retry_budget_caps_retries_when_everything_fails() -> anyhow::Result
     Ok(())
 }
 
+/// A retry whose back-off would end past the route's timeout is not made, and the client gets the
+/// endpoint's own answer (its 503), not a 504 from the proxy for a retry that never happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_would_miss_the_deadline_returns_the_real_answer() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let mut eps = three(Mode::Fail);
+    for e in &mut eps {
+        e.mode = Mode::Fail;
+    }
+    // Back-offs are uniform in [0, 10 s): almost every request meets one that ends past its 1 s
+    // timeout within its five retries.
+    let routes = "  routes:
+  - name: all
+    destinations: [{service: web}]
+    timeout: 1s
+    retries: {attempts: 5, retryOn: [retriable-status-codes], retriableStatusCodes: [503], backoffBase: 10s, backoffMax: 10s}
+";
+    let fleet = Fleet::start(spec(eps, "  loadBalancer: {policy: ROUND_ROBIN}\n", routes)).await?;
+    let target = fleet.target();
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        answers.push(one_request(&target).await?);
+    }
+    ensure!(
+        answers
+            .iter()
+            .all(|(status, error, _)| *status == 503 && error.is_empty()),
+        "every answer must be the endpoints' own 503, not the proxy's: {answers:?}"
+    );
+    let metrics = fleet.client_metrics().await?;
+    let skipped = metrics.sum(
+        "keel_retries_skipped_total",
+        &[("service", fleet::SERVICE), ("reason", "deadline")],
+    );
+    ensure!(
+        skipped >= 1.0,
+        "no retry was refused for the deadline: {answers:?}"
+    );
+    let timeouts = metrics.sum(
+        "keel_requests_total",
+        &[("service", fleet::SERVICE), ("error", "timeout")],
+    );
+    ensure!(timeouts == 0.0, "{timeouts} requests were answered 504");
+    Ok(())
+}
+
 /// A circuit breaker of two requests in flight answers a burst against a slow service with
 /// immediate 503s naming the limit, counts them, and lets requests through again once the
 /// requests in flight finish.
