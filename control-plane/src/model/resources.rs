@@ -591,7 +591,9 @@ impl fmt::Display for LocalityPattern {
 }
 
 /// Traffic from clients in `from` is spread over the `to` localities by weight (which add up to
-/// 100). Endpoints in localities not listed receive nothing.
+/// 100). Endpoints in localities not listed receive nothing. A client that no rule's `from`
+/// matches gets the failover priorities (nearest first), where Istio applies neither and spreads
+/// it over every endpoint alike.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DistributeRule {
     pub from: LocalityPattern,
