@@ -26,7 +26,8 @@
 //!   sidecar answered that its app is unreachable): any method, it was not processed;
 //! - a reset, a timeout or a retriable status: only idempotent methods (RFC 9110 §9.2.2), since
 //!   the application may have acted on it. Envoy retries any method; keel does not, by default
-//!   and on purpose;
+//!   and on purpose; a route opts in with `retry_non_idempotent` (`retryNonIdempotent: true`),
+//!   for apps that deduplicate;
 //! - a retriable gRPC status (`grpc-status` in the response headers, i.e. a trailers-only
 //!   response): any method, since every gRPC call is a POST and listing gRPC codes is an explicit
 //!   choice for the route.
@@ -410,6 +411,7 @@ pub fn default_retry_policy() -> &'static RetryPolicy {
         retriable_grpc_codes: Vec::new(),
         backoff_base: RetryPolicy::DEFAULT_BACKOFF_BASE,
         backoff_max: RetryPolicy::DEFAULT_BACKOFF_BASE * 10,
+        retry_non_idempotent: false,
     });
     &DEFAULT
 }
@@ -435,12 +437,14 @@ pub enum Failure<'a> {
     Response(u16, &'a HeaderMap),
 }
 
-/// The condition under which `policy` retries `failure` (a metrics label), or `None`.
+/// The condition under which `policy` retries `failure` of a request whose method is (or is not)
+/// `idempotent` (a metrics label), or `None`.
 pub fn retry_condition(
     policy: &RetryPolicy,
     failure: Failure<'_>,
     idempotent: bool,
 ) -> Option<&'static str> {
+    let idempotent = idempotent || policy.retry_non_idempotent;
     let on = |c: RetryOn| policy.retry_on.contains(&c);
     let any_5xx = on(RetryOn::ServerError) || on(RetryOn::GatewayError);
     match failure {
@@ -860,6 +864,22 @@ mod tests {
         grpc.insert("grpc-status", "3".parse().expect("value"));
         assert!(retry_condition(&policy, Failure::Response(200, &grpc), false).is_none());
         assert!(is_idempotent(&Method::PUT) && !is_idempotent(&Method::POST));
+        // A route that opts in retries a non-idempotent request on everything it lists.
+        let mut any_method = default.clone();
+        any_method.retry_non_idempotent = true;
+        assert_eq!(
+            retry_condition(&any_method, Failure::Reset, false),
+            Some("reset")
+        );
+        assert_eq!(
+            retry_condition(&any_method, Failure::Timeout, false),
+            Some("timeout")
+        );
+        assert_eq!(
+            retry_condition(&any_method, Failure::Response(503, &headers), false),
+            Some("status")
+        );
+        assert!(retry_condition(&any_method, Failure::Response(500, &headers), false).is_none());
     }
 
     #[test]

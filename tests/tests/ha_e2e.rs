@@ -624,6 +624,61 @@ async fn a_retry_that_would_miss_the_deadline_returns_the_real_answer() -> anyho
     Ok(())
 }
 
+/// A POST that got a 503 is retried only on a route that opts in with `retryNonIdempotent`: the
+/// same failures reach the client on a route that does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_idempotent_requests_are_retried_only_when_the_route_says_so() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let routes = "  routes:
+  - name: deduplicated
+    match: {path: {prefix: /deduplicated}}
+    destinations: [{service: web}]
+    retries: {attempts: 2, retryOn: [retriable-status-codes], retriableStatusCodes: [503], retryNonIdempotent: true}
+  - name: plain
+    destinations: [{service: web}]
+    retries: {attempts: 2, retryOn: [retriable-status-codes], retriableStatusCodes: [503]}
+";
+    // Random balancing (round robin would let the two routes' picks fall into step): a third of
+    // first attempts go to d, which answers 503; a retry never goes back to it.
+    let fleet = Fleet::start(spec(
+        three(Mode::Fail),
+        "  loadBalancer: {policy: RANDOM}\n",
+        routes,
+    ))
+    .await?;
+    let target = fleet.target();
+    const EACH: usize = 30;
+    let mut opted_in = Vec::new();
+    let mut plain = Vec::new();
+    for _ in 0..EACH {
+        opted_in.push(
+            request(&target, http::Method::POST, "/deduplicated")
+                .await?
+                .0,
+        );
+        plain.push(request(&target, http::Method::POST, "/plain").await?.0);
+    }
+    ensure!(
+        opted_in.iter().all(|s| *s == 200),
+        "every POST to the opted-in route must be retried past d's 503: {opted_in:?}"
+    );
+    ensure!(
+        plain.contains(&503),
+        "a POST to the other route must not be retried after a 503: {plain:?}"
+    );
+    let metrics = fleet.client_metrics().await?;
+    let retried = metrics.sum(
+        "keel_retries_total",
+        &[("service", fleet::SERVICE), ("reason", "status")],
+    );
+    // At most one retry per opted-in request, none for the others.
+    ensure!(
+        retried >= 1.0 && retried <= EACH as f64,
+        "{retried} status retries for {EACH} opted-in POSTs: {opted_in:?} {plain:?}"
+    );
+    Ok(())
+}
+
 /// A circuit breaker of two requests in flight answers a burst against a slow service with
 /// immediate 503s naming the limit, counts them, and lets requests through again once the
 /// requests in flight finish.
@@ -689,16 +744,28 @@ async fn circuit_breakers_trip_and_recover() -> anyhow::Result<()> {
 async fn one_request(
     target: &keel_tests::traffic::Target,
 ) -> anyhow::Result<(u16, String, String)> {
-    use http_body_util::{BodyExt, Empty};
+    request(target, http::Method::GET, "/").await
+}
+
+/// One request with a small body on a new connection: status, `keel-error` and
+/// `keel-circuit-breaker`.
+async fn request(
+    target: &keel_tests::traffic::Target,
+    method: http::Method,
+    path: &str,
+) -> anyhow::Result<(u16, String, String)> {
+    use http_body_util::{BodyExt, Full};
     let stream = keel_tests::netns::connect_from(&target.from, target.to).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     let task = tokio::spawn(async move {
         let _ = connection.await;
     });
-    let request = http::Request::get("/")
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header(http::header::HOST, target.host.as_str())
-        .body(Empty::<bytes::Bytes>::new())?;
+        .body(Full::new(bytes::Bytes::from_static(b"{\"comment\": 1}")))?;
     let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
         .await
         .map_err(|_| anyhow!("no answer within 20s"))??;

@@ -370,6 +370,7 @@ fn route_table_of(service: &model::Service) -> pb::RouteTable {
                     .collect(),
                 backoff_base: Some(duration(p.backoff_base)),
                 backoff_max: Some(duration(p.backoff_max)),
+                retry_non_idempotent: p.retry_non_idempotent,
             }),
         })
         .collect();
@@ -616,5 +617,27 @@ mod tests {
         let table: pb::RouteTable = decode(&built, type_url::ROUTE_TABLE, "demo/api");
         let matches = table.routes[0].r#match.as_ref().expect("a match");
         assert_eq!(matches.hosts, ["legacy.example.com"]);
+    }
+
+    #[test]
+    fn retrying_non_idempotent_requests_is_encoded() {
+        let route = |retries: &str| {
+            format!(
+                "apiVersion: keel.dev/v1alpha1\nkind: Service\nmetadata: {{name: api, namespace: demo}}\nspec:\n  ports: [{{port: 80}}]\n  routes:\n  - name: all\n    destinations: [{{service: api}}]\n    retries: {retries}\n"
+            )
+        };
+        for (retries, expected) in [
+            ("{retryOn: [5xx], retryNonIdempotent: true}", true),
+            ("{retryOn: [5xx]}", false),
+        ] {
+            let text = route(retries);
+            let resources =
+                model::parse_file(std::path::Path::new("api.yaml"), &text).expect("parses");
+            let model = Model::from_resources(resources).expect("valid");
+            let built = shared_resources(&model, false);
+            let table: pb::RouteTable = decode(&built, type_url::ROUTE_TABLE, "demo/api");
+            let retry = table.routes[0].retry.as_ref().expect("a retry policy");
+            assert_eq!(retry.retry_non_idempotent, expected, "{retries}");
+        }
     }
 }

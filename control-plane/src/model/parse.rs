@@ -937,6 +937,7 @@ fn retry_policy(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryPolicy> 
             "retriableGrpcCodes",
             "backoffBase",
             "backoffMax",
+            "retryNonIdempotent",
         ],
     )?;
     // 0 turns retries off for the route (it would otherwise get the proxy's default policy).
@@ -967,8 +968,22 @@ fn retry_policy(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryPolicy> 
     });
     let base = f.get("backoffBase").map(|f| dec.duration(f));
     let max = f.get("backoffMax").map(|f| dec.duration(f));
+    let non_idempotent = f.get("retryNonIdempotent").map(|f| dec.bool(f));
 
     let retry_on = or_default(retry_on, vec![RetryOn::ConnectFailure])?;
+    let retry_non_idempotent = or_default(non_idempotent, false)?;
+    // Connect failures are retried for any method whatever this says: with no other condition
+    // it would change nothing, which is surely not what its author meant.
+    if let (true, Some(field)) = (retry_non_idempotent, f.get("retryNonIdempotent"))
+        && !retry_on.iter().any(|r| *r != RetryOn::ConnectFailure)
+    {
+        dec.invalid(
+            field,
+            "has no effect unless retryOn includes reset, 5xx, gateway-error or \
+             retriable-status-codes (connect failures are retried for any method anyway)",
+        );
+        return None;
+    }
     let codes = or_default(codes, Vec::new())?;
     let wants_codes = retry_on.contains(&RetryOn::RetriableStatusCodes);
     if let (false, Some(field)) = (wants_codes, f.get("retriableStatusCodes"))
@@ -1019,6 +1034,7 @@ fn retry_policy(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryPolicy> 
         retriable_grpc_codes: or_default(grpc_codes, Vec::new())?,
         backoff_base,
         backoff_max,
+        retry_non_idempotent,
     })
 }
 

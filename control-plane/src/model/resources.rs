@@ -376,6 +376,12 @@ pub struct RetryPolicy {
     pub backoff_base: Duration,
     /// Default 10 × `backoff_base` (Envoy); never below `backoff_base`.
     pub backoff_max: Duration,
+    /// Retry requests of any method on a reset, a timeout or a status, not only idempotent ones
+    /// (a connect failure is retried for any method anyway). Default false: the app may have
+    /// acted on the request, so only a route whose app deduplicates should set it. Envoy and
+    /// Istio retry any method; keel only when asked. Set only with a `retry_on` condition it
+    /// changes (reset, 5xx, gateway-error, retriable-status-codes).
+    pub retry_non_idempotent: bool,
 }
 
 impl RetryPolicy {

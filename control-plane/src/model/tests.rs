@@ -1093,6 +1093,31 @@ fn route_rules() {
         ErrorKind::InvalidValue,
         "spec.routes[0].retries.attempts",
     );
+    // Retrying non-idempotent requests is opt-in, and only with a condition it changes.
+    let m = model(&retries(
+        "{retryOn: [reset, 5xx], retryNonIdempotent: true}",
+    ));
+    let route = &m.services[&ObjectKey::new("demo", "articles")].spec.routes[0];
+    assert_eq!(
+        route.retries.as_ref().map(|r| r.retry_non_idempotent),
+        Some(true)
+    );
+    let m = model(&retries("{attempts: 2}"));
+    let route = &m.services[&ObjectKey::new("demo", "articles")].spec.routes[0];
+    assert_eq!(
+        route.retries.as_ref().map(|r| r.retry_non_idempotent),
+        Some(false)
+    );
+    let e = errors(&retries("{retryNonIdempotent: true}"));
+    assert_one(
+        &e,
+        13,
+        35,
+        ErrorKind::InvalidValue,
+        "spec.routes[0].retries.retryNonIdempotent",
+    );
+    let e = errors(&retries("{retryOn: [reset], retryNonIdempotent: yes}"));
+    assert_eq!(e.len(), 1, "{e:?}");
 
     let tcp = ROUTED.replacen(
         "ports: [{port: 80}]",

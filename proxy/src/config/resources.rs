@@ -794,6 +794,9 @@ pub struct RetryPolicy {
     /// Never below `backoff_base`.
     #[serde(serialize_with = "ser::duration")]
     pub backoff_max: Duration,
+    /// Retry any method on the conditions above, not only idempotent ones; only with a
+    /// condition besides `connect-failure` (which is retried for any method anyway).
+    pub retry_non_idempotent: bool,
 }
 
 impl RetryPolicy {
@@ -865,6 +868,13 @@ impl RetryPolicy {
                 reason: "backoff_max is below backoff_base",
             }));
         }
+        if r.retry_non_idempotent && retry_on.iter().all(|c| *c == RetryOn::ConnectFailure) {
+            return Err(at
+                .field("retry_non_idempotent")
+                .error(Problem::Inconsistent {
+                    reason: "retry_non_idempotent is set but retry_on has no condition it changes",
+                }));
+        }
         Ok(RetryPolicy {
             attempts: r.attempts,
             per_try_timeout,
@@ -873,6 +883,7 @@ impl RetryPolicy {
             retriable_grpc_codes,
             backoff_base,
             backoff_max,
+            retry_non_idempotent: r.retry_non_idempotent,
         })
     }
 }

@@ -702,6 +702,24 @@ fn unknown_enum_values_are_rejected() {
         "routes[0].retry.retry_on[1]",
         |p| matches!(p, Problem::UnknownName { value, .. } if value == "sometimes"),
     );
+
+    // Retrying non-idempotent requests with only connect-failure (which already covers every
+    // method) changes nothing: refused as inconsistent.
+    let mut b = articles_and_frontend();
+    let mut r = route("retry", None, vec![to("demo/articles", 1)]);
+    r.retry = Some(pb::RetryPolicy {
+        retry_on: vec!["connect-failure".to_owned()],
+        retry_non_idempotent: true,
+        ..Default::default()
+    });
+    let e = rejected(&mut b, &route_table("demo/articles", vec![r]));
+    assert_invalid(
+        &e,
+        ResourceKind::RouteTable,
+        "demo/articles",
+        "routes[0].retry.retry_non_idempotent",
+        |p| matches!(p, Problem::Inconsistent { .. }),
+    );
 }
 
 #[test]
@@ -1607,6 +1625,7 @@ fn config_serializes_to_json_for_humans() {
     r.retry = Some(pb::RetryPolicy {
         attempts: 2,
         retry_on: vec!["5xx".to_owned()],
+        retry_non_idempotent: true,
         ..Default::default()
     });
     let config = applied(&mut b, &route_table("demo/articles", vec![r]));
@@ -1622,6 +1641,7 @@ fn config_serializes_to_json_for_humans() {
     assert_eq!(articles["routes"][0]["timeout"], "2s");
     assert_eq!(articles["routes"][0]["retry"]["retry_on"][0], "5xx");
     assert_eq!(articles["routes"][0]["retry"]["backoff_max"], "250ms");
+    assert_eq!(articles["routes"][0]["retry"]["retry_non_idempotent"], true);
     assert_eq!(articles["endpoints"][0]["address"], "10.0.0.5");
     assert_eq!(articles["endpoints"][0]["port"], serde_json::Value::Null);
     assert_eq!(
