@@ -72,7 +72,7 @@ const EWMA_DEFAULT: Duration = Duration::from_millis(1);
 /// healthy latency)` (under a minute against 1 ms endpoints).
 const EWMA_FAILURE_PENALTY: Duration = Duration::from_millis(250);
 /// Envoy's default panic threshold when outlier detection does not set one.
-const DEFAULT_PANIC_THRESHOLD: u8 = 50;
+const DEFAULT_PANIC_THRESHOLD: u8 = OutlierDetection::DEFAULT_MIN_HEALTH_PERCENT;
 /// How many times a pick is redrawn to avoid endpoints a request already tried (Envoy's
 /// `host_selection_retry_max_attempts` for the previous-hosts predicate).
 const AVOID_REDRAWS: usize = 3;

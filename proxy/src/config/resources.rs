@@ -802,6 +802,9 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// Envoy's default retry back-off base.
     pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
+    /// Retries of a route's policy that does not say (Envoy's `num_retries`, the mesh model's
+    /// default).
+    pub const DEFAULT_ATTEMPTS: u32 = 1;
 
     fn from_proto(at: Path<'_>, r: pb::RetryPolicy) -> Checked<RetryPolicy> {
         let per_try_timeout = optional_duration(at.field("per_try_timeout"), r.per_try_timeout)?;
@@ -876,7 +879,7 @@ impl RetryPolicy {
                 }));
         }
         Ok(RetryPolicy {
-            attempts: r.attempts,
+            attempts: r.attempts.unwrap_or(Self::DEFAULT_ATTEMPTS),
             per_try_timeout,
             retry_on,
             retriable_status_codes,
@@ -1281,6 +1284,17 @@ pub struct SuccessRateEjection {
     pub stdev_factor: f64,
 }
 
+/// Envoy's defaults, which are the mesh model's.
+impl Default for SuccessRateEjection {
+    fn default() -> Self {
+        SuccessRateEjection {
+            minimum_hosts: 5,
+            request_volume: 100,
+            stdev_factor: 1.9,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FailurePercentageEjection {
     /// Percent, 0..=100.
@@ -1289,7 +1303,20 @@ pub struct FailurePercentageEjection {
     pub request_volume: u32,
 }
 
-/// Passive health checking (Envoy's outlier detection).
+/// Envoy's defaults, which are the mesh model's.
+impl Default for FailurePercentageEjection {
+    fn default() -> Self {
+        FailurePercentageEjection {
+            threshold: 85,
+            minimum_hosts: 5,
+            request_volume: 50,
+        }
+    }
+}
+
+/// Passive health checking (Envoy's outlier detection). A field the control plane leaves out
+/// takes the mesh model's default (its `DEFAULT_*` constants here), never 0, which would turn a
+/// detector or the panic threshold off without anyone having said so.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OutlierDetection {
     /// 0 disables.
@@ -1317,6 +1344,11 @@ impl OutlierDetection {
     pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
     pub const DEFAULT_BASE_EJECTION_TIME: Duration = Duration::from_secs(30);
     pub const DEFAULT_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+    pub const DEFAULT_CONSECUTIVE_5XX: u32 = 5;
+    /// No cap of keel's own; the panic threshold guards (see `health`).
+    pub const DEFAULT_MAX_EJECTION_PERCENT: u8 = 100;
+    /// Envoy's panic threshold.
+    pub const DEFAULT_MIN_HEALTH_PERCENT: u8 = 50;
 
     fn from_proto(at: Path<'_>, o: pb::OutlierDetection) -> Checked<OutlierDetection> {
         let interval = duration_or(at.field("interval"), o.interval, Self::DEFAULT_INTERVAL)?;
@@ -1338,41 +1370,57 @@ impl OutlierDetection {
         let success_rate = match o.success_rate {
             None => None,
             Some(s) => {
-                if s.stdev_factor == 0 {
+                let d = SuccessRateEjection::default();
+                let factor = s
+                    .stdev_factor
+                    .map_or(d.stdev_factor, |f| f64::from(f) / 1000.0);
+                if factor == 0.0 {
                     return Err(at
                         .field("success_rate")
                         .field("stdev_factor")
                         .error(Problem::Zero));
                 }
                 Some(SuccessRateEjection {
-                    minimum_hosts: s.minimum_hosts,
-                    request_volume: s.request_volume,
-                    stdev_factor: f64::from(s.stdev_factor) / 1000.0,
+                    minimum_hosts: s.minimum_hosts.unwrap_or(d.minimum_hosts),
+                    request_volume: s.request_volume.unwrap_or(d.request_volume),
+                    stdev_factor: factor,
                 })
             }
         };
         let failure_percentage = match o.failure_percentage {
             None => None,
-            Some(f) => Some(FailurePercentageEjection {
-                threshold: percent(
-                    at.field("failure_percentage").field("threshold"),
-                    f.threshold,
-                )?,
-                minimum_hosts: f.minimum_hosts,
-                request_volume: f.request_volume,
-            }),
+            Some(f) => {
+                let d = FailurePercentageEjection::default();
+                Some(FailurePercentageEjection {
+                    threshold: match f.threshold {
+                        None => d.threshold,
+                        Some(t) => percent(at.field("failure_percentage").field("threshold"), t)?,
+                    },
+                    minimum_hosts: f.minimum_hosts.unwrap_or(d.minimum_hosts),
+                    request_volume: f.request_volume.unwrap_or(d.request_volume),
+                })
+            }
+        };
+        let percent_or = |field: &'static str, value: Option<u32>, default: u8| match value {
+            None => Ok(default),
+            Some(v) => percent(at.field(field), v),
         };
         Ok(OutlierDetection {
-            consecutive_5xx: o.consecutive_5xx,
+            consecutive_5xx: o.consecutive_5xx.unwrap_or(Self::DEFAULT_CONSECUTIVE_5XX),
             consecutive_gateway_errors: o.consecutive_gateway_errors,
             interval,
             base_ejection_time,
             max_ejection_time,
-            max_ejection_percent: percent(
-                at.field("max_ejection_percent"),
+            max_ejection_percent: percent_or(
+                "max_ejection_percent",
                 o.max_ejection_percent,
+                Self::DEFAULT_MAX_EJECTION_PERCENT,
             )?,
-            min_health_percent: percent(at.field("min_health_percent"), o.min_health_percent)?,
+            min_health_percent: percent_or(
+                "min_health_percent",
+                o.min_health_percent,
+                Self::DEFAULT_MIN_HEALTH_PERCENT,
+            )?,
             success_rate,
             failure_percentage,
         })
@@ -1654,20 +1702,30 @@ impl TrafficPolicy {
             .locality_failover
             .map(|l| LocalityFailover::from_proto(root.field("locality_failover"), l))
             .transpose()?;
+        // Absent limits are Envoy's defaults, not 0 (which would refuse everything).
+        let breaker = CircuitBreaker::default();
         let circuit_breaker = p
             .circuit_breaker
             .map(|c| CircuitBreaker {
-                max_connections: c.max_connections,
-                max_pending_requests: c.max_pending_requests,
-                max_requests: c.max_requests,
-                max_retries: c.max_retries,
+                max_connections: c.max_connections.unwrap_or(breaker.max_connections),
+                max_pending_requests: c
+                    .max_pending_requests
+                    .unwrap_or(breaker.max_pending_requests),
+                max_requests: c.max_requests.unwrap_or(breaker.max_requests),
+                max_retries: c.max_retries.unwrap_or(breaker.max_retries),
             })
-            .unwrap_or_default();
+            .unwrap_or(breaker);
+        let budget = RetryBudget::default();
         let retry_budget = match p.retry_budget {
-            None => RetryBudget::default(),
+            None => budget,
             Some(b) => RetryBudget {
-                percent: percent(root.field("retry_budget").field("percent"), b.percent)?,
-                min_retries_per_second: b.min_retries_per_second,
+                percent: match b.percent {
+                    None => budget.percent,
+                    Some(v) => percent(root.field("retry_budget").field("percent"), v)?,
+                },
+                min_retries_per_second: b
+                    .min_retries_per_second
+                    .unwrap_or(budget.min_retries_per_second),
                 ttl: duration_or(
                     root.field("retry_budget").field("ttl"),
                     b.ttl,
