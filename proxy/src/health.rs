@@ -34,6 +34,12 @@
 //!   and a disabled one is simply absent;
 //! - no active health checks, so nothing but time returns an ejected endpoint.
 //!
+//! An endpoint that accepts requests and never answers produces an outcome only when a timeout
+//! ends one of its requests (a `Timeout`, counted as a 504): the route's timeout, or its retry
+//! policy's per-try timeout. Routes have neither by default (see `resilience`), so outlier
+//! detection ejects a hanging endpoint only on routes that set one; until then, least request
+//! (the default balancer) sends it fewer and fewer requests as its requests in flight pile up.
+//!
 //! Nothing here blocks, and nothing here is called with a lock the data path needs.
 
 use std::collections::HashMap;

@@ -39,7 +39,13 @@
 //!
 //! **Timeouts**: the route's timeout bounds the whole request (every attempt and back-off) until
 //! the response headers; the per-try timeout bounds one attempt; connect and idle timeouts are
-//! applied by the connection pool. A retry whose back-off would end at or past the route's
+//! applied by the connection pool. Neither the route timeout nor the per-try timeout has a
+//! default, as in Istio and Linkerd: both run until the response headers, and a request may
+//! rightly wait long for its headers (a long poll or blocking query that answers when something
+//! changes, a long unary gRPC call); Envoy's 15 s route default cuts those off, which is why
+//! Istio turns it off. The cost: a hanging endpoint is cut off, retried around and ejected only
+//! on routes that set a per-try timeout (or a timeout), so set one wherever responses are
+//! quick. A retry whose back-off would end at or past the route's
 //! deadline is not made, and is refused before it spends any budget: the caller gets the last
 //! attempt's own answer (the upstream's response, or the proxy's error for that attempt), not a
 //! 504 for a retry that never happened.
@@ -396,8 +402,8 @@ impl Drop for LimitPermit {
 // Retry decisions
 
 /// The policy of routes that have none: two retries, on connect failures (any method), and on
-/// resets and 503 (idempotent methods), with Envoy's back-off. `attempts: 0` on a route turns
-/// retries off.
+/// resets and 503 (idempotent methods), with Envoy's back-off, and no per-try timeout (see the
+/// module docs). `attempts: 0` on a route turns retries off.
 pub fn default_retry_policy() -> &'static RetryPolicy {
     static DEFAULT: LazyLock<RetryPolicy> = LazyLock::new(|| RetryPolicy {
         attempts: 2,

@@ -366,6 +366,10 @@ pub struct RetryPolicy {
     /// Retries after the first attempt (Envoy's `num_retries`; default 1); 0 turns retries off
     /// for the route (routes without a retry policy get the proxy's default policy).
     pub attempts: u32,
+    /// How long one attempt may wait for the response headers; then it counts as a timeout (for
+    /// retries and outlier detection). Default none, as in Istio: a request may rightly wait long
+    /// for its headers (a long poll, a long unary call). Without it (or a route `timeout`) an
+    /// endpoint that accepts requests and never answers is never ejected.
     pub per_try_timeout: Option<Duration>,
     /// Default: `connect-failure` only, the one condition that is safe for any request.
     pub retry_on: Vec<RetryOn>,
@@ -396,6 +400,8 @@ pub struct Route {
     pub matches: RouteMatch,
     /// At least one; the weights add up to more than zero.
     pub destinations: Vec<RouteDestination>,
+    /// Bounds the whole request, every attempt and back-off, until the response headers. Default
+    /// none (Istio's; Envoy's 15 s cuts long polls and long calls off).
     pub timeout: Option<Duration>,
     pub retries: Option<RetryPolicy>,
 }
