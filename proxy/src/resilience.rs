@@ -240,9 +240,12 @@ impl ServiceLimits {
 const BUDGET_SLOTS: usize = 10;
 
 /// Linkerd's retry budget, on atomics: the window (`ttl`) is cut into [`BUDGET_SLOTS`] slots,
-/// each counting the requests and retries of its stretch of time; a slot is reused (reset) when
-/// time comes round to it. Two retries racing for the last unit of budget may both pass: a
-/// budget is a bound on load, not an exact count.
+/// each counting the requests and retries of its stretch of time; a slot is reused (restarted)
+/// when time comes round to it. Two retries racing for the last unit of budget may both pass: a
+/// budget is a bound on load, not an exact count. No count is lost, though: each counter keeps
+/// the stretch it counts in the same atomic word as its count, so moving it on to a new stretch
+/// and counting in it are one step (a separate stretch index, reset after a compare-and-swap,
+/// let a deposit land between the swap and the reset and be wiped).
 #[derive(Debug)]
 struct Budget {
     epoch: Instant,
@@ -254,10 +257,58 @@ struct Budget {
 
 #[derive(Debug, Default)]
 struct BudgetSlot {
-    /// Which stretch of time it counts, plus one (0: none yet).
-    index: AtomicU64,
+    /// Slot words (see [`SlotWord`]) of requests and of retries.
     requests: AtomicU64,
     retries: AtomicU64,
+}
+
+/// Bits of a slot word that hold its count; the others hold its stamp, the stretch of time it
+/// counts plus one (0: none yet). 24 bits count up to 16.7 million a slot (a tenth of the
+/// window), and the count stops there rather than wrap; 40 bits of stamp last 34 years of
+/// uptime at the shortest slot (1 ms).
+const COUNT_BITS: u32 = 24;
+const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+const STAMP_MAX: u64 = u64::MAX >> COUNT_BITS;
+
+/// A stamp and a count in one `u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotWord(u64);
+
+impl SlotWord {
+    fn stamp_of(index: u64) -> u64 {
+        (index + 1).min(STAMP_MAX)
+    }
+
+    fn count_in(self, oldest: u64, newest: u64) -> u64 {
+        let stamp = self.0 >> COUNT_BITS;
+        if (Self::stamp_of(oldest)..=Self::stamp_of(newest)).contains(&stamp) {
+            self.0 & COUNT_MAX
+        } else {
+            0
+        }
+    }
+
+    /// The word after counting one more in stretch `index`: restarted at 1 if it counted an
+    /// older stretch; `None` (nothing to count) if it already counts a newer one, which happens
+    /// only to a caller whose clock reading is a whole window old.
+    fn bump(self, index: u64) -> Option<SlotWord> {
+        let stamp = Self::stamp_of(index);
+        let (seen, count) = (self.0 >> COUNT_BITS, self.0 & COUNT_MAX);
+        match seen.cmp(&stamp) {
+            std::cmp::Ordering::Less => Some(SlotWord((stamp << COUNT_BITS) | 1)),
+            std::cmp::Ordering::Equal => {
+                Some(SlotWord((stamp << COUNT_BITS) | (count + 1).min(COUNT_MAX)))
+            }
+            std::cmp::Ordering::Greater => None,
+        }
+    }
+}
+
+/// Counts one in stretch `index` of `counter`, in one atomic step.
+fn count_one(counter: &AtomicU64, index: u64) {
+    let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+        SlotWord(w).bump(index).map(|w| w.0)
+    });
 }
 
 impl Budget {
@@ -284,7 +335,8 @@ impl Budget {
         if self.ttl_ms.swap(ttl_ms, Ordering::Relaxed) != ttl_ms {
             // Slots of another length mean nothing now.
             for slot in &self.slots {
-                slot.index.store(0, Ordering::Relaxed);
+                slot.requests.store(0, Ordering::Release);
+                slot.retries.store(0, Ordering::Release);
             }
         }
     }
@@ -296,44 +348,28 @@ impl Budget {
             / slot_ms
     }
 
-    /// The slot counting `index`, reset if it counted an older stretch.
+    /// The slot that counts stretch `index`.
     fn slot(&self, index: u64) -> &BudgetSlot {
-        let slot = &self.slots[(index % BUDGET_SLOTS as u64) as usize];
-        let seen = slot.index.load(Ordering::Acquire);
-        if seen != index + 1
-            && slot
-                .index
-                .compare_exchange(seen, index + 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            slot.requests.store(0, Ordering::Release);
-            slot.retries.store(0, Ordering::Release);
-        }
-        slot
+        &self.slots[(index % BUDGET_SLOTS as u64) as usize]
     }
 
     fn deposit(&self, now: Instant) {
-        self.slot(self.index(now))
-            .requests
-            .fetch_add(1, Ordering::AcqRel);
+        let index = self.index(now);
+        count_one(&self.slot(index).requests, index);
     }
 
-    /// Requests and retries of the window ending at `now`.
+    /// Requests and retries of the window ending at `now`: its stretch and the nine before.
     fn window(&self, now: Instant) -> (u64, u64) {
-        let current = self.index(now) + 1;
-        let oldest = current.saturating_sub(BUDGET_SLOTS as u64 - 1).max(1);
-        self.slots
-            .iter()
-            .filter(|s| {
-                let i = s.index.load(Ordering::Acquire);
-                i >= oldest && i <= current
-            })
-            .fold((0, 0), |(r, w), s| {
-                (
-                    r + s.requests.load(Ordering::Acquire),
-                    w + s.retries.load(Ordering::Acquire),
-                )
-            })
+        let newest = self.index(now);
+        let oldest = newest.saturating_sub(BUDGET_SLOTS as u64 - 1);
+        self.slots.iter().fold((0, 0), |(r, w), s| {
+            let requests = SlotWord(s.requests.load(Ordering::Acquire));
+            let retries = SlotWord(s.retries.load(Ordering::Acquire));
+            (
+                r + requests.count_in(oldest, newest),
+                w + retries.count_in(oldest, newest),
+            )
+        })
     }
 
     /// The retries the window ending at `now` allows in all, and those it spent.
@@ -351,9 +387,8 @@ impl Budget {
         if spent >= allowed {
             return false;
         }
-        self.slot(self.index(now))
-            .retries
-            .fetch_add(1, Ordering::AcqRel);
+        let index = self.index(now);
+        count_one(&self.slot(index).retries, index);
         true
     }
 }
@@ -799,6 +834,65 @@ mod tests {
         assert_eq!(l.budget.allowance(t0 + Duration::from_secs(12)), (5, 0));
         assert!(l.budget.withdraw(t0 + Duration::from_secs(12)));
         assert_eq!(l.budget.allowance(t0 + Duration::from_secs(12)), (5, 1));
+    }
+
+    #[test]
+    fn a_slot_word_moves_to_a_new_stretch_and_counts_in_one_step() {
+        let empty = SlotWord(0);
+        let first = empty.bump(3).expect("counts");
+        assert_eq!(first.count_in(3, 3), 1);
+        let second = first.bump(3).expect("counts");
+        assert_eq!(second.count_in(0, 9), 2);
+        // A later stretch restarts the count at this deposit, which is kept: the move and the
+        // count are the same write.
+        let moved = second.bump(13).expect("counts");
+        assert_eq!(moved.count_in(4, 13), 1);
+        assert_eq!(moved.count_in(0, 12), 0, "stretch 13 is outside 0..=12");
+        // A caller whose reading is a window old counts nothing rather than wipe newer counts.
+        assert_eq!(moved.bump(3), None);
+        // The count stops at its maximum rather than wrap into the stamp.
+        let full = SlotWord((SlotWord::stamp_of(5) << COUNT_BITS) | COUNT_MAX);
+        assert_eq!(full.bump(5), Some(full));
+        assert_eq!(full.count_in(5, 5), COUNT_MAX);
+    }
+
+    #[test]
+    fn no_deposit_is_lost_when_threads_move_a_slot_to_a_new_stretch() {
+        // Threads deposit together, all at once at each slot's start, so that several find the
+        // slot still counting the previous window and race to move it on.
+        const THREADS: usize = 4;
+        const EACH: u64 = 2000;
+        let budget = Arc::new(Budget::new());
+        budget.configure(&RetryBudget {
+            percent: 100,
+            min_retries_per_second: 0,
+            ttl: Duration::from_secs(10),
+        });
+        let t0 = budget.epoch;
+        // Fill the first window, so that every slot of the second one is reused.
+        for s in 0..10 {
+            budget.deposit(t0 + Duration::from_secs(s));
+        }
+        let barrier = Arc::new(std::sync::Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (budget, barrier) = (budget.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    for s in 10..19 {
+                        barrier.wait();
+                        for _ in 0..EACH {
+                            budget.deposit(t0 + Duration::from_secs(s));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        // The window at 18 s holds slots 9 to 18: one old deposit and all of the new ones.
+        let (requests, _) = budget.window(t0 + Duration::from_secs(18));
+        assert_eq!(requests, 1 + 9 * THREADS as u64 * EACH);
     }
 
     #[test]
