@@ -12,7 +12,8 @@
 //! the endpoint is listed, whatever else about it changes.
 //!
 //! Algorithms, per `LoadBalancer`:
-//! - round robin: a precomputed smooth weighted schedule (nginx's), walked by an atomic index;
+//! - round robin: a precomputed smooth weighted schedule (stride scheduling), walked by an
+//!   atomic index;
 //! - least request: with equal weights, the less busy of two random endpoints (P2C); with unequal
 //!   weights, Envoy's earliest-deadline-first schedule over `weight / (active + 1)`, so a lighter
 //!   endpoint keeps its share instead of losing every comparison to a heavier one;
@@ -498,31 +499,33 @@ fn edf_pick(set: &HostSet, weight: impl Fn(&EndpointState, u32) -> f64) -> usize
     })
 }
 
-/// Nginx's smooth weighted round robin, unrolled into a schedule: each endpoint appears in
-/// proportion to its weight, interleaved rather than in runs.
+/// A smooth weighted round-robin cycle: each endpoint appears in proportion to its weight,
+/// interleaved rather than in runs. Endpoint `i`'s `k`-th turn of `w_i` sits at `(k + 1/2) / w_i`
+/// of the cycle, and the cycle is every turn in that order (ties by endpoint order): stride
+/// scheduling, whose turns of an endpoint are never more than about `total / w_i + n` apart.
+/// Nginx's smooth weighted round robin interleaves a little more evenly but costs
+/// O(endpoints) per turn, O(n²) per rebuild once endpoints outnumber [`MAX_SCHEDULE`]; this is
+/// a sort, O(t log t) for `t` turns, and a rebuild happens under the service's control lock on
+/// every ejection and return.
 fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
     let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
     // Scale weights down if the full cycle would be too long; every endpoint keeps at least 1.
     let scale = (total as f64 / MAX_SCHEDULE as f64).max(1.0);
-    let weights: Vec<i64> = weights
+    let weights: Vec<u64> = weights
         .iter()
-        .map(|w| ((f64::from(*w) / scale).round() as i64).max(1))
+        .map(|w| ((f64::from(*w) / scale).round() as u64).max(1))
         .collect();
-    let total: i64 = weights.iter().sum();
-    let mut current = vec![0i64; weights.len()];
-    let mut schedule = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        let mut best = 0;
-        for i in 0..weights.len() {
-            current[i] += weights[i];
-            if current[i] > current[best] {
-                best = i;
-            }
-        }
-        current[best] -= total;
-        schedule.push(best as u32);
+    // (2k + 1, w_i, i): the turn's position is (2k + 1) / (2 w_i).
+    let mut turns: Vec<(u64, u64, u32)> = Vec::with_capacity(weights.iter().sum::<u64>() as usize);
+    for (i, w) in weights.iter().enumerate() {
+        turns.extend((0..*w).map(|k| (2 * k + 1, *w, i as u32)));
     }
-    schedule
+    turns.sort_unstable_by(|a, b| {
+        (u128::from(a.0) * u128::from(b.1))
+            .cmp(&(u128::from(b.0) * u128::from(a.1)))
+            .then(a.2.cmp(&b.2))
+    });
+    turns.into_iter().map(|(_, _, i)| i).collect()
 }
 
 fn endpoint_hash(e: &EndpointState, salt: u64) -> u64 {

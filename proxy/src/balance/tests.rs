@@ -89,7 +89,39 @@ fn find(b: &Balancer, last: u8) -> Arc<EndpointState> {
 
 #[test]
 fn smooth_round_robin_interleaves_by_weight() {
-    assert_eq!(smooth_schedule(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0]);
+    // Turns at (k + 1/2) / w: 0 at 0.1, 0.3, 0.5, 0.7, 0.9; 1 and 2 at 0.5.
+    assert_eq!(smooth_schedule(&[5, 1, 1]), [0, 0, 0, 1, 2, 0, 0]);
+    assert_eq!(smooth_schedule(&[1, 1, 1]), [0, 1, 2]);
+    assert_eq!(smooth_schedule(&[1, 3]), [1, 0, 1, 1]);
+    // Any weights: each endpoint its weight's worth of turns per cycle, spread out: between two
+    // of its turns (cyclically) at most (total - w) / w + n others.
+    let mut rng = rand::rng();
+    for _ in 0..50 {
+        let n = rng.random_range(1..40);
+        let weights: Vec<u32> = (0..n).map(|_| rng.random_range(1..20)).collect();
+        let schedule = smooth_schedule(&weights);
+        let total: u32 = weights.iter().sum();
+        assert_eq!(schedule.len() as u32, total);
+        for (i, w) in weights.iter().enumerate() {
+            let at: Vec<usize> = (0..schedule.len())
+                .filter(|p| schedule[*p] as usize == i)
+                .collect();
+            assert_eq!(at.len() as u32, *w, "{weights:?}");
+            let bound = ((total - w) / w) as usize + n;
+            for (k, p) in at.iter().enumerate() {
+                let next = at.get(k + 1).copied().unwrap_or(at[0] + schedule.len());
+                assert!(
+                    next - p - 1 <= bound,
+                    "endpoint {i} waits {} turns (bound {bound}) in {schedule:?} for {weights:?}",
+                    next - p - 1
+                );
+            }
+        }
+    }
+    // Past MAX_SCHEDULE endpoints every one keeps a turn.
+    let many = smooth_schedule(&vec![1; MAX_SCHEDULE * 3]);
+    assert_eq!(many.len(), MAX_SCHEDULE * 3);
+    assert!(many.iter().enumerate().all(|(p, i)| *i as usize == p));
     let b = balancer(
         LoadBalancer::RoundRobin,
         &[endpoint(1, 1), endpoint(2, 1), endpoint(3, 1)],
