@@ -332,6 +332,53 @@ fn consistent_hash_is_stable_and_moves_little() {
 }
 
 #[test]
+fn consistent_hash_follows_weights() {
+    let weights = [1u32, 2, 5];
+    let eps: Vec<Endpoint> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| endpoint(i as u8 + 1, *w))
+        .collect();
+    let total: u32 = weights.iter().sum();
+    // The tables themselves: ring entries and Maglev slots in proportion to weight.
+    let set = host_set(&LoadBalancer::RingHash(HashOn::SourceIp), &eps);
+    for (i, w) in weights.iter().enumerate() {
+        let entries = set.ring.iter().filter(|(_, e)| *e as usize == i).count();
+        assert_eq!(entries, (RING_SIZE * *w as usize).div_ceil(total as usize));
+    }
+    let set = host_set(&LoadBalancer::Maglev(HashOn::SourceIp), &eps);
+    for (i, w) in weights.iter().enumerate() {
+        let slots = set.maglev.iter().filter(|e| **e as usize == i).count();
+        let expected = MAGLEV_SIZE * *w as usize / total as usize;
+        assert!(slots.abs_diff(expected) <= 3, "endpoint {i}: {slots} slots");
+    }
+    // And the keys that land on each endpoint (hashes are fixed, so these counts are too).
+    for lb in [
+        LoadBalancer::RingHash(HashOn::SourceIp),
+        LoadBalancer::Maglev(HashOn::SourceIp),
+    ] {
+        let b = balancer(lb.clone(), &eps);
+        let mut c = [0usize; 4];
+        let keys = 20_000u32;
+        for k in 0..keys {
+            let key = hash_key(&HashOn::SourceIp, IpAddr::from(k.to_be_bytes()), None);
+            c[last_octet(&b.pick(key, &[]).expect("pick")) as usize] += 1;
+        }
+        for (i, w) in weights.iter().enumerate() {
+            let share = c[i + 1] as f64 / f64::from(keys);
+            let expected = f64::from(*w) / f64::from(total);
+            // A ring of 1024 hashed points splits the circle unevenly by a few percent (here
+            // 8% at most); unweighted, each would get a third.
+            assert!(
+                (share / expected - 1.0).abs() < 0.15,
+                "{lb:?}: endpoint {} got {share:.3} of the keys, its weight {expected:.3}",
+                i + 1
+            );
+        }
+    }
+}
+
+#[test]
 fn a_retry_avoids_endpoints_already_tried() {
     for lb in [
         LoadBalancer::RoundRobin,
