@@ -28,6 +28,12 @@ use crate::model::{Model, ModelChange, ObjectKey, ValidationErrors, Workload};
 /// state instead of the names the deltas touched.
 const HISTORY: usize = 64;
 
+/// How long a snapshot displaced from `Store::retired` waits before it is freed: past the fan-out
+/// of the change that displaced it.
+const RETIRE_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+/// At most this many displaced snapshots wait to be freed.
+const GRAVEYARD: usize = 8;
+
 /// The resources of one type, by name.
 pub type TypeSet = Arc<BTreeMap<String, Arc<VersionedResource>>>;
 
@@ -293,8 +299,11 @@ pub struct Store {
     anchor_since: Mutex<std::collections::HashMap<String, u64>>,
     /// The snapshot replaced by the newest one, kept until the next publish. Streams let go of
     /// it as they take the new one; if the last of them dropped it, that stream would free a
-    /// whole model in the middle of the fan-out. The publisher frees it instead, a change later.
+    /// whole model in the middle of the fan-out. The publisher frees it instead, a change later
+    /// (and off the runtime's threads, see [`Store::retire`]).
     retired: Mutex<Option<Arc<Snapshot>>>,
+    /// Snapshots displaced from `retired`, freed together a little later (see [`Store::retire`]).
+    graveyard: Arc<Mutex<Vec<Arc<Snapshot>>>>,
 }
 
 impl Store {
@@ -327,6 +336,7 @@ impl Store {
             status: Mutex::new(SourceStatus::default()),
             anchor_since: Mutex::default(),
             retired: Mutex::default(),
+            graveyard: Arc::default(),
         })
     }
 
@@ -347,8 +357,11 @@ impl Store {
         let model = model.into();
         let mut version = 0;
         let mut replaced = None;
+        let started = std::time::Instant::now();
+        let mut built_at = None;
         self.snapshots.send_if_modified(|current| {
             let change = ModelChange::between(&current.model, &model);
+            let compared = started.elapsed();
             if current.loaded && change.is_empty() {
                 version = current.version;
                 return false;
@@ -362,10 +375,22 @@ impl Store {
             );
             version = next.version;
             tracing::info!(version, changes = ?summary(&next), "published mesh snapshot");
+            built_at = Some((compared, started.elapsed()));
             replaced = Some(std::mem::replace(current, Arc::new(next)));
             true
         });
+        let notified = started.elapsed();
         self.retire(replaced);
+        if let Some((compared, built)) = built_at {
+            tracing::debug!(
+                version,
+                compare_us = compared.as_micros() as u64,
+                build_us = (built - compared).as_micros() as u64,
+                notify_us = (notified - built).as_micros() as u64,
+                retire_us = (started.elapsed() - notified).as_micros() as u64,
+                "snapshot publish timings"
+            );
+        }
         let mut status = self.lock_status();
         status.last_good = Some(SystemTime::now());
         status.rejected = None;
@@ -406,13 +431,38 @@ impl Store {
     }
 
     /// Keeps `replaced` until the next change, freeing the one it displaces (see `retired`).
+    ///
+    /// Freeing a snapshot frees its model's maps, milliseconds of work in a large mesh; done
+    /// here it would hold a runtime thread while the streams send the change it just published.
+    /// Inside a runtime it is therefore done [`RETIRE_DELAY`] later, on a blocking thread.
     fn retire(&self, replaced: Option<Arc<Snapshot>>) {
-        if replaced.is_some() {
-            let older = std::mem::replace(
-                &mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()),
-                replaced,
-            );
+        if replaced.is_none() {
+            return;
+        }
+        let Some(older) = std::mem::replace(
+            &mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()),
+            replaced,
+        ) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             drop(older);
+            return;
+        };
+        let mut graveyard = self.graveyard.lock().unwrap_or_else(|e| e.into_inner());
+        if graveyard.len() >= GRAVEYARD {
+            // Changes come faster than the delay: free the oldest now rather than pile up models.
+            drop(graveyard.remove(0));
+        }
+        graveyard.push(older);
+        if graveyard.len() == 1 {
+            let graveyard = self.graveyard.clone();
+            runtime.spawn(async move {
+                tokio::time::sleep(RETIRE_DELAY).await;
+                let dead =
+                    std::mem::take(&mut *graveyard.lock().unwrap_or_else(|e| e.into_inner()));
+                drop(tokio::task::spawn_blocking(move || drop(dead)));
+            });
         }
     }
 

@@ -146,6 +146,16 @@ impl DiscoveryClient {
         }
     }
 
+    /// The next response, however long it takes (no timer: the benchmark's simulated proxies
+    /// wait like this, so that each message costs no more than a real proxy's would).
+    pub async fn next(&mut self) -> anyhow::Result<DiscoveryResponse> {
+        match self.responses.message().await {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => bail!("the control plane closed the stream"),
+            Err(status) => bail!("stream error: {status}"),
+        }
+    }
+
     /// Whether a response arrives within `wait` (consuming it if so).
     pub async fn quiet_for(&mut self, wait: Duration) -> anyhow::Result<()> {
         match tokio::time::timeout(wait, self.responses.message()).await {

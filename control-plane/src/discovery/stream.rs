@@ -384,6 +384,17 @@ impl ProxyStream {
             let refusals = std::mem::take(&mut self.refusals);
             for response in refusals.into_iter().chain(self.pending_responses()) {
                 if response.error_detail.is_none() {
+                    tracing::debug!(
+                        stream = self.id,
+                        r#type = resources::short_name(&response.type_url),
+                        version = self.snapshot.version,
+                        since_publish_us = self
+                            .snapshot
+                            .created
+                            .elapsed()
+                            .map_or(0, |d| d.as_micros() as u64),
+                        "response handed to the transport"
+                    );
                     self.registry.sent(
                         self.id,
                         &response.type_url,
