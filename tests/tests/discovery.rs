@@ -619,3 +619,135 @@ async fn shutdown_ends_every_stream() {
         "{err}"
     );
 }
+
+/// A gRPC client whose request messages are raw bytes, to send what no well-behaved proxy would:
+/// well-framed gRPC messages whose protobuf does not decode.
+mod raw {
+    use std::net::SocketAddr;
+
+    use bytes::BufMut;
+    use keel_proto::v1::DiscoveryResponse;
+    use prost::Message;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::{Status, Streaming};
+
+    pub struct RawCodec;
+    pub struct RawEncoder;
+    pub struct ResponseDecoder;
+
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for ResponseDecoder {
+        type Item = DiscoveryResponse;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+            DiscoveryResponse::decode(src)
+                .map(Some)
+                .map_err(|e| Status::internal(e.to_string()))
+        }
+    }
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = DiscoveryResponse;
+        type Encoder = RawEncoder;
+        type Decoder = ResponseDecoder;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> ResponseDecoder {
+            ResponseDecoder
+        }
+    }
+
+    /// Opens a discovery stream; what is sent on the returned sender goes out as gRPC messages,
+    /// byte for byte.
+    pub async fn open(addr: SocketAddr) -> (mpsc::Sender<Vec<u8>>, Streaming<DiscoveryResponse>) {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.expect("ready");
+        let (tx, rx) = mpsc::channel(4);
+        let path = http::uri::PathAndQuery::from_static("/keel.mesh.v1.Discovery/Stream");
+        let responses = grpc
+            .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, RawCodec)
+            .await
+            .expect("stream opens")
+            .into_inner();
+        (tx, responses)
+    }
+}
+
+/// Field 1 with wire type 7, which protobuf does not have: no decoder accepts it.
+const UNDECODABLE: [u8; 2] = [0x0f, 0x01];
+
+/// Reads responses until the stream ends; returns its final status (OK if it ended cleanly).
+async fn final_status(
+    responses: &mut tonic::Streaming<keel_proto::v1::DiscoveryResponse>,
+) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(SOON, responses.message()).await {
+            Err(_) => panic!("the stream did not end within {SOON:?}"),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => return tonic::Status::ok(""),
+            Ok(Err(status)) => return status,
+        }
+    }
+}
+
+#[tokio::test]
+async fn undecodable_requests_end_the_stream_with_invalid_argument() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+
+    // Garbage as the very first message.
+    let (tx, mut responses) = raw::open(cp.discovery_addr).await;
+    tx.send(UNDECODABLE.to_vec()).await.expect("send");
+    let status = final_status(&mut responses).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("request #1"),
+        "{}",
+        status.message()
+    );
+
+    // Garbage after a good start: the node, a subscription, its response; then the garbage.
+    let (tx, mut responses) = raw::open(cp.discovery_addr).await;
+    let hello = DiscoveryRequest {
+        node: Some(node("frontend-1", "demo")),
+        type_url: type_url::SERVICE.to_owned(),
+        ..Default::default()
+    };
+    tx.send(hello.encode_to_vec()).await.expect("send");
+    let first = tokio::time::timeout(SOON, responses.message())
+        .await
+        .expect("a response in time")
+        .expect("a response")
+        .expect("the stream goes on");
+    assert_eq!(first.type_url, type_url::SERVICE);
+    tx.send(UNDECODABLE.to_vec()).await.expect("send");
+    let status = final_status(&mut responses).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("request #2"),
+        "{}",
+        status.message()
+    );
+    wait_for(|| cp.registry.list().iter().all(|p| p.id != "frontend-1.demo")).await;
+
+    // The server is unharmed.
+    synced_client(cp.discovery_addr, "late").await;
+}

@@ -299,6 +299,28 @@ pub(super) struct ProxyStream {
     /// Refusals not yet sent.
     refusals: Vec<DiscoveryResponse>,
     nonces: u64,
+    /// Requests read so far, the first included.
+    requests: u64,
+}
+
+/// The status that ends a stream whose `n`th request could not be read, when that is the
+/// client's fault: a message that does not decode as a `DiscoveryRequest` (tonic reports it as
+/// INTERNAL), one too large (OUT_OF_RANGE, RESOURCE_EXHAUSTED) or compressed in a way this server
+/// does not read (UNIMPLEMENTED). The answer is INVALID_ARGUMENT naming the request and the
+/// reason, never a plain end of stream (grpc-status OK) that would let a broken client believe
+/// all was well. `None` for the client going away (a reset, a lost connection): nothing to say.
+pub(super) fn unreadable_request(n: u64, status: &Status) -> Option<Status> {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Internal | Code::OutOfRange | Code::ResourceExhausted | Code::Unimplemented
+    )
+    .then(|| {
+        Status::invalid_argument(format!(
+            "discovery request #{n} is not a readable keel.mesh.v1.DiscoveryRequest: {}",
+            status.message()
+        ))
+    })
 }
 
 /// Runs a stream until the proxy goes away. The first request has already been read.
@@ -352,6 +374,7 @@ pub(super) async fn serve(
         refused: HashSet::new(),
         refusals: Vec::new(),
         nonces: 0,
+        requests: 1,
     };
     let end = tokio::select! {
         end = stream.run(first, &mut requests, &mut snapshots, &responses) => end,
@@ -409,9 +432,23 @@ impl ProxyStream {
             }
             tokio::select! {
                 request = requests.message() => match request {
-                    Ok(Some(request)) => self.handle_or_end(request, responses).await?,
+                    Ok(Some(request)) => {
+                        self.requests += 1;
+                        self.handle_or_end(request, responses).await?
+                    }
                     Ok(None) => return Ok(()),
-                    Err(status) => return Err(format!("receive failed: {}", status.message())),
+                    Err(status) => {
+                        let Some(answer) = unreadable_request(self.requests + 1, &status) else {
+                            // The proxy went away (reset, connection lost): no fault of its
+                            // requests, nobody to answer, nothing to record against it.
+                            return Err(format!("receive failed: {}", status.message()));
+                        };
+                        let reason = answer.message().to_owned();
+                        self.registry.error(self.id, reason.clone());
+                        // The proxy learns why its stream ends.
+                        let _ = responses.send(Err(answer)).await;
+                        return Err(reason);
+                    }
                 },
                 changed = snapshots.changed() => {
                     if changed.is_err() {
