@@ -435,7 +435,8 @@ impl HttpOutbound {
         let policy = dest.retry_policy();
         let idempotent = resilience::is_idempotent(&parts.method);
         let body = RequestBody::new(pool::incoming(body));
-        let deadline = dest.timeout.map(|t| started + t);
+        // A timeout too long for the clock is no deadline (the config builder caps it anyway).
+        let deadline = dest.timeout.and_then(|t| started.checked_add(t));
         let traffic = &dest.service.traffic_policy;
         let options = Connect {
             timeout: traffic.connect_timeout,
@@ -559,7 +560,7 @@ impl HttpOutbound {
             }
             retries += 1;
             let wait = resilience::backoff(retries, policy.backoff_base, policy.backoff_max);
-            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            if deadline.is_some_and(|d| Instant::now().checked_add(wait).is_none_or(|t| t >= d)) {
                 return self.answer(labels, started, StatusCode::GATEWAY_TIMEOUT, "timeout");
             }
             // The failed response (if any) is dropped before the retry.

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method};
+use keel_proto::limits;
 
 use super::decode::{
     Decoder, Field, Fields, check_any, check_dns_label, check_dns_subdomain, check_label_key,
@@ -704,7 +705,9 @@ fn route(
     let destinations = f
         .require(dec, "destinations")
         .and_then(|f| destinations(dec, f, namespace));
-    let timeout = f.get("timeout").map(|f| dec.duration(f));
+    let timeout = f
+        .get("timeout")
+        .map(|f| dec.duration(f, limits::REQUEST_TIMEOUT));
     let retries = f.get("retries").map(|f| retry_policy(dec, f));
     Some((
         Route {
@@ -941,7 +944,9 @@ fn retry_policy(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryPolicy> 
     )?;
     // 0 turns retries off for the route (it would otherwise get the proxy's default policy).
     let attempts = f.get("attempts").map(|f| dec.integer(f, 0u32, 100u32));
-    let per_try_timeout = f.get("perTryTimeout").map(|f| dec.duration(f));
+    let per_try_timeout = f
+        .get("perTryTimeout")
+        .map(|f| dec.duration(f, limits::REQUEST_TIMEOUT));
     let retry_on = f.get("retryOn").map(|field| {
         let mut seen = BTreeSet::new();
         let list = dec.list_of(field, |dec, f| dec.one_of(f, &RETRY_ON))?;
@@ -965,8 +970,12 @@ fn retry_policy(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryPolicy> 
                 .collect::<Vec<_>>(),
         )
     });
-    let base = f.get("backoffBase").map(|f| dec.duration(f));
-    let max = f.get("backoffMax").map(|f| dec.duration(f));
+    let base = f
+        .get("backoffBase")
+        .map(|f| dec.duration(f, limits::RETRY_BACKOFF));
+    let max = f
+        .get("backoffMax")
+        .map(|f| dec.duration(f, limits::RETRY_BACKOFF));
 
     let retry_on = or_default(retry_on, vec![RetryOn::ConnectFailure])?;
     let codes = or_default(codes, Vec::new())?;
@@ -1054,8 +1063,12 @@ fn traffic_policy_spec(
     let locality = f.get("localityFailover").map(|f| locality_failover(dec, f));
     let breaker = f.get("circuitBreaker").map(|f| circuit_breaker(dec, f));
     let budget = f.get("retryBudget").map(|f| retry_budget(dec, f));
-    let connect_timeout = f.get("connectTimeout").map(|f| dec.duration(f));
-    let idle_timeout = f.get("idleTimeout").map(|f| dec.duration(f));
+    let connect_timeout = f
+        .get("connectTimeout")
+        .map(|f| dec.duration(f, limits::CONNECT_TIMEOUT));
+    let idle_timeout = f
+        .get("idleTimeout")
+        .map(|f| dec.duration(f, limits::IDLE_TIMEOUT));
     Some(TrafficPolicySpec {
         target: target?,
         load_balancer: or_default(load_balancer, LoadBalancer::default())?,
@@ -1218,9 +1231,15 @@ fn outlier_detection(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<OutlierD
     let gateway = f
         .get("consecutiveGatewayErrors")
         .map(|f| dec.integer(f, 0u32, u32::MAX));
-    let interval = f.get("interval").map(|f| dec.duration(f));
-    let base = f.get("baseEjectionTime").map(|f| dec.duration(f));
-    let max = f.get("maxEjectionTime").map(|f| dec.duration(f));
+    let interval = f
+        .get("interval")
+        .map(|f| dec.duration(f, limits::OUTLIER_INTERVAL));
+    let base = f
+        .get("baseEjectionTime")
+        .map(|f| dec.duration(f, limits::EJECTION_TIME));
+    let max = f
+        .get("maxEjectionTime")
+        .map(|f| dec.duration(f, limits::EJECTION_TIME));
     let max_percent = f.get("maxEjectionPercent").map(|f| dec.percent(f));
     let min_health = f.get("minHealthPercent").map(|f| dec.percent(f));
     let success_rate = f.get("successRate").map(|field| {
@@ -1498,7 +1517,9 @@ fn retry_budget(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryBudget> 
     let floor = f
         .get("minRetriesPerSecond")
         .map(|f| dec.integer(f, 0u32, u32::MAX));
-    let ttl = f.get("ttl").map(|f| dec.duration(f));
+    let ttl = f
+        .get("ttl")
+        .map(|f| dec.duration(f, limits::RETRY_BUDGET_TTL));
     Some(RetryBudget {
         percent: or_default(percent, d.percent)?,
         min_retries_per_second: or_default(floor, d.min_retries_per_second)?,
