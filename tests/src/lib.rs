@@ -62,6 +62,8 @@ pub struct DiscoveryClient {
     responses: Streaming<DiscoveryResponse>,
     /// What this client has applied (everything it ACKed).
     pub held: Held,
+    /// Per type, the system version of the last response ACKed, echoed in ACKs and NACKs.
+    applied: BTreeMap<String, String>,
 }
 
 impl DiscoveryClient {
@@ -103,6 +105,7 @@ impl DiscoveryClient {
             requests,
             responses,
             held: Held::new(),
+            applied: BTreeMap::new(),
         })
     }
 
@@ -185,9 +188,12 @@ impl DiscoveryClient {
         for name in &response.removed_resources {
             held.remove(name);
         }
+        self.applied
+            .insert(response.type_url.clone(), response.system_version.clone());
         self.send(DiscoveryRequest {
             type_url: response.type_url.clone(),
             response_nonce: response.nonce.clone(),
+            system_version: response.system_version.clone(),
             ..Default::default()
         })
         .await
@@ -198,6 +204,11 @@ impl DiscoveryClient {
         self.send(DiscoveryRequest {
             type_url: response.type_url.clone(),
             response_nonce: response.nonce.clone(),
+            system_version: self
+                .applied
+                .get(&response.type_url)
+                .cloned()
+                .unwrap_or_default(),
             error_detail: Some(ErrorDetail {
                 code: 3,
                 message: why.to_owned(),

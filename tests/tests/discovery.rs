@@ -197,6 +197,12 @@ async fn nack_is_recorded_and_the_rejected_config_is_not_resent() {
             .contains("refused by test")
     );
     assert_eq!(status[0].recent_nacks[0].type_url, type_url::ENDPOINTS);
+    // The NACK says which version the proxy kept: the one it last ACKed.
+    let kept = status[0].types["Endpoints"]
+        .acked_version
+        .map(|v| v.to_string());
+    assert!(kept.is_some());
+    assert_eq!(status[0].recent_nacks[0].kept_version, kept);
     // The client kept its last good config.
     assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.3"]);
 

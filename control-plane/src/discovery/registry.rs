@@ -19,8 +19,12 @@ const NACK_HISTORY: usize = 8;
 #[derive(Debug, Clone, Serialize)]
 pub struct Nack {
     pub type_url: String,
+    /// The version of the response rejected.
     pub version: u64,
     pub nonce: String,
+    /// The version the proxy says it kept (the last it applied of the type on this stream), as
+    /// its NACK echoes it; `None` if it had applied none or did not say.
+    pub kept_version: Option<String>,
     pub message: String,
     #[serde(with = "crate::admin::rfc3339")]
     pub at: SystemTime,

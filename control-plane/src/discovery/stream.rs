@@ -491,7 +491,7 @@ impl ProxyStream {
 
     /// Applies one request: subscription changes, then the ACK or NACK it carries. An error ends
     /// the stream.
-    fn handle(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
+    fn handle(&mut self, mut request: DiscoveryRequest) -> Result<(), Status> {
         if request.type_url.is_empty() {
             return Ok(());
         }
@@ -520,8 +520,21 @@ impl ProxyStream {
             tracing::debug!(stream = self.id, nonce = %request.response_nonce, "stale nonce");
             return Ok(());
         };
+        // The version the proxy says it runs: on an ACK the one applied, on a NACK the one kept.
+        let echoed = std::mem::take(&mut request.system_version);
         match request.error_detail {
             None => {
+                // The nonce says which response was answered; an echo that names another
+                // version is a confused proxy (or one that answered the wrong response), worth
+                // seeing in status. An empty echo is an older proxy's.
+                if !echoed.is_empty() && echoed != flight.system_version.to_string() {
+                    let reason = format!(
+                        "ACK of nonce {} names version {echoed:?}, but that response was version {}",
+                        flight.nonce, flight.system_version
+                    );
+                    tracing::warn!(stream = self.id, node = %self.node.id, "{reason}");
+                    self.registry.error(self.id, reason);
+                }
                 self.registry.acked(
                     self.id,
                     type_url,
@@ -544,6 +557,7 @@ impl ProxyStream {
                         type_url: type_url.to_owned(),
                         version: flight.system_version,
                         nonce: flight.nonce.clone(),
+                        kept_version: (!echoed.is_empty()).then_some(echoed),
                         message: detail.message,
                         at: std::time::SystemTime::now(),
                     },
