@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::store::Store;
-pub use registry::{ProxyRegistry, ProxyStatus};
+pub use registry::{DisconnectedProxy, ProxyRegistry, ProxyStatus};
 pub use stream::RESPONSE_BUDGET;
 
 /// Responses queued for one proxy. At most one response per type is unacknowledged, so this

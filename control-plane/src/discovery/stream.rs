@@ -456,13 +456,17 @@ pub(super) async fn serve(
             Err("the control plane is shutting down".to_owned())
         }
     };
-    match end {
-        Ok(()) => tracing::info!(stream = id, node = %stream.node.id, "proxy disconnected"),
-        Err(reason) => {
-            tracing::warn!(stream = id, node = %stream.node.id, %reason, "discovery stream ended")
+    let reason = match end {
+        Ok(()) => {
+            tracing::info!(stream = id, node = %stream.node.id, "proxy disconnected");
+            None
         }
-    }
-    stream.registry.disconnect(id);
+        Err(reason) => {
+            tracing::warn!(stream = id, node = %stream.node.id, %reason, "discovery stream ended");
+            Some(reason)
+        }
+    };
+    stream.registry.disconnect(id, reason);
 }
 
 impl ProxyStream {
