@@ -63,8 +63,12 @@ pub struct Snapshot {
     /// The CA's roots, which every proxy's MeshConfig carries (empty without a CA).
     pub trust: Arc<TrustBundle>,
     /// Resources that every proxy sees the same way (services, endpoints, routes, traffic
-    /// policies), encoded once.
+    /// policies), encoded once. A proxy is sent those of the services visible in its namespace
+    /// ([`Snapshot::visible`]).
     pub shared: BTreeMap<TypeUrl, TypeSet>,
+    /// The services exported to some namespaces only (`exportTo`), by resource name; every
+    /// other service is visible everywhere. Empty in a mesh that restricts nothing.
+    pub exports: Arc<BTreeMap<String, Arc<BTreeSet<String>>>>,
     /// The deltas that led here, oldest first, ending with the one to `version`.
     deltas: VecDeque<Arc<Delta>>,
     pub created: SystemTime,
@@ -132,6 +136,30 @@ impl Snapshot {
                 delta.node_wide = true;
             }
         }
+        // A service whose visibility changed is, for the proxies that gain or lose it, added or
+        // removed in every shared type, though no resource of it changed.
+        let exports = exports_of(&model);
+        let empty = BTreeMap::new();
+        let before = previous.map_or(&empty, |p| &*p.exports);
+        let moved: BTreeSet<&String> = exports
+            .iter()
+            .filter(|(name, set)| before.get(*name) != Some(set))
+            .map(|(name, _)| name)
+            .chain(before.keys().filter(|name| !exports.contains_key(*name)))
+            .collect();
+        if !moved.is_empty() {
+            for type_url in resources::SHARED_TYPES {
+                delta
+                    .touched
+                    .entry(type_url)
+                    .or_default()
+                    .extend(moved.iter().map(|n| (*n).clone()));
+            }
+        }
+        let exports = match previous {
+            Some(p) if *p.exports == exports => p.exports.clone(),
+            _ => Arc::new(exports),
+        };
         let mut deltas = previous.map(|p| p.deltas.clone()).unwrap_or_default();
         if previous.is_some() {
             deltas.push_back(Arc::new(delta));
@@ -145,9 +173,17 @@ impl Snapshot {
             model,
             trust,
             shared,
+            exports,
             deltas,
             created: SystemTime::now(),
         }
+    }
+
+    /// Whether proxies in `namespace` see the shared resources named `name` (a service's).
+    pub fn visible(&self, name: &str, namespace: &str) -> bool {
+        self.exports
+            .get(name)
+            .is_none_or(|namespaces| namespaces.contains(namespace))
     }
 
     /// Whether proxies originate mTLS, that is whether the control plane runs a CA.
@@ -197,6 +233,15 @@ impl Snapshot {
     pub fn counts(&self) -> BTreeMap<TypeUrl, usize> {
         self.shared.iter().map(|(t, s)| (*t, s.len())).collect()
     }
+}
+
+/// The services of `model` exported to some namespaces only, by resource name.
+fn exports_of(model: &Model) -> BTreeMap<String, Arc<BTreeSet<String>>> {
+    model
+        .services
+        .iter()
+        .filter_map(|(key, s)| Some((key.to_string(), Arc::new(s.spec.export_to.clone()?))))
+        .collect()
 }
 
 /// The state of the source feeding the store, for `keelctl status`.

@@ -193,11 +193,13 @@ impl Subscription {
     }
 
     /// Builds the next response from `desired`, or `None` when the proxy already holds it.
-    /// `touched` narrows the comparison to the names changed since `synced`, when known.
+    /// `touched` narrows the comparison to the names changed since `synced`, when known; only
+    /// the names `visible` to the proxy are sent (the others are removed if held).
     fn diff(
         &mut self,
         type_url: TypeUrl,
         desired: &TypeSet,
+        visible: impl Fn(&str) -> bool,
         touched: Option<BTreeSet<&str>>,
         version: u64,
         nonce: String,
@@ -230,7 +232,10 @@ impl Subscription {
                 break;
             }
             let held = self.held(name);
-            match desired.get(name).filter(|_| self.subscribed(name)) {
+            match desired
+                .get(name)
+                .filter(|_| self.subscribed(name) && visible(name))
+            {
                 Some(want) => {
                     match self.rejected.get(name) {
                         Some(Some(v)) if *v == want.version => continue,
@@ -704,6 +709,7 @@ impl ProxyStream {
                 continue;
             }
             let synced = subscription.synced;
+            let shared = self.snapshot.shared.contains_key(type_url);
             let (desired, touched) = match self.snapshot.shared.get(type_url) {
                 Some(set) => (set, self.snapshot.touched_since(type_url, synced)),
                 None => match self.own.get(type_url) {
@@ -723,8 +729,12 @@ impl ProxyStream {
             }
             self.nonces += 1;
             let nonce = self.nonces.to_string();
+            // Shared resources are a service's: sent only where it is exported.
+            let snapshot = &self.snapshot;
+            let namespace = self.node.workload.namespace.as_str();
+            let visible = |name: &str| !shared || snapshot.visible(name, namespace);
             if let Some(r) =
-                subscription.diff(type_url, desired, touched, self.snapshot.version, nonce)
+                subscription.diff(type_url, desired, visible, touched, snapshot.version, nonce)
             {
                 out.push(r);
             }
@@ -802,12 +812,17 @@ mod tests {
     #[test]
     fn first_response_is_sent_even_when_empty_and_then_only_changes() {
         let mut s = holding(&[]);
-        let r = s.diff(T, &set(&[]), None, 1, "1".into()).expect("first");
+        let r = s
+            .diff(T, &set(&[]), |_| true, None, 1, "1".into())
+            .expect("first");
         assert!(r.resources.is_empty() && r.removed_resources.is_empty());
         s.in_flight = None;
-        assert!(s.diff(T, &set(&[]), None, 2, "2".into()).is_none());
+        assert!(
+            s.diff(T, &set(&[]), |_| true, None, 2, "2".into())
+                .is_none()
+        );
         let r = s
-            .diff(T, &set(&[("a", "1")]), None, 3, "3".into())
+            .diff(T, &set(&[("a", "1")]), |_| true, None, 3, "3".into())
             .expect("a");
         assert_eq!(names(&r), ["a"]);
     }
@@ -816,7 +831,9 @@ mod tests {
     fn reconnect_with_versions_resends_only_what_differs() {
         let mut s = holding(&[("a", "1"), ("b", "1")]);
         let desired = set(&[("a", "1"), ("b", "2"), ("c", "1")]);
-        let r = s.diff(T, &desired, None, 5, "1".into()).expect("response");
+        let r = s
+            .diff(T, &desired, |_| true, None, 5, "1".into())
+            .expect("response");
         assert_eq!(names(&r), ["b", "c"]);
         assert!(r.removed_resources.is_empty());
         // In step now: the stream holds the snapshot's set itself, with no deviations.
@@ -828,7 +845,9 @@ mod tests {
     #[test]
     fn removal_is_named() {
         let mut s = holding(&[("gone", "1")]);
-        let r = s.diff(T, &set(&[]), None, 2, "1".into()).expect("response");
+        let r = s
+            .diff(T, &set(&[]), |_| true, None, 2, "1".into())
+            .expect("response");
         assert_eq!(r.removed_resources, ["gone"]);
         assert_eq!(s.held("gone"), None);
         assert_eq!(s.held_count(), 0);
@@ -839,13 +858,14 @@ mod tests {
         let mut s = holding(&[("a", "1")]);
         s.owes_first_response = false;
         let desired = set(&[("a", "2")]);
-        s.diff(T, &desired, None, 2, "1".into()).expect("a@2");
+        s.diff(T, &desired, |_| true, None, 2, "1".into())
+            .expect("a@2");
         let flight = s.in_flight.take().expect("in flight");
         s.rejected_in_flight(flight);
         assert_eq!(s.held("a"), Some("1"));
-        assert!(s.diff(T, &desired, None, 2, "2".into()).is_none());
+        assert!(s.diff(T, &desired, |_| true, None, 2, "2".into()).is_none());
         // A new version of the resource is sent again.
-        let r = s.diff(T, &set(&[("a", "3")]), None, 3, "3".into());
+        let r = s.diff(T, &set(&[("a", "3")]), |_| true, None, 3, "3".into());
         assert_eq!(r.expect("a@3").resources[0].version, "3");
     }
 
@@ -857,7 +877,14 @@ mod tests {
         // "b" is not held but not touched either: only the touched names are compared.
         let desired = set(&[("a", "2"), ("b", "1")]);
         let r = s
-            .diff(T, &desired, Some(BTreeSet::from(["a"])), 5, "1".into())
+            .diff(
+                T,
+                &desired,
+                |_| true,
+                Some(BTreeSet::from(["a"])),
+                5,
+                "1".into(),
+            )
             .expect("a");
         assert_eq!(names(&r), ["a"]);
     }
@@ -870,7 +897,14 @@ mod tests {
         };
         s.apply_names(&["b".to_owned()], &[]).expect("one name");
         let r = s
-            .diff(T, &set(&[("a", "1"), ("b", "1")]), None, 1, "1".into())
+            .diff(
+                T,
+                &set(&[("a", "1"), ("b", "1")]),
+                |_| true,
+                None,
+                1,
+                "1".into(),
+            )
             .expect("b");
         assert_eq!(names(&r), ["b"]);
     }
@@ -886,7 +920,9 @@ mod tests {
         let mut received = BTreeSet::new();
         let mut parts = 0;
         loop {
-            let r = s.diff(T, &big, None, 7, parts.to_string()).expect("part");
+            let r = s
+                .diff(T, &big, |_| true, None, 7, parts.to_string())
+                .expect("part");
             parts += 1;
             let bytes: usize = r
                 .resources
@@ -905,7 +941,7 @@ mod tests {
         }
         assert!(parts > 1, "40 x 8 KiB must not fit one response");
         assert_eq!(received.len(), 40);
-        assert!(s.diff(T, &big, None, 7, "last".into()).is_none());
+        assert!(s.diff(T, &big, |_| true, None, 7, "last".into()).is_none());
     }
 
     /// What the proxy holds, counted from scratch.
@@ -919,7 +955,7 @@ mod tests {
         assert_eq!((s.held_count(), counted(&s)), (3, 3));
         let desired = set(&[("a", "2"), ("b", "1"), ("c", "1")]);
         let r = s
-            .diff(T, &desired, None, 2, "1".into())
+            .diff(T, &desired, |_| true, None, 2, "1".into())
             .expect("a, c, -gone");
         assert_eq!(r.removed_resources, ["gone"]);
         assert_eq!((s.held_count(), counted(&s)), (3, 3));
@@ -936,7 +972,8 @@ mod tests {
                 .map(|i| (format!("r{i}"), resource("1", 8)))
                 .collect(),
         );
-        s.diff(T, &many, None, 3, "2".into()).expect("all of them");
+        s.diff(T, &many, |_| true, None, 3, "2".into())
+            .expect("all of them");
         s.in_flight = None;
         // `gone`'s removal was rejected, so it is not asked again: the proxy still holds it.
         assert_eq!(s.held("gone"), Some("1"));
@@ -951,7 +988,8 @@ mod tests {
                 .map(|i| (format!("r{i}"), resource("1", 8)))
                 .collect(),
         );
-        s.diff(T, &first, None, 1, "1".into()).expect("initial");
+        s.diff(T, &first, |_| true, None, 1, "1".into())
+            .expect("initial");
         s.in_flight = None;
         let second: TypeSet = Arc::new(
             (0..100)
@@ -959,7 +997,7 @@ mod tests {
                 .collect(),
         );
         let r = s
-            .diff(T, &second, None, 2, "2".into())
+            .diff(T, &second, |_| true, None, 2, "2".into())
             .expect("all changed");
         assert_eq!(r.resources.len(), 100);
         assert!(s.base.as_ref().is_some_and(|b| Arc::ptr_eq(b, &second)));
@@ -971,7 +1009,7 @@ mod tests {
         let mut s = holding(&[("a", "1"), ("b", "1")]);
         s.owes_first_response = false;
         let r = s
-            .diff(T, &set(&[("b", "1")]), None, 2, "1".into())
+            .diff(T, &set(&[("b", "1")]), |_| true, None, 2, "1".into())
             .expect("removal");
         assert_eq!(r.removed_resources, ["a"]);
         let flight = s.in_flight.take().expect("in flight");
@@ -979,22 +1017,29 @@ mod tests {
         assert_eq!(s.held("a"), Some("1"), "the proxy kept it");
         // Neither the next incremental comparison nor a full one asks again.
         assert!(
-            s.diff(T, &set(&[("b", "1")]), None, 3, "2".into())
+            s.diff(T, &set(&[("b", "1")]), |_| true, None, 3, "2".into())
                 .is_none()
         );
         s.synced = 0;
         assert!(
-            s.diff(T, &set(&[("b", "1")]), None, 4, "3".into())
+            s.diff(T, &set(&[("b", "1")]), |_| true, None, 4, "3".into())
                 .is_none()
         );
         // Back with the version the proxy holds: nothing to send, and the refusal is forgotten.
         assert!(
-            s.diff(T, &set(&[("a", "1"), ("b", "1")]), None, 5, "4".into())
-                .is_none()
+            s.diff(
+                T,
+                &set(&[("a", "1"), ("b", "1")]),
+                |_| true,
+                None,
+                5,
+                "4".into()
+            )
+            .is_none()
         );
         assert!(s.rejected.is_empty());
         // Gone again: the removal is a new change, and is sent.
-        let r = s.diff(T, &set(&[("b", "1")]), None, 6, "5".into());
+        let r = s.diff(T, &set(&[("b", "1")]), |_| true, None, 6, "5".into());
         assert_eq!(r.expect("removal").removed_resources, ["a"]);
     }
 
@@ -1002,25 +1047,35 @@ mod tests {
     fn rejected_versions_are_forgotten_when_their_resource_goes() {
         let mut s = holding(&[]);
         s.owes_first_response = false;
-        s.diff(T, &set(&[("a", "1")]), None, 1, "1".into())
+        s.diff(T, &set(&[("a", "1")]), |_| true, None, 1, "1".into())
             .expect("a");
         let flight = s.in_flight.take().expect("in flight");
         s.rejected_in_flight(flight);
         assert_eq!(s.rejected.len(), 1);
         // The resource leaves the snapshot (an incremental comparison of the touched name)...
         assert!(
-            s.diff(T, &set(&[]), Some(BTreeSet::from(["a"])), 2, "2".into())
-                .is_none()
+            s.diff(
+                T,
+                &set(&[]),
+                |_| true,
+                Some(BTreeSet::from(["a"])),
+                2,
+                "2".into()
+            )
+            .is_none()
         );
         assert!(s.rejected.is_empty());
         // ...or is missed by history and found gone in a full comparison.
-        s.diff(T, &set(&[("b", "1")]), None, 3, "3".into())
+        s.diff(T, &set(&[("b", "1")]), |_| true, None, 3, "3".into())
             .expect("b");
         let flight = s.in_flight.take().expect("in flight");
         s.rejected_in_flight(flight);
         assert_eq!(s.rejected.len(), 1);
         s.synced = 0;
-        assert!(s.diff(T, &set(&[]), None, 4, "4".into()).is_none());
+        assert!(
+            s.diff(T, &set(&[]), |_| true, None, 4, "4".into())
+                .is_none()
+        );
         assert!(s.rejected.is_empty());
     }
 

@@ -543,7 +543,14 @@ fn service_spec(dec: &mut Decoder<'_>, field: Field<'_>, key: &ObjectKey) -> Opt
     let f = dec.fields(
         field.node,
         field.path(),
-        &["hostnames", "vips", "ports", "selector", "routes"],
+        &[
+            "hostnames",
+            "vips",
+            "ports",
+            "selector",
+            "routes",
+            "exportTo",
+        ],
     )?;
     let hostnames = f.get("hostnames").map(|field| {
         unique_list(dec, field, "hostname", |dec, f| {
@@ -568,6 +575,7 @@ fn service_spec(dec: &mut Decoder<'_>, field: Field<'_>, key: &ObjectKey) -> Opt
     let routes = f
         .get("routes")
         .map(|field| routes(dec, field, &key.namespace, known_hosts.as_deref()));
+    let export_to = f.get("exportTo").map(|field| export_to(dec, field, key));
 
     if let (Some(ports), Some(Some(routes)), Some(routes_field)) =
         (&ports, &routes, f.get("routes"))
@@ -591,7 +599,46 @@ fn service_spec(dec: &mut Decoder<'_>, field: Field<'_>, key: &ObjectKey) -> Opt
         ports: ports?,
         selector: or_default(selector, BTreeMap::new())?,
         routes: or_default(routes, Vec::new())?,
+        export_to: or_default(export_to, None)?,
     })
+}
+
+/// `exportTo`, as Istio spells it: `"*"` (every namespace, the default), `"."` (the service's
+/// own) or namespace names. Resolved to a set of namespaces, or `None` for every one. Istio's
+/// `"~"` (no namespace) is not offered: a service nobody may call is better removed.
+fn export_to(
+    dec: &mut Decoder<'_>,
+    field: Field<'_>,
+    key: &ObjectKey,
+) -> Option<Option<BTreeSet<String>>> {
+    let entries = unique_list(dec, field, "namespace", |dec, f| {
+        dec.checked_string(f, |s| match s {
+            "*" | "." => Ok(()),
+            _ => check_dns_label(s).map_err(|e| {
+                format!("must be \"*\", \".\" or a namespace name, and namespace {e}")
+            }),
+        })
+    })?;
+    if entries.iter().any(|e| e == "*") {
+        if entries.len() > 1 {
+            dec.invalid(
+                field,
+                "\"*\" exports to every namespace; listing others beside it is a mistake",
+            );
+            return None;
+        }
+        return Some(None);
+    }
+    if entries.is_empty() {
+        // As in Istio, an empty list is the default.
+        return Some(None);
+    }
+    Some(Some(
+        entries
+            .into_iter()
+            .map(|e| if e == "." { key.namespace.clone() } else { e })
+            .collect(),
+    ))
 }
 
 const PROTOCOLS: [(&str, Protocol); 4] = [

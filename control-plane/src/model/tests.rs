@@ -1676,3 +1676,34 @@ spec:
         "spec.routes[0].timeout",
     );
 }
+
+#[test]
+fn export_to_resolves_namespaces_and_refuses_nonsense() {
+    let exported = |list: &str| format!("{SERVICE}  exportTo: {list}\n");
+    let key = ObjectKey::new("demo", "articles");
+    let m = model(&exported("[\".\", shop]"));
+    let spec = &m.services[&key].spec;
+    assert!(spec.visible_in("demo") && spec.visible_in("shop"));
+    assert!(!spec.visible_in("other"));
+    assert!(
+        model(&exported("[\"*\"]")).services[&key]
+            .spec
+            .export_to
+            .is_none()
+    );
+    assert!(model(SERVICE).services[&key].spec.visible_in("anywhere"));
+    assert_one(
+        &errors(&exported("[\"*\", shop]")),
+        10,
+        13,
+        ErrorKind::InvalidValue,
+        "spec.exportTo",
+    );
+    assert_one(
+        &errors(&exported("[Shop_1]")),
+        10,
+        14,
+        ErrorKind::InvalidValue,
+        "spec.exportTo[0]",
+    );
+}
