@@ -1010,7 +1010,9 @@ impl Balancer {
                     .and_then(|p| p.outlier_detection.as_ref())
                     .is_none_or(|old| old.interval != o.interval);
                 if interval_changed || control.next_tick.is_none() {
-                    control.next_tick = Some(Instant::now() + o.interval);
+                    // An interval too long for the clock means no tick is ever due (the config
+                    // builder caps it, but the clock arithmetic must not panic regardless).
+                    control.next_tick = Instant::now().checked_add(o.interval);
                 }
             }
         }
@@ -1074,7 +1076,7 @@ impl Balancer {
                 self.metrics.ejection_overflow(&self.service);
             }
             changed |= tick.changed();
-            control.next_tick = Some(now + config.interval);
+            control.next_tick = now.checked_add(config.interval);
         }
         if changed {
             self.rebuild(&mut control);

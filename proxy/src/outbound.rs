@@ -437,7 +437,8 @@ impl HttpOutbound {
         let policy = dest.retry_policy();
         let idempotent = resilience::is_idempotent(&parts.method);
         let body = RequestBody::new(pool::incoming(body));
-        let deadline = dest.timeout.map(|t| started + t);
+        // A timeout too long for the clock is no deadline (the config builder caps it anyway).
+        let deadline = dest.timeout.and_then(|t| started.checked_add(t));
         let traffic = &dest.service.traffic_policy;
         let options = Connect {
             timeout: traffic.connect_timeout,

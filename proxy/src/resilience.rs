@@ -208,7 +208,7 @@ impl ServiceLimits {
         deadline: Option<Instant>,
     ) -> Result<LimitPermit, RetryDenied> {
         let now = Instant::now();
-        if deadline.is_some_and(|d| now + wait >= d) {
+        if deadline.is_some_and(|d| now.checked_add(wait).is_none_or(|t| t >= d)) {
             return Err(RetryDenied::Deadline);
         }
         self.admit_retry_at(now)

@@ -1,10 +1,12 @@
 //! The proxy's view of the model: validated mesh resources turned into the proto resources of the
 //! discovery stream, each encoded once and versioned by a hash of its bytes.
 //!
-//! Services, endpoints, routes and traffic policies are the same for every proxy (every service
-//! in the mesh is visible to every proxy, as in Istio without a `Sidecar` resource) and are built
-//! once per snapshot. Mesh settings and inbound authorization depend on the proxy's workload and
-//! are built per proxy.
+//! Services, endpoints, routes and traffic policies are the same for every proxy that sees them
+//! and are built once per snapshot; which proxies see a service is its `exportTo` (every
+//! namespace by default, as in Istio), applied per stream when it compares what the proxy holds
+//! ([`crate::store::Snapshot::visible`]), so visibility costs no copy per namespace. Mesh
+//! settings (with the workload's mTLS mode) and inbound authorization depend on the proxy's
+//! workload and are built per proxy.
 //!
 //! Nothing here may fail: the model was validated, so every conversion is total.
 

@@ -419,9 +419,28 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     /// Evaluated in order; a request that matches none goes to this service itself.
     pub routes: Vec<Route>,
+    /// The namespaces whose proxies may see and call this service (Istio's `exportTo`);
+    /// `None`, the default, is every namespace.
+    pub export_to: Option<std::collections::BTreeSet<String>>,
 }
 
 impl ServiceSpec {
+    /// Whether proxies in `namespace` see this service.
+    pub fn visible_in(&self, namespace: &str) -> bool {
+        self.export_to
+            .as_ref()
+            .is_none_or(|namespaces| namespaces.contains(namespace))
+    }
+
+    /// Whether every namespace that sees `other` sees this service too.
+    pub fn visible_wherever(&self, other: &ServiceSpec) -> bool {
+        match (&self.export_to, &other.export_to) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => theirs.is_subset(mine),
+        }
+    }
+
     /// The hostnames a service gets when its YAML lists none.
     pub fn default_hostnames(key: &ObjectKey) -> Vec<String> {
         vec![

@@ -1661,3 +1661,76 @@ i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].kind, ErrorKind::Syntax);
 }
+
+/// A duration past its field's ceiling is refused where it is written: the proxy would compute
+/// `now + interval` with it and overflow.
+#[test]
+fn durations_past_their_ceiling_are_refused() {
+    let text = format!(
+        "{SERVICE}---
+apiVersion: keel.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: articles, namespace: demo}}
+spec:
+  targetRef: {{service: articles}}
+  outlierDetection: {{consecutive5xx: 3, consecutiveGatewayErrors: 2, interval: 5s}}
+"
+    );
+    // Within the ceiling (an hour): accepted.
+    model(&text.replace("interval: 5s", "interval: 1h"));
+    let errors = errors(&text.replace("interval: 5s", "interval: 100000000h"));
+    assert_one(
+        &errors,
+        16,
+        80,
+        ErrorKind::InvalidValue,
+        "spec.outlierDetection.interval",
+    );
+    assert!(
+        errors[0]
+            .reason
+            .contains("longer than the most this field allows, 1h"),
+        "{}",
+        errors[0]
+    );
+    // Every duration field has one.
+    let text = ROUTED.replace("timeout: 5s", "timeout: 25h");
+    assert_one(
+        &errors_of(&text),
+        13,
+        14,
+        ErrorKind::InvalidValue,
+        "spec.routes[0].timeout",
+    );
+}
+
+#[test]
+fn export_to_resolves_namespaces_and_refuses_nonsense() {
+    let exported = |list: &str| format!("{SERVICE}  exportTo: {list}\n");
+    let key = ObjectKey::new("demo", "articles");
+    let m = model(&exported("[\".\", shop]"));
+    let spec = &m.services[&key].spec;
+    assert!(spec.visible_in("demo") && spec.visible_in("shop"));
+    assert!(!spec.visible_in("other"));
+    assert!(
+        model(&exported("[\"*\"]")).services[&key]
+            .spec
+            .export_to
+            .is_none()
+    );
+    assert!(model(SERVICE).services[&key].spec.visible_in("anywhere"));
+    assert_one(
+        &errors(&exported("[\"*\", shop]")),
+        10,
+        13,
+        ErrorKind::InvalidValue,
+        "spec.exportTo",
+    );
+    assert_one(
+        &errors(&exported("[Shop_1]")),
+        10,
+        14,
+        ErrorKind::InvalidValue,
+        "spec.exportTo[0]",
+    );
+}

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Method};
 use ipnet::IpNet;
+use keel_proto::limits;
 use keel_proto::spiffe::SpiffeId;
 use keel_proto::v1 as pb;
 use regex::Regex;
@@ -126,22 +127,32 @@ fn unicast_ip(at: Path<'_>, value: &str) -> Checked<IpAddr> {
     Ok(addr)
 }
 
-fn duration(at: Path<'_>, value: prost_types::Duration) -> Checked<Duration> {
-    Duration::try_from(value).map_err(|e| {
+/// A duration of at most `max`, one of the ceilings of [`keel_proto::limits`]: the control plane
+/// refuses longer ones too, but a proxy checks what it is sent rather than trust it, since a huge
+/// value would overflow the clock arithmetic it feeds (`Instant + interval`).
+fn duration(at: Path<'_>, value: prost_types::Duration, max: Duration) -> Checked<Duration> {
+    let d = Duration::try_from(value).map_err(|e| {
         at.error(Problem::BadDuration {
             reason: e.to_string(),
         })
-    })
+    })?;
+    if d > max {
+        return Err(at.error(Problem::BadDuration {
+            reason: format!("{d:?} is longer than the most this field allows, {max:?}"),
+        }));
+    }
+    Ok(d)
 }
 
 /// Absent or zero: `None` (as in Envoy, a zero timeout means "no timeout").
 fn optional_duration(
     at: Path<'_>,
     value: Option<prost_types::Duration>,
+    max: Duration,
 ) -> Checked<Option<Duration>> {
     match value {
         None => Ok(None),
-        Some(d) => Ok(Some(duration(at, d)?).filter(|d| !d.is_zero())),
+        Some(d) => Ok(Some(duration(at, d, max)?).filter(|d| !d.is_zero())),
     }
 }
 
@@ -150,8 +161,9 @@ fn duration_or(
     at: Path<'_>,
     value: Option<prost_types::Duration>,
     default: Duration,
+    max: Duration,
 ) -> Checked<Duration> {
-    Ok(optional_duration(at, value)?.unwrap_or(default))
+    Ok(optional_duration(at, value, max)?.unwrap_or(default))
 }
 
 fn percent(at: Path<'_>, value: u32) -> Checked<u8> {
@@ -807,7 +819,11 @@ impl RetryPolicy {
     pub const DEFAULT_ATTEMPTS: u32 = 1;
 
     fn from_proto(at: Path<'_>, r: pb::RetryPolicy) -> Checked<RetryPolicy> {
-        let per_try_timeout = optional_duration(at.field("per_try_timeout"), r.per_try_timeout)?;
+        let per_try_timeout = optional_duration(
+            at.field("per_try_timeout"),
+            r.per_try_timeout,
+            limits::REQUEST_TIMEOUT,
+        )?;
 
         let on_at = at.field("retry_on");
         let mut seen = Unique::new();
@@ -859,12 +875,14 @@ impl RetryPolicy {
             at.field("backoff_base"),
             r.backoff_base,
             Self::DEFAULT_BACKOFF_BASE,
+            limits::RETRY_BACKOFF,
         )?;
         // Envoy's default: ten times the base.
         let backoff_max = duration_or(
             at.field("backoff_max"),
             r.backoff_max,
-            backoff_base.saturating_mul(10),
+            backoff_base.saturating_mul(10).min(limits::RETRY_BACKOFF),
+            limits::RETRY_BACKOFF,
         )?;
         if backoff_max < backoff_base {
             return Err(at.field("backoff_max").error(Problem::Inconsistent {
@@ -1015,7 +1033,7 @@ impl Route {
             matcher,
             destinations,
             total_weight,
-            timeout: optional_duration(at.field("timeout"), r.timeout)?,
+            timeout: optional_duration(at.field("timeout"), r.timeout, limits::REQUEST_TIMEOUT)?,
             retry: r
                 .retry
                 .map(|p| RetryPolicy::from_proto(at.field("retry"), p))
@@ -1351,16 +1369,23 @@ impl OutlierDetection {
     pub const DEFAULT_MIN_HEALTH_PERCENT: u8 = 50;
 
     fn from_proto(at: Path<'_>, o: pb::OutlierDetection) -> Checked<OutlierDetection> {
-        let interval = duration_or(at.field("interval"), o.interval, Self::DEFAULT_INTERVAL)?;
+        let interval = duration_or(
+            at.field("interval"),
+            o.interval,
+            Self::DEFAULT_INTERVAL,
+            limits::OUTLIER_INTERVAL,
+        )?;
         let base_ejection_time = duration_or(
             at.field("base_ejection_time"),
             o.base_ejection_time,
             Self::DEFAULT_BASE_EJECTION_TIME,
+            limits::EJECTION_TIME,
         )?;
         let max_ejection_time = duration_or(
             at.field("max_ejection_time"),
             o.max_ejection_time,
             Self::DEFAULT_MAX_EJECTION_TIME.max(base_ejection_time),
+            limits::EJECTION_TIME,
         )?;
         if max_ejection_time < base_ejection_time {
             return Err(at.field("max_ejection_time").error(Problem::Inconsistent {
@@ -1730,6 +1755,7 @@ impl TrafficPolicy {
                     root.field("retry_budget").field("ttl"),
                     b.ttl,
                     RetryBudget::DEFAULT_TTL,
+                    limits::RETRY_BUDGET_TTL,
                 )?,
             },
         };
@@ -1737,11 +1763,14 @@ impl TrafficPolicy {
             root.field("connect_timeout"),
             p.connect_timeout,
             Self::DEFAULT_CONNECT_TIMEOUT,
+            limits::CONNECT_TIMEOUT,
         )?;
         // Absent: the default; zero: never (as Envoy's idle_timeout of 0 disables it).
         let idle_timeout = match p.idle_timeout {
             None => Some(Self::DEFAULT_IDLE_TIMEOUT),
-            Some(d) => optional_duration(root.field("idle_timeout"), Some(d))?,
+            Some(d) => {
+                optional_duration(root.field("idle_timeout"), Some(d), limits::IDLE_TIMEOUT)?
+            }
         };
         Ok(TrafficPolicy {
             service: p.service,

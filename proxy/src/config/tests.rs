@@ -1024,6 +1024,35 @@ fn other_malformed_values_are_rejected() {
         "connect_timeout",
         |p| matches!(p, Problem::BadDuration { .. }),
     );
+
+    // A duration the control plane should never send, but which would overflow `now + interval`
+    // in the balancer: refused, whatever sent it.
+    let mut p = policy("demo/articles");
+    p.outlier_detection = Some(pb::OutlierDetection {
+        interval: Some(prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    let e = rejected(&mut b, &policies(p));
+    assert_invalid(
+        &e,
+        ResourceKind::TrafficPolicy,
+        "demo/articles",
+        "outlier_detection.interval",
+        |p| matches!(p, Problem::BadDuration { reason } if reason.contains("longer than")),
+    );
+    let mut p = policy("demo/articles");
+    p.outlier_detection = Some(pb::OutlierDetection {
+        interval: Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    // An hour is within the ceiling.
+    applied(&mut b, &policies(p));
 }
 
 #[test]
