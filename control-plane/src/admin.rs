@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `GET /live` | 200 while the process serves |
 //! | `GET /ready` | 200 once a valid mesh configuration has been loaded, else 503 |
-//! | `GET /status` | JSON: snapshot version, source state (with the rejected state's errors), connected proxies |
+//! | `GET /status` | JSON: snapshot version, source state (with the rejected state's errors), connected proxies, the last few disconnected ones |
 //! | `POST /apply?name=FILE` | body: mesh YAML, or JSON `{"files": [{"name", "yaml"}]}` for several files applied as one change. 200 with what changed, 422 with validation errors |
 //! | `GET /ca` | JSON: the CA's roots, which signs, each proxy's newest unexpired certificate (and whether it is connected), and for each root why it may not sign or be removed yet |
 //! | `GET /ca/bundle.pem` | the trust bundle, PEM (what `keel-proxy --ca-root-file` takes) |
@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::discovery::{ProxyRegistry, ProxyStatus, resources};
+use crate::discovery::{DisconnectedProxy, ProxyRegistry, ProxyStatus, resources};
 use crate::identity::{BootstrapTokens, CaError, CertificateAuthority, rotation};
 use crate::source::apply::{self, ApplyError};
 use crate::source::file::DirectoryLoader;
@@ -46,6 +46,8 @@ pub struct Status {
     pub resources: BTreeMap<&'static str, usize>,
     pub source: SourceStatus,
     pub proxies: Vec<ProxyStatus>,
+    /// The last few proxies whose stream ended, newest first, with their last error.
+    pub recently_disconnected: Vec<DisconnectedProxy>,
 }
 
 #[derive(Clone)]
@@ -98,6 +100,7 @@ impl Admin {
                 .collect(),
             source: self.store.source_status(),
             proxies: self.registry.list(),
+            recently_disconnected: self.registry.recently_disconnected(),
         }
     }
 

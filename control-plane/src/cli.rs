@@ -567,9 +567,39 @@ fn render_status(s: &serde_json::Value) -> String {
     }
     let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "\nProxies: {}", proxies.len());
-    if proxies.is_empty() {
-        return out;
+    if !proxies.is_empty() {
+        render_proxies(&mut out, &proxies);
     }
+    let gone = s["recently_disconnected"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !gone.is_empty() {
+        let _ = writeln!(out, "\nRecently disconnected: {}", gone.len());
+        let _ = writeln!(
+            out,
+            "{:<32} {:<22} {:>5}  {:<40}  LAST ERROR",
+            "PROXY", "DISCONNECTED", "NACKS", "ENDED"
+        );
+        for p in gone {
+            let _ = writeln!(
+                out,
+                "{:<32} {:<22} {:>5}  {:<40}  {}",
+                str_of(&p["id"]),
+                str_of(&p["disconnected_at"]),
+                p["nacks_total"],
+                p["end_reason"].as_str().unwrap_or("closed by the proxy"),
+                p["last_error"].as_str().unwrap_or("")
+            );
+        }
+    }
+    out
+}
+
+/// The table of connected proxies.
+fn render_proxies(out: &mut String, proxies: &[serde_json::Value]) {
+    use std::fmt::Write;
+    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
     let _ = writeln!(
         out,
         "{:<32} {:<20} {:<22} {:<40} {:>5}  LAST ERROR",
@@ -598,7 +628,6 @@ fn render_status(s: &serde_json::Value) -> String {
             p["last_error"].as_str().unwrap_or("")
         );
     }
-    out
 }
 
 async fn request(

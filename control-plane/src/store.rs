@@ -28,6 +28,12 @@ use crate::model::{Model, ModelChange, ObjectKey, ValidationErrors, Workload};
 /// state instead of the names the deltas touched.
 const HISTORY: usize = 64;
 
+/// How long a snapshot displaced from `Store::retired` waits before it is freed: past the fan-out
+/// of the change that displaced it.
+const RETIRE_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+/// At most this many displaced snapshots wait to be freed.
+const GRAVEYARD: usize = 8;
+
 /// The resources of one type, by name.
 pub type TypeSet = Arc<BTreeMap<String, Arc<VersionedResource>>>;
 
@@ -57,8 +63,12 @@ pub struct Snapshot {
     /// The CA's roots, which every proxy's MeshConfig carries (empty without a CA).
     pub trust: Arc<TrustBundle>,
     /// Resources that every proxy sees the same way (services, endpoints, routes, traffic
-    /// policies), encoded once.
+    /// policies), encoded once. A proxy is sent those of the services visible in its namespace
+    /// ([`Snapshot::visible`]).
     pub shared: BTreeMap<TypeUrl, TypeSet>,
+    /// The services exported to some namespaces only (`exportTo`), by resource name; every
+    /// other service is visible everywhere. Empty in a mesh that restricts nothing.
+    pub exports: Arc<BTreeMap<String, Arc<BTreeSet<String>>>>,
     /// The deltas that led here, oldest first, ending with the one to `version`.
     deltas: VecDeque<Arc<Delta>>,
     pub created: SystemTime,
@@ -126,6 +136,30 @@ impl Snapshot {
                 delta.node_wide = true;
             }
         }
+        // A service whose visibility changed is, for the proxies that gain or lose it, added or
+        // removed in every shared type, though no resource of it changed.
+        let exports = exports_of(&model);
+        let empty = BTreeMap::new();
+        let before = previous.map_or(&empty, |p| &*p.exports);
+        let moved: BTreeSet<&String> = exports
+            .iter()
+            .filter(|(name, set)| before.get(*name) != Some(set))
+            .map(|(name, _)| name)
+            .chain(before.keys().filter(|name| !exports.contains_key(*name)))
+            .collect();
+        if !moved.is_empty() {
+            for type_url in resources::SHARED_TYPES {
+                delta
+                    .touched
+                    .entry(type_url)
+                    .or_default()
+                    .extend(moved.iter().map(|n| (*n).clone()));
+            }
+        }
+        let exports = match previous {
+            Some(p) if *p.exports == exports => p.exports.clone(),
+            _ => Arc::new(exports),
+        };
         let mut deltas = previous.map(|p| p.deltas.clone()).unwrap_or_default();
         if previous.is_some() {
             deltas.push_back(Arc::new(delta));
@@ -139,9 +173,17 @@ impl Snapshot {
             model,
             trust,
             shared,
+            exports,
             deltas,
             created: SystemTime::now(),
         }
+    }
+
+    /// Whether proxies in `namespace` see the shared resources named `name` (a service's).
+    pub fn visible(&self, name: &str, namespace: &str) -> bool {
+        self.exports
+            .get(name)
+            .is_none_or(|namespaces| namespaces.contains(namespace))
     }
 
     /// Whether proxies originate mTLS, that is whether the control plane runs a CA.
@@ -191,6 +233,15 @@ impl Snapshot {
     pub fn counts(&self) -> BTreeMap<TypeUrl, usize> {
         self.shared.iter().map(|(t, s)| (*t, s.len())).collect()
     }
+}
+
+/// The services of `model` exported to some namespaces only, by resource name.
+fn exports_of(model: &Model) -> BTreeMap<String, Arc<BTreeSet<String>>> {
+    model
+        .services
+        .iter()
+        .filter_map(|(key, s)| Some((key.to_string(), Arc::new(s.spec.export_to.clone()?))))
+        .collect()
 }
 
 /// The state of the source feeding the store, for `keelctl status`.
@@ -293,8 +344,11 @@ pub struct Store {
     anchor_since: Mutex<std::collections::HashMap<String, u64>>,
     /// The snapshot replaced by the newest one, kept until the next publish. Streams let go of
     /// it as they take the new one; if the last of them dropped it, that stream would free a
-    /// whole model in the middle of the fan-out. The publisher frees it instead, a change later.
+    /// whole model in the middle of the fan-out. The publisher frees it instead, a change later
+    /// (and off the runtime's threads, see [`Store::retire`]).
     retired: Mutex<Option<Arc<Snapshot>>>,
+    /// Snapshots displaced from `retired`, freed together a little later (see [`Store::retire`]).
+    graveyard: Arc<Mutex<Vec<Arc<Snapshot>>>>,
 }
 
 impl Store {
@@ -327,6 +381,7 @@ impl Store {
             status: Mutex::new(SourceStatus::default()),
             anchor_since: Mutex::default(),
             retired: Mutex::default(),
+            graveyard: Arc::default(),
         })
     }
 
@@ -347,8 +402,11 @@ impl Store {
         let model = model.into();
         let mut version = 0;
         let mut replaced = None;
+        let started = std::time::Instant::now();
+        let mut built_at = None;
         self.snapshots.send_if_modified(|current| {
             let change = ModelChange::between(&current.model, &model);
+            let compared = started.elapsed();
             if current.loaded && change.is_empty() {
                 version = current.version;
                 return false;
@@ -362,10 +420,22 @@ impl Store {
             );
             version = next.version;
             tracing::info!(version, changes = ?summary(&next), "published mesh snapshot");
+            built_at = Some((compared, started.elapsed()));
             replaced = Some(std::mem::replace(current, Arc::new(next)));
             true
         });
+        let notified = started.elapsed();
         self.retire(replaced);
+        if let Some((compared, built)) = built_at {
+            tracing::debug!(
+                version,
+                compare_us = compared.as_micros() as u64,
+                build_us = (built - compared).as_micros() as u64,
+                notify_us = (notified - built).as_micros() as u64,
+                retire_us = (started.elapsed() - notified).as_micros() as u64,
+                "snapshot publish timings"
+            );
+        }
         let mut status = self.lock_status();
         status.last_good = Some(SystemTime::now());
         status.rejected = None;
@@ -406,13 +476,38 @@ impl Store {
     }
 
     /// Keeps `replaced` until the next change, freeing the one it displaces (see `retired`).
+    ///
+    /// Freeing a snapshot frees its model's maps, milliseconds of work in a large mesh; done
+    /// here it would hold a runtime thread while the streams send the change it just published.
+    /// Inside a runtime it is therefore done [`RETIRE_DELAY`] later, on a blocking thread.
     fn retire(&self, replaced: Option<Arc<Snapshot>>) {
-        if replaced.is_some() {
-            let older = std::mem::replace(
-                &mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()),
-                replaced,
-            );
+        if replaced.is_none() {
+            return;
+        }
+        let Some(older) = std::mem::replace(
+            &mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()),
+            replaced,
+        ) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             drop(older);
+            return;
+        };
+        let mut graveyard = self.graveyard.lock().unwrap_or_else(|e| e.into_inner());
+        if graveyard.len() >= GRAVEYARD {
+            // Changes come faster than the delay: free the oldest now rather than pile up models.
+            drop(graveyard.remove(0));
+        }
+        graveyard.push(older);
+        if graveyard.len() == 1 {
+            let graveyard = self.graveyard.clone();
+            runtime.spawn(async move {
+                tokio::time::sleep(RETIRE_DELAY).await;
+                let dead =
+                    std::mem::take(&mut *graveyard.lock().unwrap_or_else(|e| e.into_inner()));
+                drop(tokio::task::spawn_blocking(move || drop(dead)));
+            });
         }
     }
 

@@ -267,3 +267,203 @@ async fn unreachable_control_plane_is_a_clear_error() {
         text(&out.stderr)
     );
 }
+
+/// A proxy's discovery stream, by hand: it ACKs every response, except that it NACKs the first
+/// `nack` type it is sent.
+struct Proxy {
+    requests: tokio::sync::mpsc::Sender<keel_proto::v1::DiscoveryRequest>,
+    responses: tonic::Streaming<keel_proto::v1::DiscoveryResponse>,
+}
+
+impl Proxy {
+    async fn connect(addr: SocketAddr, workload: &str) -> Proxy {
+        use keel_proto::v1::{DiscoveryRequest, Node, discovery_client::DiscoveryClient};
+        let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let (requests, rx) = tokio::sync::mpsc::channel(16);
+        for (i, t) in keel_proto::v1::type_url::ALL.into_iter().enumerate() {
+            let node = Node {
+                id: format!("{workload}.demo"),
+                workload: workload.to_owned(),
+                namespace: "demo".to_owned(),
+                locality: Some(keel_proto::v1::Locality {
+                    region: "r1".to_owned(),
+                    zone: "z1".to_owned(),
+                    subzone: String::new(),
+                }),
+                ..Node::default()
+            };
+            requests
+                .send(DiscoveryRequest {
+                    node: (i == 0).then_some(node),
+                    type_url: t.to_owned(),
+                    ..DiscoveryRequest::default()
+                })
+                .await
+                .expect("subscribe");
+        }
+        let responses = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("stream")
+            .into_inner();
+        Proxy {
+            requests,
+            responses,
+        }
+    }
+
+    /// Answers the first response of every type: ACKs, or a NACK for `nack`.
+    async fn answer_all(&mut self, nack: Option<&str>) {
+        use keel_proto::v1::{DiscoveryRequest, ErrorDetail};
+        for _ in keel_proto::v1::type_url::ALL {
+            let r =
+                tokio::time::timeout(std::time::Duration::from_secs(10), self.responses.message())
+                    .await
+                    .expect("a response in time")
+                    .expect("a response")
+                    .expect("the stream goes on");
+            let error_detail = (Some(r.type_url.as_str()) == nack).then(|| ErrorDetail {
+                code: 3,
+                message: "endpoint refused by the test".to_owned(),
+            });
+            let system_version = if error_detail.is_some() {
+                String::new()
+            } else {
+                r.system_version.clone()
+            };
+            self.requests
+                .send(DiscoveryRequest {
+                    type_url: r.type_url.clone(),
+                    response_nonce: r.nonce.clone(),
+                    system_version,
+                    error_detail,
+                    ..DiscoveryRequest::default()
+                })
+                .await
+                .expect("answer");
+        }
+    }
+}
+
+#[tokio::test]
+async fn status_shows_acked_versions_nacks_and_the_last_error_of_each_proxy() {
+    use keel_proto::v1::type_url;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("svc.yaml"), SERVICE).expect("write");
+    let (cp, admin) = control_plane(dir.path()).await;
+    let version = cp.store.current().version;
+
+    let mut good = Proxy::connect(cp.discovery_addr, "good").await;
+    good.answer_all(None).await;
+    let mut bad = Proxy::connect(cp.discovery_addr, "bad").await;
+    bad.answer_all(Some(type_url::ENDPOINTS)).await;
+    // Every answer has been taken in.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cp.registry.list().iter().all(|p| {
+        p.types.len() == type_url::ALL.len() && p.types.values().all(|t| t.pending_nonce.is_none())
+    }) {
+        assert!(std::time::Instant::now() < deadline, "answers not recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let out = keelctl(&["status", "--control-plane", &admin]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let human = text(&out.stdout);
+    assert!(human.contains("Proxies: 2"), "{human}");
+    let line = |id: &str| {
+        human
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("no line for {id} in:\n{human}"))
+            .to_owned()
+    };
+    let good_line = line("good.demo");
+    for t in [
+        "MeshConfig",
+        "Service",
+        "Endpoints",
+        "RouteTable",
+        "TrafficPolicy",
+        "AuthorizationPolicy",
+    ] {
+        assert!(good_line.contains(&format!("{t}={version}")), "{good_line}");
+    }
+    let columns: Vec<&str> = good_line.split_whitespace().collect();
+    assert_eq!(columns.get(4), Some(&"0"), "NACKS column: {good_line}");
+    let bad_line = line("bad.demo");
+    assert!(
+        bad_line.contains(&format!("Service={version}")),
+        "{bad_line}"
+    );
+    assert!(bad_line.contains("Endpoints=pending"), "{bad_line}");
+    let columns: Vec<&str> = bad_line.split_whitespace().collect();
+    assert_eq!(columns.get(4), Some(&"1"), "NACKS column: {bad_line}");
+    assert!(
+        bad_line.contains(&format!(
+            "NACK of version {version}: endpoint refused by the test"
+        )),
+        "{bad_line}"
+    );
+
+    let out = keelctl(&["status", "--control-plane", &admin, "-o", "json"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let proxies = json["proxies"].as_array().expect("proxies");
+    assert_eq!(proxies.len(), 2);
+    let by_id = |id: &str| {
+        proxies
+            .iter()
+            .find(|p| p["id"] == id)
+            .unwrap_or_else(|| panic!("{id} missing"))
+    };
+    let good_json = by_id("good.demo");
+    assert_eq!(good_json["nacks_total"], 0);
+    assert!(good_json["last_error"].is_null());
+    assert_eq!(good_json["types"]["Endpoints"]["acked_version"], version);
+    assert_eq!(good_json["types"]["Service"]["resources"], 1);
+    let bad_json = by_id("bad.demo");
+    assert_eq!(bad_json["nacks_total"], 1);
+    assert!(bad_json["types"]["Endpoints"]["acked_version"].is_null());
+    assert_eq!(bad_json["types"]["Service"]["acked_version"], version);
+    let nack = &bad_json["recent_nacks"][0];
+    assert_eq!(nack["type_url"], type_url::ENDPOINTS);
+    assert_eq!(nack["version"], version);
+    assert!(
+        nack["kept_version"].is_null(),
+        "it had applied no Endpoints"
+    );
+    assert_eq!(nack["message"], "endpoint refused by the test");
+    assert!(
+        bad_json["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("endpoint refused by the test"))
+    );
+
+    // Once the NACKing proxy goes, its history stays visible.
+    drop(bad);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cp.registry.list().len() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream did not end"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let out = keelctl(&["status", "--control-plane", &admin]).await;
+    let human = text(&out.stdout);
+    assert!(human.contains("Recently disconnected: 1"), "{human}");
+    let gone = human
+        .lines()
+        .skip_while(|l| !l.starts_with("Recently disconnected"))
+        .find(|l| l.starts_with("bad.demo"))
+        .unwrap_or_else(|| panic!("bad.demo not among the disconnected:\n{human}"));
+    assert!(gone.contains("endpoint refused by the test"), "{gone}");
+    let out = keelctl(&["status", "--control-plane", &admin, "-o", "json"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let gone = &json["recently_disconnected"][0];
+    assert_eq!(gone["id"], "bad.demo");
+    assert_eq!(gone["nacks_total"], 1);
+    assert!(gone["disconnected_at"].is_string());
+}

@@ -1,8 +1,10 @@
 //! The contract between keel's control plane and its proxies: the `Discovery`
 //! stream (xDS-style, incremental, ACK/NACK) and the `Identity` service.
 //!
-//! Generated code, plus the one piece of the contract both sides must parse alike: SPIFFE IDs.
+//! Generated code, plus the pieces of the contract both sides must parse and check alike: SPIFFE
+//! IDs and the ceilings on durations.
 
+pub mod limits;
 pub mod spiffe;
 
 pub mod v1 {

@@ -12,11 +12,15 @@
 //! the endpoint is listed, whatever else about it changes.
 //!
 //! Algorithms, per `LoadBalancer`:
-//! - round robin: a precomputed smooth weighted schedule (nginx's), walked by an atomic index;
+//! - round robin: a precomputed smooth weighted schedule (stride scheduling), walked by an
+//!   atomic index;
 //! - least request: with equal weights, the less busy of two random endpoints (P2C); with unequal
 //!   weights, Envoy's earliest-deadline-first schedule over `weight / (active + 1)`, so a lighter
 //!   endpoint keeps its share instead of losing every comparison to a heavier one;
-//! - peak EWMA: the same, over the latency estimate times `active + 1` (Linkerd's cost);
+//! - peak EWMA: the same, over the latency estimate times `active + 1` (Linkerd's cost); the
+//!   estimate decays toward 0 with the time since its last sample, as tower's and Linkerd's do,
+//!   and a failed attempt counts as at least a fixed penalty (keel's addition: tower records a
+//!   failure at its own, often tiny, latency, which makes a fast-failing endpoint the cheapest);
 //! - random: weighted, by binary search over cumulative weights;
 //! - ring hash (1024 entries at least, proportional to weight) and Maglev (65537 slots), on the
 //!   request's hash key; requests without a key are placed at random.
@@ -61,8 +65,15 @@ const MAX_SCHEDULE: usize = 4096;
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// Peak EWMA: the estimate of an endpoint with no samples yet.
 const EWMA_DEFAULT: Duration = Duration::from_millis(1);
+/// Peak EWMA: the least a failed attempt (5xx, connect failure, reset, timeout) counts as. A
+/// failure is often fast (a refused connection, an immediate 503), and counted at its own
+/// elapsed time it would make a failing endpoint look like the cheapest one. Well above any
+/// healthy request in a mesh, so a failing endpoint loses P2C comparisons against healthy ones;
+/// without new failures the decay brings it back into play in about `EWMA_DECAY * ln(penalty /
+/// healthy latency)` (under a minute against 1 ms endpoints).
+const EWMA_FAILURE_PENALTY: Duration = Duration::from_millis(250);
 /// Envoy's default panic threshold when outlier detection does not set one.
-const DEFAULT_PANIC_THRESHOLD: u8 = 50;
+const DEFAULT_PANIC_THRESHOLD: u8 = OutlierDetection::DEFAULT_MIN_HEALTH_PERCENT;
 /// How many times a pick is redrawn to avoid endpoints a request already tried (Envoy's
 /// `host_selection_retry_max_attempts` for the previous-hosts predicate).
 const AVOID_REDRAWS: usize = 3;
@@ -93,21 +104,58 @@ impl EndpointStats {
         }
     }
 
-    /// Folds a latency sample into the peak EWMA: a slower sample replaces the estimate at once
-    /// (the "peak"), a faster one decays it with time.
-    fn observe(&self, latency: Duration) {
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        let sample = latency.as_nanos() as f64;
-        let prev = self.ewma_ns.load(Ordering::Relaxed) as f64;
-        let next = if prev == 0.0 || sample > prev {
-            sample
-        } else {
-            let elapsed = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
-            let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
-            prev * w + sample * (1.0 - w)
+    fn nanos_since_epoch(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The stored estimate decayed to `now` (nanoseconds), and whether there is one. As in
+    /// tower's and Linkerd's peak EWMA, reading the estimate decays it toward 0 with the time
+    /// since its last sample (`exp(-elapsed / EWMA_DECAY)`): an endpoint that was slow once and
+    /// then got no traffic grows cheaper until it is picked and measured again, instead of
+    /// losing every comparison for ever.
+    fn ewma_at(&self, now: Instant) -> Option<f64> {
+        let stored = self.ewma_ns.load(Ordering::Relaxed);
+        if stored == 0 {
+            return None;
+        }
+        let at = self.ewma_at.load(Ordering::Relaxed);
+        let elapsed = self.nanos_since_epoch(now).saturating_sub(at) as f64;
+        // At least 1 ns, so that costs stay finite and comparable after a very long idle.
+        Some((stored as f64 * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()).max(1.0))
+    }
+
+    /// Folds a sample taken at `now` into the peak EWMA: a sample above the (decayed) estimate
+    /// replaces it at once (the "peak"), a lower one is blended in by the time since the last
+    /// sample. The two atomics are written one after the other; a pick reading between them
+    /// sees a slightly wrong decay for one comparison, which is harmless.
+    fn observe_at(&self, sample: Duration, now: Instant) {
+        let sample = sample.as_nanos() as f64;
+        let next = match self.ewma_at(now) {
+            None => sample,
+            Some(decayed) if sample > decayed => sample,
+            Some(_) => {
+                let stored = self.ewma_ns.load(Ordering::Relaxed) as f64;
+                let at = self.ewma_at.load(Ordering::Relaxed);
+                let elapsed = self.nanos_since_epoch(now).saturating_sub(at) as f64;
+                let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
+                stored * w + sample * (1.0 - w)
+            }
         };
-        self.ewma_ns.store(next as u64, Ordering::Relaxed);
-        self.ewma_at.store(now, Ordering::Relaxed);
+        // 0 means "no sample": a sample of 0 ns is stored as 1 ns.
+        self.ewma_ns.store((next as u64).max(1), Ordering::Relaxed);
+        self.ewma_at
+            .store(self.nanos_since_epoch(now), Ordering::Relaxed);
+    }
+
+    /// Records how an attempt that took `elapsed` ended: its latency, or, if it failed, at least
+    /// [`EWMA_FAILURE_PENALTY`].
+    fn observe_attempt(&self, elapsed: Duration, failed: bool, now: Instant) {
+        let sample = if failed {
+            elapsed.max(EWMA_FAILURE_PENALTY)
+        } else {
+            elapsed
+        };
+        self.observe_at(sample, now);
     }
 }
 
@@ -143,13 +191,20 @@ impl EndpointState {
         }
     }
 
-    /// Peak EWMA cost: estimated latency times the requests that would queue behind.
-    fn ewma_cost(&self) -> f64 {
-        let ewma = match self.stats.ewma_ns.load(Ordering::Relaxed) {
-            0 => EWMA_DEFAULT.as_nanos() as f64,
-            v => v as f64,
-        };
+    /// Peak EWMA cost at `now`: the decayed latency estimate times the requests that would queue
+    /// behind.
+    fn ewma_cost(&self, now: Instant) -> f64 {
+        let ewma = self
+            .stats
+            .ewma_at(now)
+            .unwrap_or(EWMA_DEFAULT.as_nanos() as f64);
         ewma * f64::from(self.in_flight() + 1)
+    }
+
+    /// Records an attempt that failed without an `InFlight` (an opaque connection that could
+    /// not be opened) for peak EWMA.
+    pub fn connect_failed(&self, elapsed: Duration) {
+        self.stats.observe_attempt(elapsed, true, Instant::now());
     }
 
     /// How the endpoint is labelled in metrics: its address, with its port if it has its own.
@@ -183,9 +238,13 @@ impl InFlight {
         &self.endpoint
     }
 
-    /// Records the response's latency (time to response headers) for peak EWMA.
-    pub fn responded(&self) {
-        self.endpoint.stats.observe(self.started.elapsed());
+    /// Records how the attempt ended for peak EWMA: the time to response headers of a
+    /// response, or a failure (a 5xx, a reset, a timeout, no connection), which counts as at
+    /// least [`EWMA_FAILURE_PENALTY`].
+    pub fn finished(&self, failed: bool) {
+        self.endpoint
+            .stats
+            .observe_attempt(self.started.elapsed(), failed, Instant::now());
     }
 
     /// Keeps `guard` until the request ends.
@@ -269,6 +328,11 @@ impl HostSet {
 
     /// One pick by `lb`; the set is not empty.
     fn pick(&self, lb: &LoadBalancer, hash: Option<u64>) -> usize {
+        self.pick_at(lb, hash, Instant::now)
+    }
+
+    /// [`HostSet::pick`] with the clock peak EWMA decays by (read only by peak EWMA).
+    fn pick_at(&self, lb: &LoadBalancer, hash: Option<u64>, now: impl Fn() -> Instant) -> usize {
         match (lb, hash) {
             (LoadBalancer::RingHash(_), Some(h)) => {
                 let at = self.ring.partition_point(|(point, _)| *point < h);
@@ -290,9 +354,13 @@ impl HostSet {
                 edf_pick(self, |e, w| f64::from(w) / f64::from(e.in_flight() + 1))
             }
             (LoadBalancer::PeakEwma, _) if self.equal_weights => {
-                p2c(&self.hosts, EndpointState::ewma_cost)
+                let now = now();
+                p2c(&self.hosts, |e| e.ewma_cost(now))
             }
-            (LoadBalancer::PeakEwma, _) => edf_pick(self, |e, w| f64::from(w) / e.ewma_cost()),
+            (LoadBalancer::PeakEwma, _) => {
+                let now = now();
+                edf_pick(self, |e, w| f64::from(w) / e.ewma_cost(now))
+            }
             // Random, and hashing balancers for a request that has no hash key.
             _ => self.weighted_random(rand::rng().random()),
         }
@@ -431,31 +499,33 @@ fn edf_pick(set: &HostSet, weight: impl Fn(&EndpointState, u32) -> f64) -> usize
     })
 }
 
-/// Nginx's smooth weighted round robin, unrolled into a schedule: each endpoint appears in
-/// proportion to its weight, interleaved rather than in runs.
+/// A smooth weighted round-robin cycle: each endpoint appears in proportion to its weight,
+/// interleaved rather than in runs. Endpoint `i`'s `k`-th turn of `w_i` sits at `(k + 1/2) / w_i`
+/// of the cycle, and the cycle is every turn in that order (ties by endpoint order): stride
+/// scheduling, whose turns of an endpoint are never more than about `total / w_i + n` apart.
+/// Nginx's smooth weighted round robin interleaves a little more evenly but costs
+/// O(endpoints) per turn, O(n²) per rebuild once endpoints outnumber [`MAX_SCHEDULE`]; this is
+/// a sort, O(t log t) for `t` turns, and a rebuild happens under the service's control lock on
+/// every ejection and return.
 fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
     let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
     // Scale weights down if the full cycle would be too long; every endpoint keeps at least 1.
     let scale = (total as f64 / MAX_SCHEDULE as f64).max(1.0);
-    let weights: Vec<i64> = weights
+    let weights: Vec<u64> = weights
         .iter()
-        .map(|w| ((f64::from(*w) / scale).round() as i64).max(1))
+        .map(|w| ((f64::from(*w) / scale).round() as u64).max(1))
         .collect();
-    let total: i64 = weights.iter().sum();
-    let mut current = vec![0i64; weights.len()];
-    let mut schedule = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        let mut best = 0;
-        for i in 0..weights.len() {
-            current[i] += weights[i];
-            if current[i] > current[best] {
-                best = i;
-            }
-        }
-        current[best] -= total;
-        schedule.push(best as u32);
+    // (2k + 1, w_i, i): the turn's position is (2k + 1) / (2 w_i).
+    let mut turns: Vec<(u64, u64, u32)> = Vec::with_capacity(weights.iter().sum::<u64>() as usize);
+    for (i, w) in weights.iter().enumerate() {
+        turns.extend((0..*w).map(|k| (2 * k + 1, *w, i as u32)));
     }
-    schedule
+    turns.sort_unstable_by(|a, b| {
+        (u128::from(a.0) * u128::from(b.1))
+            .cmp(&(u128::from(b.0) * u128::from(a.1)))
+            .then(a.2.cmp(&b.2))
+    });
+    turns.into_iter().map(|(_, _, i)| i).collect()
 }
 
 fn endpoint_hash(e: &EndpointState, salt: u64) -> u64 {
@@ -940,7 +1010,9 @@ impl Balancer {
                     .and_then(|p| p.outlier_detection.as_ref())
                     .is_none_or(|old| old.interval != o.interval);
                 if interval_changed || control.next_tick.is_none() {
-                    control.next_tick = Some(Instant::now() + o.interval);
+                    // An interval too long for the clock means no tick is ever due (the config
+                    // builder caps it, but the clock arithmetic must not panic regardless).
+                    control.next_tick = Instant::now().checked_add(o.interval);
                 }
             }
         }
@@ -1004,7 +1076,7 @@ impl Balancer {
                 self.metrics.ejection_overflow(&self.service);
             }
             changed |= tick.changed();
-            control.next_tick = Some(now + config.interval);
+            control.next_tick = now.checked_add(config.interval);
         }
         if changed {
             self.rebuild(&mut control);

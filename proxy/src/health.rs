@@ -22,12 +22,23 @@
 //! success.
 //!
 //! Where keel differs from Envoy, on purpose:
+//! - the control plane's default maximum ejection percentage is 100, not 10: with 10%, a zone
+//!   of two endpoints dying in a service of six keeps one dead endpoint unejected and most of
+//!   its zone's load, so locality failover never completes; the panic threshold (kept at
+//!   Envoy's 50%) is what stops ejection from leaving too few endpoints. The percentage is
+//!   counted over all of a service's endpoints, every priority included, as Envoy counts it;
 //! - at least one endpoint may always be ejected when none is (Envoy's `always_eject_one_host`),
-//!   unless the maximum ejection percentage is 0: with Envoy's default of 10%, services of fewer
+//!   unless the maximum ejection percentage is 0: with a configured 10%, services of fewer
 //!   than ten endpoints would otherwise never eject anything, and those are most services;
 //! - no `enforcing_*` percentages and no ejection jitter: a configured detector always enforces,
 //!   and a disabled one is simply absent;
 //! - no active health checks, so nothing but time returns an ejected endpoint.
+//!
+//! An endpoint that accepts requests and never answers produces an outcome only when a timeout
+//! ends one of its requests (a `Timeout`, counted as a 504): the route's timeout, or its retry
+//! policy's per-try timeout. Routes have neither by default (see `resilience`), so outlier
+//! detection ejects a hanging endpoint only on routes that set one; until then, least request
+//! (the default balancer) sends it fewer and fewer requests as its requests in flight pile up.
 //!
 //! Nothing here blocks, and nothing here is called with a lock the data path needs.
 

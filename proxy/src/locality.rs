@@ -16,8 +16,9 @@
 //! With `failover_priority` labels, an endpoint matching the first `k` of `N` labels gets
 //! priority `N - k`; if `failover` rules are set as well, the locality priority above refines it
 //! (`label priority * 5 + locality priority`). Priorities are then compacted to `0..n`.
-//! A `distribute` rule instead keeps every endpoint at priority 0 and weights localities; those
-//! it does not name receive nothing.
+//! A `distribute` rule whose `from` matches the caller instead keeps every endpoint at priority 0
+//! and weights localities; those it does not name receive nothing. A matching rule wins over
+//! `failover_priority` (as in Istio).
 //!
 //! Load per priority is Envoy's arithmetic (`recalculatePerPriorityState`, `distributeLoad`,
 //! `recalculatePerPriorityPanic` and `recalculateLoadInTotalPanic` in
@@ -41,7 +42,12 @@
 //!   load gradually, as Envoy does with EDS health) but are never *used*, not even in panic, and
 //!   the total-panic split counts only usable endpoints: a pod that is not ready is not a
 //!   candidate, whatever else fails;
-//! - there is no "degraded" state (keel has no active health checking that would produce one).
+//! - there is no "degraded" state (keel has no active health checking that would produce one);
+//! - a caller that no `distribute` rule's `from` matches gets the failover priorities above
+//!   (by locality, or by `failover_priority` labels), where Istio applies neither weights nor
+//!   priorities and spreads such a caller over every endpoint alike. Locality failover is on
+//!   (`enabled`); rules written for some callers' localities should not send every other caller
+//!   across regions.
 //!
 //! Everything here is a pure function of its inputs; it must never touch shared state.
 
@@ -100,7 +106,8 @@ pub fn place(
     let Some(policy) = policy.filter(|p| p.enabled) else {
         return Placement::flat(endpoints.len());
     };
-    // Istio: distribute and failover are exclusive, and a matching distribute rule wins.
+    // Istio: distribute and failover are exclusive, and a matching distribute rule wins. Where
+    // none matches, Istio applies nothing; keel falls through to failover (module docs).
     if let Some(rule) = policy
         .distribute
         .iter()
@@ -608,5 +615,53 @@ mod tests {
         let placed = place(&client("r2", "z1", ""), &refs, Some(&policy));
         assert_eq!(placed.locality_weight, None);
         assert_eq!(placed.levels, 2);
+    }
+
+    #[test]
+    fn a_caller_no_distribute_rule_matches_gets_failover_priorities() {
+        // Where Istio applies neither weights nor priorities to such a caller (every endpoint
+        // alike), keel places it as if there were no distribute rule.
+        let mut eps = [
+            endpoint("r1", "z1", ""),
+            endpoint("r1", "z2", ""),
+            endpoint("r2", "z1", ""),
+            endpoint("r2", "z2", ""),
+        ];
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        let pattern = |s: &str| LocalityPattern::new(s).expect("pattern");
+        let mut policy = failover();
+        policy.distribute.push(DistributeRule {
+            from: pattern("r1/*"),
+            to: BTreeMap::from([(pattern("r1/z1"), 50), (pattern("r1/z2"), 50)]),
+        });
+        // Matched: weighted, r2 emptied.
+        let matched = place(&client("r1", "z1", ""), &refs, Some(&policy));
+        assert_eq!(matched.priority, [Some(0), Some(0), None, None]);
+        assert_eq!(matched.locality_weight, Some(vec![50, 50, 0, 0]));
+        // Not matched: nothing emptied, nothing weighted, nearest first: its zone, its region,
+        // the other region.
+        let unmatched = place(&client("r2", "z2", ""), &refs, Some(&policy));
+        assert_eq!(unmatched.priority, [Some(2), Some(2), Some(1), Some(0)]);
+        assert_eq!(unmatched.locality_weight, None);
+        let mut without_rule = policy.clone();
+        without_rule.distribute.clear();
+        assert_eq!(
+            unmatched,
+            place(&client("r2", "z2", ""), &refs, Some(&without_rule))
+        );
+        // With failover_priority labels, those decide for the unmatched caller.
+        for (e, net) in eps.iter_mut().zip(["n1", "n2", "n2", "n1"]) {
+            e.labels.insert("net".into(), net.into());
+        }
+        let refs: Vec<&Endpoint> = eps.iter().collect();
+        policy.failover_priority = vec![FailoverLabel {
+            key: "net".into(),
+            value: Some("n2".into()),
+        }];
+        let by_label = place(&client("r2", "z2", ""), &refs, Some(&policy));
+        assert_eq!(by_label.priority, [Some(1), Some(0), Some(0), Some(1)]);
+        // The matched caller still gets its rule's weights.
+        let matched = place(&client("r1", "z1", ""), &refs, Some(&policy));
+        assert_eq!(matched.locality_weight, Some(vec![50, 50, 0, 0]));
     }
 }

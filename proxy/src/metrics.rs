@@ -489,7 +489,8 @@ impl Metrics {
             .inc();
     }
 
-    /// A retry the policy allowed was not made (`budget`, `max-retries`, `body-too-large`).
+    /// A retry the policy allowed was not made (`budget`, `max-retries`, `deadline`,
+    /// `body-too-large`).
     pub fn retry_skipped(&self, service: &str, reason: &str) {
         self.resilience
             .retries_skipped
@@ -618,7 +619,7 @@ impl Resilience {
         );
         registry.register(
             "retries_skipped",
-            "Retries the policy allowed but that were not made (budget, max-retries, body-too-large)",
+            "Retries the policy allowed but that were not made (budget, max-retries, deadline, body-too-large)",
             r.retries_skipped.clone(),
         );
         registry.register(

@@ -187,6 +187,7 @@ async fn opaque(
                 };
                 let addr = endpoint.socket_addr(&port);
                 let peer = endpoint.endpoint.mtls_peer();
+                let connecting = Instant::now();
                 match shared
                     .upstreams
                     .connect(addr, peer, Carried::Opaque, timeout)
@@ -202,6 +203,7 @@ async fn opaque(
                     Err(e) => {
                         tracing::debug!(service = service.name(), %addr, error = %e, "endpoint connect failed");
                         balancer.record(&endpoint, Outcome::ConnectFailed);
+                        endpoint.connect_failed(connecting.elapsed());
                         tried.push(endpoint);
                     }
                 }
@@ -445,7 +447,8 @@ impl HttpOutbound {
         let policy = dest.retry_policy();
         let idempotent = resilience::is_idempotent(&parts.method);
         let body = RequestBody::new(pool::incoming(body));
-        let deadline = dest.timeout.map(|t| started + t);
+        // A timeout too long for the clock is no deadline (the config builder caps it anyway).
+        let deadline = dest.timeout.and_then(|t| started.checked_add(t));
         let traffic = &dest.service.traffic_policy;
         let options = Connect {
             timeout: traffic.connect_timeout,
@@ -562,7 +565,10 @@ impl HttpOutbound {
                     .retry_skipped(dest.service.name(), "body-too-large");
                 return self.give_up(labels, started, last_answer, admitted);
             }
-            match balancer.limits().admit_retry() {
+            // A retry that would start at or past the deadline is not made, and spends no
+            // budget; the client gets the last attempt's own answer rather than a 504.
+            let wait = resilience::backoff(retries + 1, policy.backoff_base, policy.backoff_max);
+            match balancer.limits().admit_retry(wait, deadline) {
                 Ok(permit) => retry_permit = Some(permit),
                 Err(denied) => {
                     self.shared
@@ -572,10 +578,6 @@ impl HttpOutbound {
                 }
             }
             retries += 1;
-            let wait = resilience::backoff(retries, policy.backoff_base, policy.backoff_max);
-            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
-                return self.answer(labels, started, StatusCode::GATEWAY_TIMEOUT, "timeout");
-            }
             // The failed response (if any) is dropped before the retry.
             drop(last_answer);
             self.shared.metrics.retry(dest.service.name(), condition);
@@ -773,14 +775,17 @@ impl SendContext<'_> {
             (Some(p), None) => (Some(p), true),
             (_, d) => (d, false),
         };
+        // Every ending but a circuit breaker's refusal (not the endpoint's doing) feeds peak
+        // EWMA: a response by its latency (a 5xx as a failure), a failure by its penalty.
         match serve::with_timeout(limit, send).await {
             Ok(Ok(response)) => {
-                in_flight.responded();
+                in_flight.finished(response.status().is_server_error());
                 Attempt::Response(response, in_flight)
             }
             Ok(Err(UpstreamError::Overflow { limit, .. })) => Attempt::Overflow(limit),
             Ok(Err(e)) if e.before_request() => {
                 tracing::debug!(service = self.balancer.service(), %addr, error = %e, "endpoint unreachable");
+                in_flight.finished(true);
                 Attempt::Failed {
                     outcome: Outcome::ConnectFailed,
                     status: StatusCode::SERVICE_UNAVAILABLE,
@@ -789,18 +794,25 @@ impl SendContext<'_> {
             }
             Ok(Err(e)) => {
                 tracing::debug!(service = self.balancer.service(), %addr, error = %e, "upstream failed");
+                in_flight.finished(true);
                 Attempt::Failed {
                     outcome: Outcome::Reset,
                     status: StatusCode::BAD_GATEWAY,
                     reason: "upstream-reset",
                 }
             }
-            Err(_) if per_try => Attempt::Failed {
-                outcome: Outcome::Timeout,
-                status: StatusCode::GATEWAY_TIMEOUT,
-                reason: "timeout",
-            },
-            Err(_) => Attempt::DeadlineExceeded,
+            Err(_) if per_try => {
+                in_flight.finished(true);
+                Attempt::Failed {
+                    outcome: Outcome::Timeout,
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    reason: "timeout",
+                }
+            }
+            Err(_) => {
+                in_flight.finished(true);
+                Attempt::DeadlineExceeded
+            }
         }
     }
 }

@@ -26,7 +26,8 @@
 //!   sidecar answered that its app is unreachable): any method, it was not processed;
 //! - a reset, a timeout or a retriable status: only idempotent methods (RFC 9110 §9.2.2), since
 //!   the application may have acted on it. Envoy retries any method; keel does not, by default
-//!   and on purpose;
+//!   and on purpose; a route opts in with `retry_non_idempotent` (`retryNonIdempotent: true`),
+//!   for apps that deduplicate;
 //! - a retriable gRPC status (`grpc-status` in the response headers, i.e. a trailers-only
 //!   response): any method, since every gRPC call is a POST and listing gRPC codes is an explicit
 //!   choice for the route.
@@ -38,7 +39,16 @@
 //!
 //! **Timeouts**: the route's timeout bounds the whole request (every attempt and back-off) until
 //! the response headers; the per-try timeout bounds one attempt; connect and idle timeouts are
-//! applied by the connection pool.
+//! applied by the connection pool. Neither the route timeout nor the per-try timeout has a
+//! default, as in Istio and Linkerd: both run until the response headers, and a request may
+//! rightly wait long for its headers (a long poll or blocking query that answers when something
+//! changes, a long unary gRPC call); Envoy's 15 s route default cuts those off, which is why
+//! Istio turns it off. The cost: a hanging endpoint is cut off, retried around and ejected only
+//! on routes that set a per-try timeout (or a timeout), so set one wherever responses are
+//! quick. A retry whose back-off would end at or past the route's
+//! deadline is not made, and is refused before it spends any budget: the caller gets the last
+//! attempt's own answer (the upstream's response, or the proxy's error for that attempt), not a
+//! 504 for a retry that never happened.
 //!
 //! This module must never queue a request, and never hold a lock across an await.
 
@@ -88,6 +98,8 @@ pub enum RetryDenied {
     Budget,
     /// `max_retries` retries are already in flight.
     MaxRetries,
+    /// The back-off would end at or past the route's deadline.
+    Deadline,
 }
 
 impl RetryDenied {
@@ -95,6 +107,7 @@ impl RetryDenied {
         match self {
             RetryDenied::Budget => "budget",
             RetryDenied::MaxRetries => "max-retries",
+            RetryDenied::Deadline => "deadline",
         }
     }
 }
@@ -186,9 +199,19 @@ impl ServiceLimits {
         Ok(permit)
     }
 
-    /// Admits one retry: held until the retried attempt has an outcome.
-    pub fn admit_retry(self: &Arc<Self>) -> Result<LimitPermit, RetryDenied> {
-        self.admit_retry_at(Instant::now())
+    /// Admits one retry that would start after `wait`: held until the retried attempt has an
+    /// outcome. The route's `deadline` is checked first, so that a retry that could not finish
+    /// in time is refused without spending the budget or a `max_retries` slot.
+    pub fn admit_retry(
+        self: &Arc<Self>,
+        wait: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<LimitPermit, RetryDenied> {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now.checked_add(wait).is_none_or(|t| t >= d)) {
+            return Err(RetryDenied::Deadline);
+        }
+        self.admit_retry_at(now)
     }
 
     fn admit_retry_at(self: &Arc<Self>, now: Instant) -> Result<LimitPermit, RetryDenied> {
@@ -217,9 +240,12 @@ impl ServiceLimits {
 const BUDGET_SLOTS: usize = 10;
 
 /// Linkerd's retry budget, on atomics: the window (`ttl`) is cut into [`BUDGET_SLOTS`] slots,
-/// each counting the requests and retries of its stretch of time; a slot is reused (reset) when
-/// time comes round to it. Two retries racing for the last unit of budget may both pass: a
-/// budget is a bound on load, not an exact count.
+/// each counting the requests and retries of its stretch of time; a slot is reused (restarted)
+/// when time comes round to it. Two retries racing for the last unit of budget may both pass: a
+/// budget is a bound on load, not an exact count. No count is lost, though: each counter keeps
+/// the stretch it counts in the same atomic word as its count, so moving it on to a new stretch
+/// and counting in it are one step (a separate stretch index, reset after a compare-and-swap,
+/// let a deposit land between the swap and the reset and be wiped).
 #[derive(Debug)]
 struct Budget {
     epoch: Instant,
@@ -231,10 +257,58 @@ struct Budget {
 
 #[derive(Debug, Default)]
 struct BudgetSlot {
-    /// Which stretch of time it counts, plus one (0: none yet).
-    index: AtomicU64,
+    /// Slot words (see [`SlotWord`]) of requests and of retries.
     requests: AtomicU64,
     retries: AtomicU64,
+}
+
+/// Bits of a slot word that hold its count; the others hold its stamp, the stretch of time it
+/// counts plus one (0: none yet). 24 bits count up to 16.7 million a slot (a tenth of the
+/// window), and the count stops there rather than wrap; 40 bits of stamp last 34 years of
+/// uptime at the shortest slot (1 ms).
+const COUNT_BITS: u32 = 24;
+const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+const STAMP_MAX: u64 = u64::MAX >> COUNT_BITS;
+
+/// A stamp and a count in one `u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotWord(u64);
+
+impl SlotWord {
+    fn stamp_of(index: u64) -> u64 {
+        (index + 1).min(STAMP_MAX)
+    }
+
+    fn count_in(self, oldest: u64, newest: u64) -> u64 {
+        let stamp = self.0 >> COUNT_BITS;
+        if (Self::stamp_of(oldest)..=Self::stamp_of(newest)).contains(&stamp) {
+            self.0 & COUNT_MAX
+        } else {
+            0
+        }
+    }
+
+    /// The word after counting one more in stretch `index`: restarted at 1 if it counted an
+    /// older stretch; `None` (nothing to count) if it already counts a newer one, which happens
+    /// only to a caller whose clock reading is a whole window old.
+    fn bump(self, index: u64) -> Option<SlotWord> {
+        let stamp = Self::stamp_of(index);
+        let (seen, count) = (self.0 >> COUNT_BITS, self.0 & COUNT_MAX);
+        match seen.cmp(&stamp) {
+            std::cmp::Ordering::Less => Some(SlotWord((stamp << COUNT_BITS) | 1)),
+            std::cmp::Ordering::Equal => {
+                Some(SlotWord((stamp << COUNT_BITS) | (count + 1).min(COUNT_MAX)))
+            }
+            std::cmp::Ordering::Greater => None,
+        }
+    }
+}
+
+/// Counts one in stretch `index` of `counter`, in one atomic step.
+fn count_one(counter: &AtomicU64, index: u64) {
+    let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+        SlotWord(w).bump(index).map(|w| w.0)
+    });
 }
 
 impl Budget {
@@ -261,7 +335,8 @@ impl Budget {
         if self.ttl_ms.swap(ttl_ms, Ordering::Relaxed) != ttl_ms {
             // Slots of another length mean nothing now.
             for slot in &self.slots {
-                slot.index.store(0, Ordering::Relaxed);
+                slot.requests.store(0, Ordering::Release);
+                slot.retries.store(0, Ordering::Release);
             }
         }
     }
@@ -273,44 +348,28 @@ impl Budget {
             / slot_ms
     }
 
-    /// The slot counting `index`, reset if it counted an older stretch.
+    /// The slot that counts stretch `index`.
     fn slot(&self, index: u64) -> &BudgetSlot {
-        let slot = &self.slots[(index % BUDGET_SLOTS as u64) as usize];
-        let seen = slot.index.load(Ordering::Acquire);
-        if seen != index + 1
-            && slot
-                .index
-                .compare_exchange(seen, index + 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            slot.requests.store(0, Ordering::Release);
-            slot.retries.store(0, Ordering::Release);
-        }
-        slot
+        &self.slots[(index % BUDGET_SLOTS as u64) as usize]
     }
 
     fn deposit(&self, now: Instant) {
-        self.slot(self.index(now))
-            .requests
-            .fetch_add(1, Ordering::AcqRel);
+        let index = self.index(now);
+        count_one(&self.slot(index).requests, index);
     }
 
-    /// Requests and retries of the window ending at `now`.
+    /// Requests and retries of the window ending at `now`: its stretch and the nine before.
     fn window(&self, now: Instant) -> (u64, u64) {
-        let current = self.index(now) + 1;
-        let oldest = current.saturating_sub(BUDGET_SLOTS as u64 - 1).max(1);
-        self.slots
-            .iter()
-            .filter(|s| {
-                let i = s.index.load(Ordering::Acquire);
-                i >= oldest && i <= current
-            })
-            .fold((0, 0), |(r, w), s| {
-                (
-                    r + s.requests.load(Ordering::Acquire),
-                    w + s.retries.load(Ordering::Acquire),
-                )
-            })
+        let newest = self.index(now);
+        let oldest = newest.saturating_sub(BUDGET_SLOTS as u64 - 1);
+        self.slots.iter().fold((0, 0), |(r, w), s| {
+            let requests = SlotWord(s.requests.load(Ordering::Acquire));
+            let retries = SlotWord(s.retries.load(Ordering::Acquire));
+            (
+                r + requests.count_in(oldest, newest),
+                w + retries.count_in(oldest, newest),
+            )
+        })
     }
 
     /// The retries the window ending at `now` allows in all, and those it spent.
@@ -328,9 +387,8 @@ impl Budget {
         if spent >= allowed {
             return false;
         }
-        self.slot(self.index(now))
-            .retries
-            .fetch_add(1, Ordering::AcqRel);
+        let index = self.index(now);
+        count_one(&self.slot(index).retries, index);
         true
     }
 }
@@ -379,8 +437,8 @@ impl Drop for LimitPermit {
 // Retry decisions
 
 /// The policy of routes that have none: two retries, on connect failures (any method), and on
-/// resets and 503 (idempotent methods), with Envoy's back-off. `attempts: 0` on a route turns
-/// retries off.
+/// resets and 503 (idempotent methods), with Envoy's back-off, and no per-try timeout (see the
+/// module docs). `attempts: 0` on a route turns retries off.
 pub fn default_retry_policy() -> &'static RetryPolicy {
     static DEFAULT: LazyLock<RetryPolicy> = LazyLock::new(|| RetryPolicy {
         attempts: 2,
@@ -394,6 +452,7 @@ pub fn default_retry_policy() -> &'static RetryPolicy {
         retriable_grpc_codes: Vec::new(),
         backoff_base: RetryPolicy::DEFAULT_BACKOFF_BASE,
         backoff_max: RetryPolicy::DEFAULT_BACKOFF_BASE * 10,
+        retry_non_idempotent: false,
     });
     &DEFAULT
 }
@@ -419,12 +478,14 @@ pub enum Failure<'a> {
     Response(u16, &'a HeaderMap),
 }
 
-/// The condition under which `policy` retries `failure` (a metrics label), or `None`.
+/// The condition under which `policy` retries `failure` of a request whose method is (or is not)
+/// `idempotent` (a metrics label), or `None`.
 pub fn retry_condition(
     policy: &RetryPolicy,
     failure: Failure<'_>,
     idempotent: bool,
 ) -> Option<&'static str> {
+    let idempotent = idempotent || policy.retry_non_idempotent;
     let on = |c: RetryOn| policy.retry_on.contains(&c);
     let any_5xx = on(RetryOn::ServerError) || on(RetryOn::GatewayError);
     match failure {
@@ -698,7 +759,7 @@ mod tests {
         // No percent and no floor: no retries.
         let none = limits(CircuitBreaker::default(), budget(0, 0));
         drop(none.admit_request().expect("admit"));
-        assert!(none.admit_retry().is_err());
+        assert!(none.admit_retry(Duration::ZERO, None).is_err());
         // max_retries caps retries in flight whatever the budget.
         let capped = limits(
             CircuitBreaker {
@@ -707,11 +768,48 @@ mod tests {
             },
             RetryBudget::default(),
         );
-        let one = capped.admit_retry().expect("first");
-        assert_eq!(capped.admit_retry().err(), Some(RetryDenied::MaxRetries));
+        let one = capped.admit_retry(Duration::ZERO, None).expect("first");
+        assert_eq!(
+            capped.admit_retry(Duration::ZERO, None).err(),
+            Some(RetryDenied::MaxRetries)
+        );
         drop(one);
-        assert!(capped.admit_retry().is_ok());
+        assert!(capped.admit_retry(Duration::ZERO, None).is_ok());
         assert_eq!(l.in_flight().0, 0);
+    }
+
+    #[test]
+    fn a_retry_past_the_deadline_is_refused_before_it_spends_anything() {
+        let l = limits(
+            CircuitBreaker {
+                max_retries: 1,
+                ..CircuitBreaker::default()
+            },
+            RetryBudget {
+                percent: 0,
+                min_retries_per_second: 1,
+                ttl: Duration::from_secs(10),
+            },
+        );
+        let now = Instant::now();
+        let wait = Duration::from_millis(200);
+        // The back-off would end past the deadline: refused, nothing spent.
+        let soon = Some(now + Duration::from_millis(100));
+        assert_eq!(l.admit_retry(wait, soon).err(), Some(RetryDenied::Deadline));
+        assert_eq!(l.budget.allowance(Instant::now()), (10, 0));
+        assert_eq!(l.in_flight().1, 0);
+        // With time for it (or no deadline), the same retry is admitted and spends one.
+        let later = Some(now + Duration::from_secs(60));
+        let permit = l.admit_retry(wait, later).expect("retry");
+        assert_eq!(l.budget.allowance(Instant::now()), (10, 1));
+        assert_eq!(l.in_flight().1, 1);
+        // The max-retries slot is taken: that is now the refusal, even without a deadline.
+        assert_eq!(
+            l.admit_retry(wait, None).err(),
+            Some(RetryDenied::MaxRetries)
+        );
+        drop(permit);
+        assert!(l.admit_retry(wait, None).is_ok());
     }
 
     #[test]
@@ -736,6 +834,65 @@ mod tests {
         assert_eq!(l.budget.allowance(t0 + Duration::from_secs(12)), (5, 0));
         assert!(l.budget.withdraw(t0 + Duration::from_secs(12)));
         assert_eq!(l.budget.allowance(t0 + Duration::from_secs(12)), (5, 1));
+    }
+
+    #[test]
+    fn a_slot_word_moves_to_a_new_stretch_and_counts_in_one_step() {
+        let empty = SlotWord(0);
+        let first = empty.bump(3).expect("counts");
+        assert_eq!(first.count_in(3, 3), 1);
+        let second = first.bump(3).expect("counts");
+        assert_eq!(second.count_in(0, 9), 2);
+        // A later stretch restarts the count at this deposit, which is kept: the move and the
+        // count are the same write.
+        let moved = second.bump(13).expect("counts");
+        assert_eq!(moved.count_in(4, 13), 1);
+        assert_eq!(moved.count_in(0, 12), 0, "stretch 13 is outside 0..=12");
+        // A caller whose reading is a window old counts nothing rather than wipe newer counts.
+        assert_eq!(moved.bump(3), None);
+        // The count stops at its maximum rather than wrap into the stamp.
+        let full = SlotWord((SlotWord::stamp_of(5) << COUNT_BITS) | COUNT_MAX);
+        assert_eq!(full.bump(5), Some(full));
+        assert_eq!(full.count_in(5, 5), COUNT_MAX);
+    }
+
+    #[test]
+    fn no_deposit_is_lost_when_threads_move_a_slot_to_a_new_stretch() {
+        // Threads deposit together, all at once at each slot's start, so that several find the
+        // slot still counting the previous window and race to move it on.
+        const THREADS: usize = 4;
+        const EACH: u64 = 2000;
+        let budget = Arc::new(Budget::new());
+        budget.configure(&RetryBudget {
+            percent: 100,
+            min_retries_per_second: 0,
+            ttl: Duration::from_secs(10),
+        });
+        let t0 = budget.epoch;
+        // Fill the first window, so that every slot of the second one is reused.
+        for s in 0..10 {
+            budget.deposit(t0 + Duration::from_secs(s));
+        }
+        let barrier = Arc::new(std::sync::Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (budget, barrier) = (budget.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    for s in 10..19 {
+                        barrier.wait();
+                        for _ in 0..EACH {
+                            budget.deposit(t0 + Duration::from_secs(s));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        // The window at 18 s holds slots 9 to 18: one old deposit and all of the new ones.
+        let (requests, _) = budget.window(t0 + Duration::from_secs(18));
+        assert_eq!(requests, 1 + 9 * THREADS as u64 * EACH);
     }
 
     #[test]
@@ -807,6 +964,22 @@ mod tests {
         grpc.insert("grpc-status", "3".parse().expect("value"));
         assert!(retry_condition(&policy, Failure::Response(200, &grpc), false).is_none());
         assert!(is_idempotent(&Method::PUT) && !is_idempotent(&Method::POST));
+        // A route that opts in retries a non-idempotent request on everything it lists.
+        let mut any_method = default.clone();
+        any_method.retry_non_idempotent = true;
+        assert_eq!(
+            retry_condition(&any_method, Failure::Reset, false),
+            Some("reset")
+        );
+        assert_eq!(
+            retry_condition(&any_method, Failure::Timeout, false),
+            Some("timeout")
+        );
+        assert_eq!(
+            retry_condition(&any_method, Failure::Response(503, &headers), false),
+            Some("status")
+        );
+        assert!(retry_condition(&any_method, Failure::Response(500, &headers), false).is_none());
     }
 
     #[test]

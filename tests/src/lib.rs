@@ -62,6 +62,8 @@ pub struct DiscoveryClient {
     responses: Streaming<DiscoveryResponse>,
     /// What this client has applied (everything it ACKed).
     pub held: Held,
+    /// Per type, the system version of the last response ACKed, echoed in ACKs and NACKs.
+    applied: BTreeMap<String, String>,
 }
 
 impl DiscoveryClient {
@@ -103,6 +105,7 @@ impl DiscoveryClient {
             requests,
             responses,
             held: Held::new(),
+            applied: BTreeMap::new(),
         })
     }
 
@@ -146,6 +149,16 @@ impl DiscoveryClient {
         }
     }
 
+    /// The next response, however long it takes (no timer: the benchmark's simulated proxies
+    /// wait like this, so that each message costs no more than a real proxy's would).
+    pub async fn next(&mut self) -> anyhow::Result<DiscoveryResponse> {
+        match self.responses.message().await {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => bail!("the control plane closed the stream"),
+            Err(status) => bail!("stream error: {status}"),
+        }
+    }
+
     /// Whether a response arrives within `wait` (consuming it if so).
     pub async fn quiet_for(&mut self, wait: Duration) -> anyhow::Result<()> {
         match tokio::time::timeout(wait, self.responses.message()).await {
@@ -175,9 +188,12 @@ impl DiscoveryClient {
         for name in &response.removed_resources {
             held.remove(name);
         }
+        self.applied
+            .insert(response.type_url.clone(), response.system_version.clone());
         self.send(DiscoveryRequest {
             type_url: response.type_url.clone(),
             response_nonce: response.nonce.clone(),
+            system_version: response.system_version.clone(),
             ..Default::default()
         })
         .await
@@ -188,6 +204,11 @@ impl DiscoveryClient {
         self.send(DiscoveryRequest {
             type_url: response.type_url.clone(),
             response_nonce: response.nonce.clone(),
+            system_version: self
+                .applied
+                .get(&response.type_url)
+                .cloned()
+                .unwrap_or_default(),
             error_detail: Some(ErrorDetail {
                 code: 3,
                 message: why.to_owned(),

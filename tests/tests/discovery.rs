@@ -197,6 +197,12 @@ async fn nack_is_recorded_and_the_rejected_config_is_not_resent() {
             .contains("refused by test")
     );
     assert_eq!(status[0].recent_nacks[0].type_url, type_url::ENDPOINTS);
+    // The NACK says which version the proxy kept: the one it last ACKed.
+    let kept = status[0].types["Endpoints"]
+        .acked_version
+        .map(|v| v.to_string());
+    assert!(kept.is_some());
+    assert_eq!(status[0].recent_nacks[0].kept_version, kept);
     // The client kept its last good config.
     assert_eq!(endpoint_addresses(&client, "demo/articles"), ["10.77.0.3"]);
 
@@ -617,5 +623,310 @@ async fn shutdown_ends_every_stream() {
     assert!(
         err.to_string().contains("shutting down") || err.to_string().contains("closed"),
         "{err}"
+    );
+}
+
+/// A gRPC client whose request messages are raw bytes, to send what no well-behaved proxy would:
+/// well-framed gRPC messages whose protobuf does not decode.
+mod raw {
+    use std::net::SocketAddr;
+
+    use bytes::BufMut;
+    use keel_proto::v1::DiscoveryResponse;
+    use prost::Message;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::{Status, Streaming};
+
+    pub struct RawCodec;
+    pub struct RawEncoder;
+    pub struct ResponseDecoder;
+
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for ResponseDecoder {
+        type Item = DiscoveryResponse;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+            DiscoveryResponse::decode(src)
+                .map(Some)
+                .map_err(|e| Status::internal(e.to_string()))
+        }
+    }
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = DiscoveryResponse;
+        type Encoder = RawEncoder;
+        type Decoder = ResponseDecoder;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> ResponseDecoder {
+            ResponseDecoder
+        }
+    }
+
+    /// Opens a discovery stream; what is sent on the returned sender goes out as gRPC messages,
+    /// byte for byte.
+    pub async fn open(addr: SocketAddr) -> (mpsc::Sender<Vec<u8>>, Streaming<DiscoveryResponse>) {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.expect("ready");
+        let (tx, rx) = mpsc::channel(4);
+        let path = http::uri::PathAndQuery::from_static("/keel.mesh.v1.Discovery/Stream");
+        let responses = grpc
+            .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, RawCodec)
+            .await
+            .expect("stream opens")
+            .into_inner();
+        (tx, responses)
+    }
+}
+
+/// Field 1 with wire type 7, which protobuf does not have: no decoder accepts it.
+const UNDECODABLE: [u8; 2] = [0x0f, 0x01];
+
+/// Reads responses until the stream ends; returns its final status (OK if it ended cleanly).
+async fn final_status(
+    responses: &mut tonic::Streaming<keel_proto::v1::DiscoveryResponse>,
+) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(SOON, responses.message()).await {
+            Err(_) => panic!("the stream did not end within {SOON:?}"),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => return tonic::Status::ok(""),
+            Ok(Err(status)) => return status,
+        }
+    }
+}
+
+#[tokio::test]
+async fn undecodable_requests_end_the_stream_with_invalid_argument() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+
+    // Garbage as the very first message.
+    let (tx, mut responses) = raw::open(cp.discovery_addr).await;
+    tx.send(UNDECODABLE.to_vec()).await.expect("send");
+    let status = final_status(&mut responses).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("request #1"),
+        "{}",
+        status.message()
+    );
+
+    // Garbage after a good start: the node, a subscription, its response; then the garbage.
+    let (tx, mut responses) = raw::open(cp.discovery_addr).await;
+    let hello = DiscoveryRequest {
+        node: Some(node("frontend-1", "demo")),
+        type_url: type_url::SERVICE.to_owned(),
+        ..Default::default()
+    };
+    tx.send(hello.encode_to_vec()).await.expect("send");
+    let first = tokio::time::timeout(SOON, responses.message())
+        .await
+        .expect("a response in time")
+        .expect("a response")
+        .expect("the stream goes on");
+    assert_eq!(first.type_url, type_url::SERVICE);
+    tx.send(UNDECODABLE.to_vec()).await.expect("send");
+    let status = final_status(&mut responses).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("request #2"),
+        "{}",
+        status.message()
+    );
+    wait_for(|| cp.registry.list().iter().all(|p| p.id != "frontend-1.demo")).await;
+
+    // The server is unharmed.
+    synced_client(cp.discovery_addr, "late").await;
+}
+
+/// Two namespaces: `demo/articles` is exported to its own namespace only, `shop/cart` to `shop`;
+/// `demo/frontend` is everyone's. Each namespace has a policy for its workload and its own mTLS
+/// mode.
+fn write_two_namespaces(dir: &Path, articles_export: &str) {
+    std::fs::write(
+        dir.join("mesh.yaml"),
+        "apiVersion: keel.dev/v1alpha1
+kind: MeshConfig
+metadata:
+  name: mesh
+spec:
+  trustDomain: test.local
+  mtls: {mode: PERMISSIVE}
+  namespaceMtls: {shop: STRICT}
+",
+    )
+    .expect("write mesh");
+    let cart =
+        service("cart").replace("namespace: demo", "namespace: shop") + "  exportTo: [shop]\n";
+    let articles = service("articles") + &format!("  exportTo: {articles_export}\n");
+    std::fs::write(
+        dir.join("services.yaml"),
+        format!("{}---\n{articles}---\n{cart}", service("frontend")),
+    )
+    .expect("write services");
+    let policy = |ns: &str, app: &str| {
+        format!(
+            "apiVersion: keel.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: {app}-allow
+  namespace: {ns}
+spec:
+  selector:
+    matchLabels: {{app: {app}}}
+  action: ALLOW
+  rules: [{{}}]
+"
+        )
+    };
+    std::fs::write(
+        dir.join("policies.yaml"),
+        format!(
+            "{}---\n{}",
+            policy("demo", "frontend"),
+            policy("shop", "cart")
+        ),
+    )
+    .expect("write policies");
+    std::fs::write(
+        dir.join("workloads.yaml"),
+        format!(
+            "{}---\n{}---\n{}",
+            workload("frontend-1", "frontend", "10.77.0.2"),
+            workload("articles-1", "articles", "10.77.0.3"),
+            workload("cart-1", "cart", "10.77.0.4").replace("namespace: demo", "namespace: shop"),
+        ),
+    )
+    .expect("write workloads");
+}
+
+fn mesh_config(client: &DiscoveryClient) -> keel_proto::v1::MeshConfig {
+    let held = &client.held[type_url::MESH_CONFIG]["mesh"];
+    keel_proto::v1::MeshConfig::decode(held.1.as_slice()).expect("decodes")
+}
+
+#[tokio::test]
+async fn each_proxy_sees_what_is_exported_to_it_and_its_own_policies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_two_namespaces(dir.path(), "[\".\"]");
+    let cp = start_control_plane(dir.path()).await.expect("start");
+    let mut frontend = synced_client(cp.discovery_addr, "frontend-1").await;
+    let mut cart = DiscoveryClient::connect(cp.discovery_addr, node("cart-1", "shop"))
+        .await
+        .expect("connect");
+    cart.subscribe_all().await.expect("subscribe");
+    cart.sync(&type_url::ALL, SOON).await.expect("initial view");
+
+    // Services, and everything keyed by them, only where exported.
+    for t in [
+        type_url::SERVICE,
+        type_url::ENDPOINTS,
+        type_url::ROUTE_TABLE,
+        type_url::TRAFFIC_POLICY,
+    ] {
+        assert_eq!(frontend.names(t), ["demo/articles", "demo/frontend"], "{t}");
+        assert_eq!(cart.names(t), ["demo/frontend", "shop/cart"], "{t}");
+    }
+    // Each its own inbound policy and mTLS mode.
+    assert_eq!(
+        frontend.names(type_url::AUTHORIZATION_POLICY),
+        ["demo/frontend-allow"]
+    );
+    assert_eq!(
+        cart.names(type_url::AUTHORIZATION_POLICY),
+        ["shop/cart-allow"]
+    );
+    assert_eq!(
+        mesh_config(&frontend).mtls_mode,
+        keel_proto::v1::MtlsMode::Permissive as i32
+    );
+    assert_eq!(
+        mesh_config(&cart).mtls_mode,
+        keel_proto::v1::MtlsMode::Strict as i32
+    );
+
+    // Exported everywhere: the shop's proxy is told about it, in every type, and nobody else
+    // is sent anything for it (the frontend had it all along).
+    write_two_namespaces(dir.path(), "[\"*\"]");
+    let mut added = Vec::new();
+    while added.len() < 4 {
+        let r = cart.recv(SOON).await.expect("the newly visible service");
+        assert!(r.removed_resources.is_empty());
+        added.extend(
+            r.resources
+                .iter()
+                .map(|x| (r.type_url.clone(), x.name.clone())),
+        );
+        cart.ack(&r).await.expect("ack");
+    }
+    added.sort();
+    assert!(added.iter().all(|(_, n)| n == "demo/articles"), "{added:?}");
+    assert_eq!(
+        cart.names(type_url::SERVICE),
+        ["demo/articles", "demo/frontend", "shop/cart"]
+    );
+    frontend
+        .quiet_for(Duration::from_millis(300))
+        .await
+        .expect("nothing changed for the frontend");
+
+    // Restricted again: removed from the shop's proxy in every type.
+    write_two_namespaces(dir.path(), "[demo]");
+    let mut removed = Vec::new();
+    while removed.len() < 4 {
+        let r = cart.recv(SOON).await.expect("the removal");
+        removed.extend(r.removed_resources.iter().cloned());
+        cart.ack(&r).await.expect("ack");
+    }
+    assert!(removed.iter().all(|n| n == "demo/articles"), "{removed:?}");
+    assert_eq!(
+        cart.names(type_url::SERVICE),
+        ["demo/frontend", "shop/cart"]
+    );
+}
+
+#[tokio::test]
+async fn a_route_to_a_service_hidden_from_some_of_its_callers_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_two_namespaces(dir.path(), "[\".\"]");
+    // frontend (everyone's) routes to articles (demo's only): a shop proxy would get the route
+    // but not where it leads.
+    let frontend =
+        service("frontend") + "  routes:\n  - name: all\n    destinations: [{service: articles}]\n";
+    let text = std::fs::read_to_string(dir.path().join("services.yaml")).expect("read");
+    std::fs::write(
+        dir.path().join("services.yaml"),
+        text.replacen(&service("frontend"), &frontend, 1),
+    )
+    .expect("write");
+    let cp = start_control_plane(dir.path()).await.expect("start");
+    let rejected = cp.store.source_status().rejected.expect("rejected");
+    assert!(
+        rejected.0[0].reason.contains("exported to demo"),
+        "{}",
+        rejected.0[0]
+    );
+    assert_eq!(
+        rejected.0[0].field,
+        "spec.routes[0].destinations[0].service"
     );
 }

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use keel_bench::dataplane::{self, Options};
+use keel_bench::results;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
@@ -17,24 +18,6 @@ use tokio::signal::unix::{SignalKind, signal};
 struct Args {
     #[command(flatten)]
     options: Options,
-}
-
-/// The command line as run, quoted where a shell would need it.
-fn command_line() -> String {
-    std::env::args()
-        .map(|arg| {
-            let plain = !arg.is_empty()
-                && arg
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./,:=".contains(c));
-            if plain {
-                arg
-            } else {
-                format!("'{}'", arg.replace('\'', r"'\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Resolves when the process is asked to stop (Ctrl-C, SIGTERM or SIGHUP).
@@ -53,7 +36,7 @@ async fn main_async(options: Options) -> anyhow::Result<()> {
     let report = tokio::select! {
         biased;
         why = stop_requested() => anyhow::bail!("{}; everything the benchmark created is removed", why?),
-        report = dataplane::run(&options, command_line()) => report?,
+        report = dataplane::run(&options, results::command_line()) => report?,
     };
     print!("{report}");
     if let Some(out) = &options.out {

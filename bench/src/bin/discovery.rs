@@ -43,6 +43,10 @@ struct Args {
     /// Write the control plane's log (at info level) to this file.
     #[arg(long)]
     control_plane_log: Option<PathBuf>,
+    /// The control plane's log filter with `--control-plane-log`, e.g.
+    /// `info,keel_control_plane::discovery=debug` for each response's time since the publish.
+    #[arg(long, default_value = "info", requires = "control_plane_log")]
+    control_plane_log_filter: String,
 }
 
 fn workload_file(service: usize, endpoints: usize, moved: Option<u8>) -> String {
@@ -223,7 +227,7 @@ async fn main() -> anyhow::Result<()> {
         .arg(ca_dir.path())
         .arg("--log")
         .arg(if args.control_plane_log.is_some() {
-            "info"
+            args.control_plane_log_filter.as_str()
         } else {
             "warn"
         })
@@ -273,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
             initial_bytes += bytes;
             let tx = tx.clone();
             tokio::spawn(async move {
-                while let Ok(r) = client.recv(Duration::from_secs(3600)).await {
+                while let Ok(r) = client.next().await {
                     let receipt = Receipt {
                         at: Instant::now(),
                         type_url: r.type_url.clone(),
@@ -298,6 +302,13 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "?".to_owned())
     };
     let load_before = loadavg();
+    let cpu = || -> anyhow::Result<(Duration, Duration)> {
+        Ok((
+            keel_bench::procfs::cpu_time(cp.0.id())?,
+            keel_bench::procfs::cpu_time(std::process::id())?,
+        ))
+    };
+    let (cp_cpu_before, own_cpu_before) = cpu()?;
     let mut latencies = Vec::new();
     let mut first_latencies = Vec::new();
     let mut per_proxy_bytes = Vec::new();
@@ -335,6 +346,13 @@ async fn main() -> anyhow::Result<()> {
         per_proxy_bytes.push(median(&mut bytes));
     }
     let load_after = loadavg();
+    let (cp_cpu_after, own_cpu_after) = cpu()?;
+    // Over the runs the control plane does nothing but the changes (and the ACKs they bring).
+    let per_change = |before: Duration, after: Duration| {
+        after.saturating_sub(before).as_secs_f64() * 1000.0 / args.runs as f64
+    };
+    let cp_cpu_per_change = per_change(cp_cpu_before, cp_cpu_after);
+    let own_cpu_per_change = per_change(own_cpu_before, own_cpu_after);
     let (_, peak_rss) = memory_kib(cp.0.id())?;
     let (rss_after, _) = memory_kib(cp.0.id())?;
 
@@ -375,6 +393,15 @@ async fn main() -> anyhow::Result<()> {
         median(&mut first_latencies.clone()),
         first_min,
         first_max
+    );
+    let _ = writeln!(
+        report,
+        "| one-endpoint change: control plane CPU, user + system (ms per change) | {cp_cpu_per_change:.1} | | |"
+    );
+    let _ = writeln!(
+        report,
+        "| one-endpoint change: the {} simulated proxies' CPU (ms per change; shares the cores) | {own_cpu_per_change:.1} | | |",
+        args.proxies
     );
     let _ = writeln!(
         report,

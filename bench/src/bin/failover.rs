@@ -13,6 +13,13 @@
 //!   time until every request is served by the next zone. Once with keel's default retry policy,
 //!   once with retries off (`attempts: 0`), to show what the retries save.
 //!
+//! Outlier detection is configured with `consecutive5xx: 5, interval: 1s, baseEjectionTime: 30s`
+//! and the defaults for the rest (no cap on the ejection percentage, panic at 50%).
+//!
+//! Prints a markdown section (the machine, the load average, keel's revision, the command, and
+//! the figures as medians with min and max over `--runs`) and, with `--out`, puts it into that
+//! file between its markers, replacing an earlier one (`bench/RESULTS.md`).
+//!
 //! `failover endpoint ...` is the endpoint process itself (the benchmark re-executes itself in
 //! each pod). Needs root; removes everything it created when it ends.
 
@@ -21,8 +28,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use clap::Parser;
+use keel_bench::results::{self, Markers};
+use keel_bench::summary::Summary;
 use keel_tests::fleet::{self, EndpointSpec, Fleet, FleetSpec};
 use keel_tests::traffic::{self, Traffic};
+
+/// Where the failover section lives in a results file.
+const MARKERS: Markers = Markers {
+    begin: "<!-- failover: begin (written by `failover --out`) -->",
+    end: "<!-- failover: end -->",
+};
+
+/// The outlier detection of both scenarios.
+const OUTLIER: &str =
+    "  outlierDetection: {consecutive5xx: 5, interval: 1s, baseEjectionTime: 30s}\n";
 
 #[derive(Debug, Parser)]
 #[command(about = "Measure keel's failover: a dead endpoint's ejection, a zone's loss")]
@@ -33,7 +52,7 @@ struct Args {
     /// Closed-loop client workers.
     #[arg(long, default_value_t = 4)]
     workers: usize,
-    /// Also write the report to this file.
+    /// Also put the section into this file (e.g. bench/RESULTS.md), in place of an earlier one.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
 }
@@ -65,16 +84,9 @@ impl Figure {
     }
 
     fn row(&self, scenario: &str) -> String {
-        let mut v = self.values.clone();
-        v.sort_by(f64::total_cmp);
-        let median = v.get(v.len() / 2).copied().unwrap_or(f64::NAN);
-        let min = v.first().copied().unwrap_or(f64::NAN);
-        let max = v.last().copied().unwrap_or(f64::NAN);
-        format!(
-            "| {scenario} | {} | {median:.0} {unit} | {min:.0}–{max:.0} |",
-            self.name,
-            unit = self.unit
-        )
+        let cell =
+            Summary::of(&self.values).map_or_else(|| "—".to_owned(), |s| s.display(0).to_string());
+        format!("| {scenario} | {} | {cell} {} |", self.name, self.unit)
     }
 }
 
@@ -87,7 +99,7 @@ async fn endpoint_death(workers: usize) -> anyhow::Result<[f64; 5]> {
         .collect();
     let mut fleet = Fleet::start(FleetSpec {
         endpoints,
-        traffic_policy: "  outlierDetection: {consecutive5xx: 5, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}\n".into(),
+        traffic_policy: OUTLIER.into(),
         routes: String::new(),
         endpoint_command: endpoint_command()?,
     })
@@ -145,7 +157,7 @@ async fn zone_failover(workers: usize, retries: bool) -> anyhow::Result<[f64; 3]
     };
     let mut fleet = Fleet::start(FleetSpec {
         endpoints,
-        traffic_policy: "  outlierDetection: {consecutive5xx: 5, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}\n  localityFailover: {enabled: true}\n".into(),
+        traffic_policy: format!("{OUTLIER}  localityFailover: {{enabled: true}}\n"),
         routes,
         endpoint_command: endpoint_command()?,
     })
@@ -174,6 +186,7 @@ async fn zone_failover(workers: usize, retries: bool) -> anyhow::Result<[f64; 3]
 }
 
 async fn run(args: &Args) -> anyhow::Result<String> {
+    let load_at_start = results::load_average();
     let mut death = [
         Figure::new(
             "time to ejection (client's sidecar marks it unhealthy)",
@@ -212,17 +225,30 @@ async fn run(args: &Args) -> anyhow::Result<String> {
             f.values.push(v);
         }
     }
-    let mut out = String::new();
     let build = if cfg!(debug_assertions) {
         "debug"
     } else {
         "release"
     };
+    let mut out = format!(
+        "{}\n## Failover: a dead endpoint, a lost zone\n\n",
+        MARKERS.begin
+    );
     out += &format!(
-        "{} runs, {} closed-loop workers, {build} build; median (min–max).\n\n",
+        "Measured by `failover` (bench/src/bin/failover.rs, described in bench/README.md) on {}; \
+         load average {load_at_start} at the start, {} at the end; keel {}, {build} build. \
+         Outlier detection: `{}`.\n\n",
+        results::machine(),
+        results::load_average(),
+        results::revision(),
+        OUTLIER.trim(),
+    );
+    out += &format!("```sh\n{}\n```\n\n", results::command_line());
+    out += &format!(
+        "{} runs, {} closed-loop workers; median (min–max) over the runs.\n\n",
         args.runs, args.workers
     );
-    out += "| scenario | figure | median | min–max |\n| --- | --- | --- | --- |\n";
+    out += "| scenario | figure | median (min–max) |\n| --- | --- | --- |\n";
     for f in &death {
         out += &f.row("endpoint process killed (1 of 3, meshed)");
         out += "\n";
@@ -235,6 +261,8 @@ async fn run(args: &Args) -> anyhow::Result<String> {
         out += &f.row("zone lost (2 of 6), retries off");
         out += "\n";
     }
+    out += MARKERS.end;
+    out += "\n";
     Ok(out)
 }
 
@@ -254,7 +282,9 @@ fn main() -> anyhow::Result<()> {
     let report = runtime.block_on(run(&args))?;
     print!("{report}");
     if let Some(out) = &args.out {
-        std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
+        results::write_section(out, MARKERS, &report)
+            .with_context(|| format!("putting the failover section into {}", out.display()))?;
+        eprintln!("Wrote the failover section of {}", out.display());
     }
     Ok(())
 }

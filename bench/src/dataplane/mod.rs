@@ -39,6 +39,7 @@ pub use report::{Environment, write_section};
 use crate::h2load::{H2load, H2loadReport};
 use crate::openloop;
 use crate::procfs::Memory;
+use crate::results::{self, load_average, machine, output};
 use crate::wrk::{Wrk, WrkReport};
 use testbed::Testbed;
 
@@ -732,67 +733,10 @@ fn wrk_label(options: &Options) -> String {
     )
 }
 
-/// Cores, CPU model and kernel.
-fn machine() -> String {
-    // SAFETY: sysconf has no preconditions.
-    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned());
-    format!("{cores} cores ({model}), Linux {kernel}")
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_owned())
-}
-
 /// keel's revision (of the source tree this benchmark was built from), and the versions of
 /// nginx, wrk, h2load and Envoy.
 fn versions(tools: &Tools) -> String {
-    let output = |command: &mut Command| {
-        command
-            .output()
-            .ok()
-            .map(|o| {
-                let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
-                text.push_str(&String::from_utf8_lossy(&o.stderr));
-                text
-            })
-            .unwrap_or_default()
-    };
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let revision = output(Command::new("git").arg("-C").arg(&source).args([
-        "rev-parse",
-        "--short=12",
-        "HEAD",
-    ]));
-    let revision = match revision.trim() {
-        "" => "unknown".to_owned(),
-        rev => {
-            let dirty = !output(Command::new("git").arg("-C").arg(&source).args([
-                "status",
-                "--porcelain",
-                "--untracked-files=no",
-            ]))
-            .trim()
-            .is_empty();
-            if dirty {
-                format!("{rev} with uncommitted changes")
-            } else {
-                rev.to_owned()
-            }
-        }
-    };
+    let revision = results::revision();
     let nginx = output(Command::new(&tools.nginx).arg("-v"));
     let nginx = nginx
         .lines()

@@ -8,10 +8,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::Context;
-
 use super::{Case, ChurnMeasurement, Measurement, Options, Role};
 use crate::openloop::{Percentiles, Report};
+use crate::results::{self, Markers};
 use crate::summary::Summary;
 
 /// Marks the start of the data-plane section in a results file.
@@ -597,51 +596,14 @@ fn cell(summary: Option<Summary>, decimals: usize, signed: bool) -> String {
     }
 }
 
-/// Puts `section` (which carries its own markers) into the file at `path`: in place of the
-/// section between the markers if there is one, else at the end. Everything else in the file
-/// stays as it was; a missing file is created.
+/// Where the data-plane section lives in a results file.
+pub const MARKERS: Markers = Markers {
+    begin: SECTION_BEGIN,
+    end: SECTION_END,
+};
+
+/// Puts `section` (which carries its own markers) into the file at `path`, in place of the
+/// data-plane section if there is one, else at the end (see [`crate::results::write_section`]).
 pub fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
-    let existing = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let updated = replace_section(&existing, section);
-    std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
-}
-
-fn replace_section(existing: &str, section: &str) -> String {
-    let section = section.trim_end();
-    if let Some(begin) = existing.find(SECTION_BEGIN)
-        && let Some(end) = existing[begin..].find(SECTION_END)
-    {
-        let end = begin + end + SECTION_END.len();
-        return format!("{}{section}{}", &existing[..begin], &existing[end..]);
-    }
-    let existing = existing.trim_end();
-    if existing.is_empty() {
-        format!("{section}\n")
-    } else {
-        format!("{existing}\n\n{section}\n")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sections_are_replaced_in_place_or_appended() {
-        let first = format!("{SECTION_BEGIN}\nold\n{SECTION_END}\n");
-        let second = format!("{SECTION_BEGIN}\nnew\n{SECTION_END}\n");
-        assert_eq!(replace_section("", &first), first);
-        let file = format!("# Results\n\n## Control plane\n\nx\n\n{first}\n## Later\n\ny\n");
-        let updated = replace_section(&file, &second);
-        assert_eq!(
-            updated,
-            format!("# Results\n\n## Control plane\n\nx\n\n{second}\n## Later\n\ny\n")
-        );
-        let appended = replace_section("# Results\n\ntext\n", &first);
-        assert_eq!(appended, format!("# Results\n\ntext\n\n{first}"));
-    }
+    results::write_section(path, MARKERS, section)
 }

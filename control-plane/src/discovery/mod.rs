@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::store::Store;
-pub use registry::{ProxyRegistry, ProxyStatus};
+pub use registry::{DisconnectedProxy, ProxyRegistry, ProxyStatus};
 pub use stream::RESPONSE_BUDGET;
 
 /// Responses queued for one proxy. At most one response per type is unacknowledged, so this
@@ -91,6 +91,10 @@ impl Discovery for DiscoveryService {
                 Ok(Ok(None)) => return,
                 Ok(Err(status)) => {
                     tracing::warn!(stream = id, ?peer, error = %status.message(), "bad first discovery request");
+                    // The stream must not end as if all were well (grpc-status 0): say why.
+                    if let Some(answer) = stream::unreadable_request(1, &status) {
+                        let _ = tx.send(Err(answer)).await;
+                    }
                     return;
                 }
                 Err(_) => {

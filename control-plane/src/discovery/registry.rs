@@ -1,9 +1,12 @@
-//! The connected proxies and what each has acknowledged or rejected, for `keelctl status`.
+//! The connected proxies and what each has acknowledged or rejected, for `keelctl status`; and
+//! the last few that disconnected, with how they left, so that a proxy that NACKed and went
+//! away (or was cut off for a bad request) can still be diagnosed.
 //!
 //! Streams report here; nothing on a stream's path waits for a reader of this registry for
-//! longer than a map update.
+//! longer than a map update. What it holds is bounded: one entry per open stream, and at most
+//! [`RECENT_DISCONNECTS`] of the others.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -16,11 +19,18 @@ use super::resources;
 /// How many NACKs are kept per proxy.
 const NACK_HISTORY: usize = 8;
 
+/// How many disconnected proxies are remembered, newest first.
+pub const RECENT_DISCONNECTS: usize = 32;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Nack {
     pub type_url: String,
+    /// The version of the response rejected.
     pub version: u64,
     pub nonce: String,
+    /// The version the proxy says it kept (the last it applied of the type on this stream), as
+    /// its NACK echoes it; `None` if it had applied none or did not say.
+    pub kept_version: Option<String>,
     pub message: String,
     #[serde(with = "crate::admin::rfc3339")]
     pub at: SystemTime,
@@ -64,18 +74,36 @@ pub struct ProxyStatus {
     pub last_error: Option<String>,
 }
 
+/// A proxy whose stream ended: its status as it was then, when, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct DisconnectedProxy {
+    #[serde(flatten)]
+    pub status: ProxyStatus,
+    #[serde(with = "crate::admin::rfc3339")]
+    pub disconnected_at: SystemTime,
+    /// Why the stream ended, when it was not the proxy closing it cleanly.
+    pub end_reason: Option<String>,
+}
+
 #[derive(Debug, Default)]
 pub struct ProxyRegistry {
-    proxies: Mutex<HashMap<u64, ProxyStatus>>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    proxies: HashMap<u64, ProxyStatus>,
+    /// Newest first, at most [`RECENT_DISCONNECTS`].
+    disconnected: VecDeque<DisconnectedProxy>,
 }
 
 impl ProxyRegistry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, ProxyStatus>> {
-        self.proxies.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn update(&self, stream: u64, f: impl FnOnce(&mut ProxyStatus)) {
-        if let Some(p) = self.lock().get_mut(&stream) {
+        if let Some(p) = self.lock().proxies.get_mut(&stream) {
             f(p);
         }
     }
@@ -111,11 +139,24 @@ impl ProxyRegistry {
             recent_nacks: Vec::new(),
             last_error: None,
         };
-        self.lock().insert(stream, status);
+        self.lock().proxies.insert(stream, status);
     }
 
-    pub(super) fn disconnect(&self, stream: u64) {
-        self.lock().remove(&stream);
+    /// The stream ended, cleanly (`None`) or for `reason`; its status moves to the recently
+    /// disconnected.
+    pub(super) fn disconnect(&self, stream: u64, reason: Option<String>) {
+        let mut state = self.lock();
+        let Some(status) = state.proxies.remove(&stream) else {
+            return;
+        };
+        if state.disconnected.len() == RECENT_DISCONNECTS {
+            state.disconnected.pop_back();
+        }
+        state.disconnected.push_front(DisconnectedProxy {
+            status,
+            disconnected_at: SystemTime::now(),
+            end_reason: reason,
+        });
     }
 
     pub(super) fn sent(&self, stream: u64, type_url: &str, nonce: &str, bytes: usize) {
@@ -161,8 +202,69 @@ impl ProxyRegistry {
 
     /// Every connected proxy, ordered by id.
     pub fn list(&self) -> Vec<ProxyStatus> {
-        let mut all: Vec<_> = self.lock().values().cloned().collect();
+        let mut all: Vec<_> = self.lock().proxies.values().cloned().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id).then(a.stream.cmp(&b.stream)));
         all
+    }
+
+    /// The last [`RECENT_DISCONNECTS`] proxies whose stream ended, newest first.
+    pub fn recently_disconnected(&self) -> Vec<DisconnectedProxy> {
+        self.lock().disconnected.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disconnected_proxies_are_remembered_with_their_last_error_and_bounded() {
+        let registry = ProxyRegistry::default();
+        let node = |i: usize| Node {
+            id: format!("p{i}"),
+            workload: format!("w{i}"),
+            namespace: "demo".to_owned(),
+            ..Node::default()
+        };
+        registry.connect(1, node(1), None);
+        registry.nacked(
+            1,
+            Nack {
+                type_url: keel_proto::v1::type_url::ENDPOINTS.to_owned(),
+                version: 7,
+                nonce: "3".to_owned(),
+                kept_version: Some("6".to_owned()),
+                message: "bad endpoint".to_owned(),
+                at: SystemTime::now(),
+            },
+        );
+        registry.disconnect(1, Some("receive failed".to_owned()));
+        assert!(registry.list().is_empty());
+        let gone = registry.recently_disconnected();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].status.id, "p1");
+        assert_eq!(gone[0].status.nacks_total, 1);
+        assert!(
+            gone[0]
+                .status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("bad endpoint"))
+        );
+        assert_eq!(gone[0].end_reason.as_deref(), Some("receive failed"));
+        let json = serde_json::to_value(&gone[0]).expect("serializes");
+        assert_eq!(json["id"], "p1");
+        assert_eq!(json["end_reason"], "receive failed");
+
+        for i in 2..RECENT_DISCONNECTS + 10 {
+            registry.connect(i as u64, node(i), None);
+            registry.disconnect(i as u64, None);
+        }
+        let gone = registry.recently_disconnected();
+        assert_eq!(gone.len(), RECENT_DISCONNECTS);
+        assert_eq!(gone[0].status.id, format!("p{}", RECENT_DISCONNECTS + 9));
+        // A stream never registered leaves nothing.
+        registry.disconnect(9999, None);
+        assert_eq!(registry.recently_disconnected().len(), RECENT_DISCONNECTS);
     }
 }

@@ -1,10 +1,12 @@
 //! The proxy's view of the model: validated mesh resources turned into the proto resources of the
 //! discovery stream, each encoded once and versioned by a hash of its bytes.
 //!
-//! Services, endpoints, routes and traffic policies are the same for every proxy (every service
-//! in the mesh is visible to every proxy, as in Istio without a `Sidecar` resource) and are built
-//! once per snapshot. Mesh settings and inbound authorization depend on the proxy's workload and
-//! are built per proxy.
+//! Services, endpoints, routes and traffic policies are the same for every proxy that sees them
+//! and are built once per snapshot; which proxies see a service is its `exportTo` (every
+//! namespace by default, as in Istio), applied per stream when it compares what the proxy holds
+//! ([`crate::store::Snapshot::visible`]), so visibility costs no copy per namespace. Mesh
+//! settings (with the workload's mTLS mode) and inbound authorization depend on the proxy's
+//! workload and are built per proxy.
 //!
 //! Nothing here may fail: the model was validated, so every conversion is total.
 
@@ -355,7 +357,7 @@ fn route_table_of(service: &model::Service) -> pb::RouteTable {
                 .collect(),
             timeout: r.timeout.map(duration),
             retry: r.retries.as_ref().map(|p| pb::RetryPolicy {
-                attempts: p.attempts,
+                attempts: Some(p.attempts),
                 per_try_timeout: p.per_try_timeout.map(duration),
                 retry_on: p.retry_on.iter().map(|r| retry_on(*r).to_owned()).collect(),
                 retriable_status_codes: p
@@ -370,6 +372,7 @@ fn route_table_of(service: &model::Service) -> pb::RouteTable {
                     .collect(),
                 backoff_base: Some(duration(p.backoff_base)),
                 backoff_max: Some(duration(p.backoff_max)),
+                retry_non_idempotent: p.retry_non_idempotent,
             }),
         })
         .collect();
@@ -408,27 +411,27 @@ fn traffic_policy_of(spec: &model::TrafficPolicySpec) -> pb::TrafficPolicy {
             .outlier_detection
             .as_ref()
             .map(|o| pb::OutlierDetection {
-                consecutive_5xx: o.consecutive_5xx,
+                consecutive_5xx: Some(o.consecutive_5xx),
                 consecutive_gateway_errors: o.consecutive_gateway_errors,
                 interval: Some(duration(o.interval)),
                 base_ejection_time: Some(duration(o.base_ejection_time)),
                 max_ejection_time: Some(duration(o.max_ejection_time)),
-                max_ejection_percent: u32::from(o.max_ejection_percent),
+                max_ejection_percent: Some(u32::from(o.max_ejection_percent)),
                 success_rate: o.success_rate.as_ref().map(|s| pb::SuccessRateEjection {
-                    minimum_hosts: s.minimum_hosts,
-                    request_volume: s.request_volume,
+                    minimum_hosts: Some(s.minimum_hosts),
+                    request_volume: Some(s.request_volume),
                     // Envoy's integer form: the factor times 1000. The model keeps it finite
                     // and positive, so the cast neither wraps nor loses more than rounding.
-                    stdev_factor: (s.stdev_factor * 1000.0).round() as u32,
+                    stdev_factor: Some((s.stdev_factor * 1000.0).round() as u32),
                 }),
                 failure_percentage: o.failure_percentage.as_ref().map(|f| {
                     pb::FailurePercentageEjection {
-                        threshold: u32::from(f.threshold),
-                        minimum_hosts: f.minimum_hosts,
-                        request_volume: f.request_volume,
+                        threshold: Some(u32::from(f.threshold)),
+                        minimum_hosts: Some(f.minimum_hosts),
+                        request_volume: Some(f.request_volume),
                     }
                 }),
-                min_health_percent: u32::from(o.min_health_percent),
+                min_health_percent: Some(u32::from(o.min_health_percent)),
             }),
         locality_failover: spec
             .locality_failover
@@ -461,14 +464,14 @@ fn traffic_policy_of(spec: &model::TrafficPolicySpec) -> pb::TrafficPolicy {
                     .collect(),
             }),
         circuit_breaker: Some(pb::CircuitBreaker {
-            max_connections: spec.circuit_breaker.max_connections,
-            max_pending_requests: spec.circuit_breaker.max_pending_requests,
-            max_requests: spec.circuit_breaker.max_requests,
-            max_retries: spec.circuit_breaker.max_retries,
+            max_connections: Some(spec.circuit_breaker.max_connections),
+            max_pending_requests: Some(spec.circuit_breaker.max_pending_requests),
+            max_requests: Some(spec.circuit_breaker.max_requests),
+            max_retries: Some(spec.circuit_breaker.max_retries),
         }),
         retry_budget: Some(pb::RetryBudget {
-            percent: u32::from(spec.retry_budget.percent),
-            min_retries_per_second: spec.retry_budget.min_retries_per_second,
+            percent: Some(u32::from(spec.retry_budget.percent)),
+            min_retries_per_second: Some(spec.retry_budget.min_retries_per_second),
             ttl: Some(duration(spec.retry_budget.ttl)),
         }),
         connect_timeout: Some(duration(spec.connect_timeout)),
@@ -579,10 +582,13 @@ mod tests {
         assert!(without_ca.endpoints.iter().all(|e| !e.mtls));
         let policy: pb::TrafficPolicy = decode(&built, type_url::TRAFFIC_POLICY, "demo/reads");
         let budget = policy.retry_budget.expect("a retry budget");
-        assert_eq!((budget.percent, budget.min_retries_per_second), (20, 10));
+        assert_eq!(
+            (budget.percent, budget.min_retries_per_second),
+            (Some(20), Some(10))
+        );
         assert_eq!(budget.ttl.map(|d| d.seconds), Some(10));
         assert_eq!(
-            policy.circuit_breaker.map(|c| c.max_retries),
+            policy.circuit_breaker.and_then(|c| c.max_retries),
             Some(u32::MAX)
         );
 
@@ -616,5 +622,60 @@ mod tests {
         let table: pb::RouteTable = decode(&built, type_url::ROUTE_TABLE, "demo/api");
         let matches = table.routes[0].r#match.as_ref().expect("a match");
         assert_eq!(matches.hosts, ["legacy.example.com"]);
+    }
+
+    /// Zeros that mean "off" are sent as such, so that the proxy, which gives an absent field
+    /// its default, still receives them.
+    #[test]
+    fn zeros_are_sent_explicitly() {
+        let text = "apiVersion: keel.dev/v1alpha1\nkind: Service\nmetadata: {name: api, namespace: demo}\nspec:\n  ports: [{port: 80}]\n  routes:\n  - name: all\n    destinations: [{service: api}]\n    retries: {attempts: 0}\n---\napiVersion: keel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api, namespace: demo}\nspec:\n  targetRef: {service: api}\n  outlierDetection: {consecutive5xx: 0, consecutiveGatewayErrors: 3, maxEjectionPercent: 0, minHealthPercent: 0}\n  circuitBreaker: {maxRetries: 0}\n  retryBudget: {percent: 0, minRetriesPerSecond: 0}\n";
+        let resources = model::parse_file(std::path::Path::new("api.yaml"), text).expect("parses");
+        let model = Model::from_resources(resources).expect("valid");
+        let built = shared_resources(&model, false);
+        let policy: pb::TrafficPolicy = decode(&built, type_url::TRAFFIC_POLICY, "demo/api");
+        let outlier = policy.outlier_detection.expect("outlier detection");
+        assert_eq!(
+            (
+                outlier.consecutive_5xx,
+                outlier.max_ejection_percent,
+                outlier.min_health_percent
+            ),
+            (Some(0), Some(0), Some(0))
+        );
+        let breaker = policy.circuit_breaker.expect("circuit breaker");
+        assert_eq!(breaker.max_retries, Some(0));
+        assert_eq!(breaker.max_requests, Some(1024));
+        let budget = policy.retry_budget.expect("retry budget");
+        assert_eq!(
+            (budget.percent, budget.min_retries_per_second),
+            (Some(0), Some(0))
+        );
+        let table: pb::RouteTable = decode(&built, type_url::ROUTE_TABLE, "demo/api");
+        assert_eq!(
+            table.routes[0].retry.as_ref().and_then(|r| r.attempts),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn retrying_non_idempotent_requests_is_encoded() {
+        let route = |retries: &str| {
+            format!(
+                "apiVersion: keel.dev/v1alpha1\nkind: Service\nmetadata: {{name: api, namespace: demo}}\nspec:\n  ports: [{{port: 80}}]\n  routes:\n  - name: all\n    destinations: [{{service: api}}]\n    retries: {retries}\n"
+            )
+        };
+        for (retries, expected) in [
+            ("{retryOn: [5xx], retryNonIdempotent: true}", true),
+            ("{retryOn: [5xx]}", false),
+        ] {
+            let text = route(retries);
+            let resources =
+                model::parse_file(std::path::Path::new("api.yaml"), &text).expect("parses");
+            let model = Model::from_resources(resources).expect("valid");
+            let built = shared_resources(&model, false);
+            let table: pb::RouteTable = decode(&built, type_url::ROUTE_TABLE, "demo/api");
+            let retry = table.routes[0].retry.as_ref().expect("a retry policy");
+            assert_eq!(retry.retry_non_idempotent, expected, "{retries}");
+        }
     }
 }

@@ -7,9 +7,13 @@
 //!
 //! What the proxy holds is tracked per resource name and version (as a shared snapshot set plus
 //! the names where the proxy differs from it), so a response carries only what differs. Large
-//! updates are split into bounded responses marked `incomplete`. After a NACK the rejected versions are remembered and
-//! not sent again until the resource changes (resending a rejected config in a loop is a classic
-//! control-plane bug).
+//! updates are split into bounded responses marked `incomplete`. After a NACK the rejected versions
+//! (and rejected removals) are remembered and not sent again until the resource changes
+//! (resending a rejected config in a loop is a classic control-plane bug).
+//!
+//! What a stream keeps grows with the mesh, never with what the proxy sends: names subscribed are
+//! capped per type ([`MAX_NAMES`]), only names the proxy actually holds are recorded, and rejected
+//! versions are forgotten once their resource changes or leaves the snapshot.
 //!
 //! Nothing is sent before the store holds a model a source loaded: until then a stream stays open
 //! and silent, so a proxy keeps whatever configuration it has. A request for a type this server
@@ -46,6 +50,15 @@ const MAX_REFUSED_TYPES: usize = 16;
 /// A longer type URL is garbage, not a type this server might not know yet; the stream ends.
 const MAX_TYPE_URL: usize = 512;
 
+/// The most names one stream may subscribe to, or claim to hold, per type. A proxy wanting more
+/// than this subscribes to the type's wildcard instead; past it the stream ends
+/// (RESOURCE_EXHAUSTED), so a hostile client cannot grow the server's memory without limit.
+pub const MAX_NAMES: usize = 32_768;
+
+/// The longest resource name or version a request may carry ("<namespace>/<name>" is at most
+/// 63 + 1 + 253 bytes; versions are 16 hex digits).
+const MAX_NAME_LEN: usize = 320;
+
 /// The state of one resource type on one stream.
 ///
 /// What the proxy holds is `base` (a resource set of some snapshot, shared with every stream that
@@ -65,8 +78,9 @@ struct Subscription {
     /// The snapshot version last compared against in full; 0 forces a full comparison.
     synced: u64,
     in_flight: Option<InFlight>,
-    /// Versions the proxy rejected, by name; not sent again.
-    rejected: HashMap<String, String>,
+    /// What the proxy rejected, by name: a version (`Some`), or the removal (`None`); not sent
+    /// again until the resource changes. Entries go when their resource does.
+    rejected: HashMap<String, Option<String>>,
     /// The first response of a subscription is sent even when empty, so the proxy knows it
     /// has the complete state of the type.
     owes_first_response: bool,
@@ -111,8 +125,24 @@ impl Subscription {
     }
 
     /// Starts a subscription from what the proxy says it holds (a reconnect).
-    fn holding(initial: &BTreeMap<String, String>) -> Subscription {
-        Subscription {
+    fn holding(initial: &BTreeMap<String, String>) -> Result<Subscription, Status> {
+        if initial.len() > MAX_NAMES {
+            return Err(Status::resource_exhausted(format!(
+                "initial_resource_versions names {} resources; at most {MAX_NAMES} per type",
+                initial.len()
+            )));
+        }
+        if let Some((name, version)) = initial
+            .iter()
+            .find(|(n, v)| n.len() > MAX_NAME_LEN || v.len() > MAX_NAME_LEN)
+        {
+            return Err(Status::invalid_argument(format!(
+                "initial_resource_versions entry of {} and {} bytes: names and versions are at most {MAX_NAME_LEN}",
+                name.len(),
+                version.len()
+            )));
+        }
+        Ok(Subscription {
             owes_first_response: true,
             changes: initial
                 .iter()
@@ -120,16 +150,28 @@ impl Subscription {
                 .collect(),
             held: initial.len(),
             ..Subscription::default()
-        }
+        })
     }
 
-    fn apply_names(&mut self, subscribe: &[String], unsubscribe: &[String]) {
+    /// Applies a request's subscription changes. Past [`MAX_NAMES`] names the stream ends.
+    fn apply_names(&mut self, subscribe: &[String], unsubscribe: &[String]) -> Result<(), Status> {
         for name in subscribe {
             if name == "*" {
                 self.wildcard = true;
-            } else {
-                self.names.insert(name.clone());
+                continue;
             }
+            if name.len() > MAX_NAME_LEN {
+                return Err(Status::invalid_argument(format!(
+                    "a resource name of {} bytes (at most {MAX_NAME_LEN})",
+                    name.len()
+                )));
+            }
+            if self.names.len() >= MAX_NAMES && !self.names.contains(name) {
+                return Err(Status::resource_exhausted(format!(
+                    "more than {MAX_NAMES} names subscribed to one type; subscribe to \"*\" instead"
+                )));
+            }
+            self.names.insert(name.clone());
         }
         for name in unsubscribe {
             if name == "*" {
@@ -137,48 +179,71 @@ impl Subscription {
             } else {
                 self.names.remove(name);
             }
-            // The proxy forgets what it unsubscribed from; nothing is sent for it.
-            self.set_held(name.clone(), None);
+            // The proxy forgets what it unsubscribed from; nothing is sent for it. A name it
+            // never held leaves nothing behind.
+            if self.held(name).is_some() {
+                self.set_held(name.clone(), None);
+            }
+            self.rejected.remove(name);
         }
         if !subscribe.is_empty() || !unsubscribe.is_empty() {
             self.synced = 0;
         }
+        Ok(())
     }
 
     /// Builds the next response from `desired`, or `None` when the proxy already holds it.
-    /// `touched` narrows the comparison to the names changed since `synced`, when known.
+    /// `touched` narrows the comparison to the names changed since `synced`, when known; only
+    /// the names `visible` to the proxy are sent (the others are removed if held).
     fn diff(
         &mut self,
         type_url: TypeUrl,
         desired: &TypeSet,
+        visible: impl Fn(&str) -> bool,
         touched: Option<BTreeSet<&str>>,
         version: u64,
         nonce: String,
     ) -> Option<DiscoveryResponse> {
         let candidates: BTreeSet<&str> = match touched {
             Some(names) if self.synced != 0 => names,
-            _ => desired
-                .keys()
-                .map(String::as_str)
-                .chain(self.held_names())
-                .collect(),
+            _ => {
+                // A full comparison visits only what exists or is held: forget what the proxy
+                // rejected of anything else.
+                let mut rejected = std::mem::take(&mut self.rejected);
+                rejected.retain(|name, _| desired.contains_key(name) || self.held(name).is_some());
+                self.rejected = rejected;
+                desired
+                    .keys()
+                    .map(String::as_str)
+                    .chain(self.held_names())
+                    .collect()
+            }
         };
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         let mut changes = Vec::new();
         let mut bytes = 0;
         let mut incomplete = false;
+        // Rejections that no longer apply: the resource changed or went.
+        let mut forget = Vec::new();
         for name in candidates {
             if bytes >= RESPONSE_BUDGET {
                 incomplete = true;
                 break;
             }
             let held = self.held(name);
-            match desired.get(name).filter(|_| self.subscribed(name)) {
+            match desired
+                .get(name)
+                .filter(|_| self.subscribed(name) && visible(name))
+            {
                 Some(want) => {
-                    if held == Some(want.version.as_str())
-                        || self.rejected.get(name) == Some(&want.version)
-                    {
+                    match self.rejected.get(name) {
+                        Some(Some(v)) if *v == want.version => continue,
+                        // Rejected was another version, or the removal: the resource changed.
+                        Some(_) => forget.push(name.to_owned()),
+                        None => {}
+                    }
+                    if held == Some(want.version.as_str()) {
                         continue;
                     }
                     bytes += want.body.value.len() + name.len() + want.version.len();
@@ -194,12 +259,25 @@ impl Subscription {
                     });
                 }
                 None if held.is_some() => {
+                    match self.rejected.get(name) {
+                        // The proxy refused to remove it: not asked again until it changes.
+                        Some(None) => continue,
+                        Some(Some(_)) => forget.push(name.to_owned()),
+                        None => {}
+                    }
                     bytes += name.len();
                     changes.push((name.to_owned(), held.map(str::to_owned), None));
                     removed.push(name.to_owned());
                 }
-                None => {}
+                None => {
+                    if self.rejected.contains_key(name) {
+                        forget.push(name.to_owned());
+                    }
+                }
             }
+        }
+        for name in forget {
+            self.rejected.remove(&name);
         }
         for (name, _, sent) in &changes {
             self.set_held(name.clone(), sent.clone());
@@ -257,9 +335,7 @@ impl Subscription {
     /// The proxy rejected the in-flight response: it kept what it had.
     fn rejected_in_flight(&mut self, flight: InFlight) {
         for (name, before, sent) in flight.changes {
-            if let Some(v) = sent {
-                self.rejected.insert(name.clone(), v);
-            }
+            self.rejected.insert(name.clone(), sent);
             self.set_held(name, before);
         }
     }
@@ -299,6 +375,28 @@ pub(super) struct ProxyStream {
     /// Refusals not yet sent.
     refusals: Vec<DiscoveryResponse>,
     nonces: u64,
+    /// Requests read so far, the first included.
+    requests: u64,
+}
+
+/// The status that ends a stream whose `n`th request could not be read, when that is the
+/// client's fault: a message that does not decode as a `DiscoveryRequest` (tonic reports it as
+/// INTERNAL), one too large (OUT_OF_RANGE, RESOURCE_EXHAUSTED) or compressed in a way this server
+/// does not read (UNIMPLEMENTED). The answer is INVALID_ARGUMENT naming the request and the
+/// reason, never a plain end of stream (grpc-status OK) that would let a broken client believe
+/// all was well. `None` for the client going away (a reset, a lost connection): nothing to say.
+pub(super) fn unreadable_request(n: u64, status: &Status) -> Option<Status> {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Internal | Code::OutOfRange | Code::ResourceExhausted | Code::Unimplemented
+    )
+    .then(|| {
+        Status::invalid_argument(format!(
+            "discovery request #{n} is not a readable keel.mesh.v1.DiscoveryRequest: {}",
+            status.message()
+        ))
+    })
 }
 
 /// Runs a stream until the proxy goes away. The first request has already been read.
@@ -352,6 +450,7 @@ pub(super) async fn serve(
         refused: HashSet::new(),
         refusals: Vec::new(),
         nonces: 0,
+        requests: 1,
     };
     let end = tokio::select! {
         end = stream.run(first, &mut requests, &mut snapshots, &responses) => end,
@@ -362,13 +461,17 @@ pub(super) async fn serve(
             Err("the control plane is shutting down".to_owned())
         }
     };
-    match end {
-        Ok(()) => tracing::info!(stream = id, node = %stream.node.id, "proxy disconnected"),
-        Err(reason) => {
-            tracing::warn!(stream = id, node = %stream.node.id, %reason, "discovery stream ended")
+    let reason = match end {
+        Ok(()) => {
+            tracing::info!(stream = id, node = %stream.node.id, "proxy disconnected");
+            None
         }
-    }
-    stream.registry.disconnect(id);
+        Err(reason) => {
+            tracing::warn!(stream = id, node = %stream.node.id, %reason, "discovery stream ended");
+            Some(reason)
+        }
+    };
+    stream.registry.disconnect(id, reason);
 }
 
 impl ProxyStream {
@@ -384,6 +487,17 @@ impl ProxyStream {
             let refusals = std::mem::take(&mut self.refusals);
             for response in refusals.into_iter().chain(self.pending_responses()) {
                 if response.error_detail.is_none() {
+                    tracing::debug!(
+                        stream = self.id,
+                        r#type = resources::short_name(&response.type_url),
+                        version = self.snapshot.version,
+                        since_publish_us = self
+                            .snapshot
+                            .created
+                            .elapsed()
+                            .map_or(0, |d| d.as_micros() as u64),
+                        "response handed to the transport"
+                    );
                     self.registry.sent(
                         self.id,
                         &response.type_url,
@@ -398,9 +512,23 @@ impl ProxyStream {
             }
             tokio::select! {
                 request = requests.message() => match request {
-                    Ok(Some(request)) => self.handle_or_end(request, responses).await?,
+                    Ok(Some(request)) => {
+                        self.requests += 1;
+                        self.handle_or_end(request, responses).await?
+                    }
                     Ok(None) => return Ok(()),
-                    Err(status) => return Err(format!("receive failed: {}", status.message())),
+                    Err(status) => {
+                        let Some(answer) = unreadable_request(self.requests + 1, &status) else {
+                            // The proxy went away (reset, connection lost): no fault of its
+                            // requests, nobody to answer, nothing to record against it.
+                            return Err(format!("receive failed: {}", status.message()));
+                        };
+                        let reason = answer.message().to_owned();
+                        self.registry.error(self.id, reason.clone());
+                        // The proxy learns why its stream ends.
+                        let _ = responses.send(Err(answer)).await;
+                        return Err(reason);
+                    }
                 },
                 changed = snapshots.changed() => {
                     if changed.is_err() {
@@ -443,22 +571,25 @@ impl ProxyStream {
 
     /// Applies one request: subscription changes, then the ACK or NACK it carries. An error ends
     /// the stream.
-    fn handle(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
+    fn handle(&mut self, mut request: DiscoveryRequest) -> Result<(), Status> {
         if request.type_url.is_empty() {
             return Ok(());
         }
         let Some(type_url) = resources::known_type(&request.type_url) else {
             return self.refuse(request.type_url);
         };
-        let subscription = self.subscriptions.entry(type_url).or_insert_with(|| {
-            // The proxy reconnected holding these versions: nothing equal is resent.
-            let mut s = Subscription::holding(&request.initial_resource_versions);
-            if request.subscribe.is_empty() {
-                s.wildcard = true;
+        let subscription = match self.subscriptions.entry(type_url) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                // The proxy reconnected holding these versions: nothing equal is resent.
+                let mut s = Subscription::holding(&request.initial_resource_versions)?;
+                if request.subscribe.is_empty() {
+                    s.wildcard = true;
+                }
+                e.insert(s)
             }
-            s
-        });
-        subscription.apply_names(&request.subscribe, &request.unsubscribe);
+        };
+        subscription.apply_names(&request.subscribe, &request.unsubscribe)?;
 
         if request.response_nonce.is_empty() {
             return Ok(());
@@ -472,8 +603,21 @@ impl ProxyStream {
             tracing::debug!(stream = self.id, nonce = %request.response_nonce, "stale nonce");
             return Ok(());
         };
+        // The version the proxy says it runs: on an ACK the one applied, on a NACK the one kept.
+        let echoed = std::mem::take(&mut request.system_version);
         match request.error_detail {
             None => {
+                // The nonce says which response was answered; an echo that names another
+                // version is a confused proxy (or one that answered the wrong response), worth
+                // seeing in status. An empty echo is an older proxy's.
+                if !echoed.is_empty() && echoed != flight.system_version.to_string() {
+                    let reason = format!(
+                        "ACK of nonce {} names version {echoed:?}, but that response was version {}",
+                        flight.nonce, flight.system_version
+                    );
+                    tracing::warn!(stream = self.id, node = %self.node.id, "{reason}");
+                    self.registry.error(self.id, reason);
+                }
                 self.registry.acked(
                     self.id,
                     type_url,
@@ -496,6 +640,7 @@ impl ProxyStream {
                         type_url: type_url.to_owned(),
                         version: flight.system_version,
                         nonce: flight.nonce.clone(),
+                        kept_version: (!echoed.is_empty()).then_some(echoed),
                         message: detail.message,
                         at: std::time::SystemTime::now(),
                     },
@@ -564,6 +709,7 @@ impl ProxyStream {
                 continue;
             }
             let synced = subscription.synced;
+            let shared = self.snapshot.shared.contains_key(type_url);
             let (desired, touched) = match self.snapshot.shared.get(type_url) {
                 Some(set) => (set, self.snapshot.touched_since(type_url, synced)),
                 None => match self.own.get(type_url) {
@@ -583,8 +729,12 @@ impl ProxyStream {
             }
             self.nonces += 1;
             let nonce = self.nonces.to_string();
+            // Shared resources are a service's: sent only where it is exported.
+            let snapshot = &self.snapshot;
+            let namespace = self.node.workload.namespace.as_str();
+            let visible = |name: &str| !shared || snapshot.visible(name, namespace);
             if let Some(r) =
-                subscription.diff(type_url, desired, touched, self.snapshot.version, nonce)
+                subscription.diff(type_url, desired, visible, touched, snapshot.version, nonce)
             {
                 out.push(r);
             }
@@ -648,7 +798,7 @@ mod tests {
             .iter()
             .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
             .collect();
-        let mut s = Subscription::holding(&held);
+        let mut s = Subscription::holding(&held).expect("within the caps");
         s.wildcard = true;
         s
     }
@@ -662,12 +812,17 @@ mod tests {
     #[test]
     fn first_response_is_sent_even_when_empty_and_then_only_changes() {
         let mut s = holding(&[]);
-        let r = s.diff(T, &set(&[]), None, 1, "1".into()).expect("first");
+        let r = s
+            .diff(T, &set(&[]), |_| true, None, 1, "1".into())
+            .expect("first");
         assert!(r.resources.is_empty() && r.removed_resources.is_empty());
         s.in_flight = None;
-        assert!(s.diff(T, &set(&[]), None, 2, "2".into()).is_none());
+        assert!(
+            s.diff(T, &set(&[]), |_| true, None, 2, "2".into())
+                .is_none()
+        );
         let r = s
-            .diff(T, &set(&[("a", "1")]), None, 3, "3".into())
+            .diff(T, &set(&[("a", "1")]), |_| true, None, 3, "3".into())
             .expect("a");
         assert_eq!(names(&r), ["a"]);
     }
@@ -676,7 +831,9 @@ mod tests {
     fn reconnect_with_versions_resends_only_what_differs() {
         let mut s = holding(&[("a", "1"), ("b", "1")]);
         let desired = set(&[("a", "1"), ("b", "2"), ("c", "1")]);
-        let r = s.diff(T, &desired, None, 5, "1".into()).expect("response");
+        let r = s
+            .diff(T, &desired, |_| true, None, 5, "1".into())
+            .expect("response");
         assert_eq!(names(&r), ["b", "c"]);
         assert!(r.removed_resources.is_empty());
         // In step now: the stream holds the snapshot's set itself, with no deviations.
@@ -688,7 +845,9 @@ mod tests {
     #[test]
     fn removal_is_named() {
         let mut s = holding(&[("gone", "1")]);
-        let r = s.diff(T, &set(&[]), None, 2, "1".into()).expect("response");
+        let r = s
+            .diff(T, &set(&[]), |_| true, None, 2, "1".into())
+            .expect("response");
         assert_eq!(r.removed_resources, ["gone"]);
         assert_eq!(s.held("gone"), None);
         assert_eq!(s.held_count(), 0);
@@ -699,13 +858,14 @@ mod tests {
         let mut s = holding(&[("a", "1")]);
         s.owes_first_response = false;
         let desired = set(&[("a", "2")]);
-        s.diff(T, &desired, None, 2, "1".into()).expect("a@2");
+        s.diff(T, &desired, |_| true, None, 2, "1".into())
+            .expect("a@2");
         let flight = s.in_flight.take().expect("in flight");
         s.rejected_in_flight(flight);
         assert_eq!(s.held("a"), Some("1"));
-        assert!(s.diff(T, &desired, None, 2, "2".into()).is_none());
+        assert!(s.diff(T, &desired, |_| true, None, 2, "2".into()).is_none());
         // A new version of the resource is sent again.
-        let r = s.diff(T, &set(&[("a", "3")]), None, 3, "3".into());
+        let r = s.diff(T, &set(&[("a", "3")]), |_| true, None, 3, "3".into());
         assert_eq!(r.expect("a@3").resources[0].version, "3");
     }
 
@@ -717,7 +877,14 @@ mod tests {
         // "b" is not held but not touched either: only the touched names are compared.
         let desired = set(&[("a", "2"), ("b", "1")]);
         let r = s
-            .diff(T, &desired, Some(BTreeSet::from(["a"])), 5, "1".into())
+            .diff(
+                T,
+                &desired,
+                |_| true,
+                Some(BTreeSet::from(["a"])),
+                5,
+                "1".into(),
+            )
             .expect("a");
         assert_eq!(names(&r), ["a"]);
     }
@@ -728,9 +895,16 @@ mod tests {
             owes_first_response: true,
             ..Subscription::default()
         };
-        s.apply_names(&["b".to_owned()], &[]);
+        s.apply_names(&["b".to_owned()], &[]).expect("one name");
         let r = s
-            .diff(T, &set(&[("a", "1"), ("b", "1")]), None, 1, "1".into())
+            .diff(
+                T,
+                &set(&[("a", "1"), ("b", "1")]),
+                |_| true,
+                None,
+                1,
+                "1".into(),
+            )
             .expect("b");
         assert_eq!(names(&r), ["b"]);
     }
@@ -746,7 +920,9 @@ mod tests {
         let mut received = BTreeSet::new();
         let mut parts = 0;
         loop {
-            let r = s.diff(T, &big, None, 7, parts.to_string()).expect("part");
+            let r = s
+                .diff(T, &big, |_| true, None, 7, parts.to_string())
+                .expect("part");
             parts += 1;
             let bytes: usize = r
                 .resources
@@ -765,7 +941,7 @@ mod tests {
         }
         assert!(parts > 1, "40 x 8 KiB must not fit one response");
         assert_eq!(received.len(), 40);
-        assert!(s.diff(T, &big, None, 7, "last".into()).is_none());
+        assert!(s.diff(T, &big, |_| true, None, 7, "last".into()).is_none());
     }
 
     /// What the proxy holds, counted from scratch.
@@ -779,7 +955,7 @@ mod tests {
         assert_eq!((s.held_count(), counted(&s)), (3, 3));
         let desired = set(&[("a", "2"), ("b", "1"), ("c", "1")]);
         let r = s
-            .diff(T, &desired, None, 2, "1".into())
+            .diff(T, &desired, |_| true, None, 2, "1".into())
             .expect("a, c, -gone");
         assert_eq!(r.removed_resources, ["gone"]);
         assert_eq!((s.held_count(), counted(&s)), (3, 3));
@@ -788,7 +964,7 @@ mod tests {
         s.rejected_in_flight(flight);
         assert_eq!((s.held_count(), counted(&s)), (3, 3));
         assert_eq!(s.held("c"), None);
-        s.apply_names(&[], &["b".to_owned()]);
+        s.apply_names(&[], &["b".to_owned()]).expect("unsubscribe");
         assert_eq!((s.held_count(), counted(&s)), (2, 2));
         // Many changes re-base on a shared set; the count stays right.
         let many: TypeSet = Arc::new(
@@ -796,9 +972,12 @@ mod tests {
                 .map(|i| (format!("r{i}"), resource("1", 8)))
                 .collect(),
         );
-        s.diff(T, &many, None, 3, "2".into()).expect("all of them");
+        s.diff(T, &many, |_| true, None, 3, "2".into())
+            .expect("all of them");
         s.in_flight = None;
-        assert_eq!((s.held_count(), counted(&s)), (100, 100));
+        // `gone`'s removal was rejected, so it is not asked again: the proxy still holds it.
+        assert_eq!(s.held("gone"), Some("1"));
+        assert_eq!((s.held_count(), counted(&s)), (101, 101));
     }
 
     #[test]
@@ -809,7 +988,8 @@ mod tests {
                 .map(|i| (format!("r{i}"), resource("1", 8)))
                 .collect(),
         );
-        s.diff(T, &first, None, 1, "1".into()).expect("initial");
+        s.diff(T, &first, |_| true, None, 1, "1".into())
+            .expect("initial");
         s.in_flight = None;
         let second: TypeSet = Arc::new(
             (0..100)
@@ -817,10 +997,120 @@ mod tests {
                 .collect(),
         );
         let r = s
-            .diff(T, &second, None, 2, "2".into())
+            .diff(T, &second, |_| true, None, 2, "2".into())
             .expect("all changed");
         assert_eq!(r.resources.len(), 100);
         assert!(s.base.as_ref().is_some_and(|b| Arc::ptr_eq(b, &second)));
         assert!(s.changes.is_empty());
+    }
+
+    #[test]
+    fn a_rejected_removal_is_not_sent_again_until_the_resource_changes() {
+        let mut s = holding(&[("a", "1"), ("b", "1")]);
+        s.owes_first_response = false;
+        let r = s
+            .diff(T, &set(&[("b", "1")]), |_| true, None, 2, "1".into())
+            .expect("removal");
+        assert_eq!(r.removed_resources, ["a"]);
+        let flight = s.in_flight.take().expect("in flight");
+        s.rejected_in_flight(flight);
+        assert_eq!(s.held("a"), Some("1"), "the proxy kept it");
+        // Neither the next incremental comparison nor a full one asks again.
+        assert!(
+            s.diff(T, &set(&[("b", "1")]), |_| true, None, 3, "2".into())
+                .is_none()
+        );
+        s.synced = 0;
+        assert!(
+            s.diff(T, &set(&[("b", "1")]), |_| true, None, 4, "3".into())
+                .is_none()
+        );
+        // Back with the version the proxy holds: nothing to send, and the refusal is forgotten.
+        assert!(
+            s.diff(
+                T,
+                &set(&[("a", "1"), ("b", "1")]),
+                |_| true,
+                None,
+                5,
+                "4".into()
+            )
+            .is_none()
+        );
+        assert!(s.rejected.is_empty());
+        // Gone again: the removal is a new change, and is sent.
+        let r = s.diff(T, &set(&[("b", "1")]), |_| true, None, 6, "5".into());
+        assert_eq!(r.expect("removal").removed_resources, ["a"]);
+    }
+
+    #[test]
+    fn rejected_versions_are_forgotten_when_their_resource_goes() {
+        let mut s = holding(&[]);
+        s.owes_first_response = false;
+        s.diff(T, &set(&[("a", "1")]), |_| true, None, 1, "1".into())
+            .expect("a");
+        let flight = s.in_flight.take().expect("in flight");
+        s.rejected_in_flight(flight);
+        assert_eq!(s.rejected.len(), 1);
+        // The resource leaves the snapshot (an incremental comparison of the touched name)...
+        assert!(
+            s.diff(
+                T,
+                &set(&[]),
+                |_| true,
+                Some(BTreeSet::from(["a"])),
+                2,
+                "2".into()
+            )
+            .is_none()
+        );
+        assert!(s.rejected.is_empty());
+        // ...or is missed by history and found gone in a full comparison.
+        s.diff(T, &set(&[("b", "1")]), |_| true, None, 3, "3".into())
+            .expect("b");
+        let flight = s.in_flight.take().expect("in flight");
+        s.rejected_in_flight(flight);
+        assert_eq!(s.rejected.len(), 1);
+        s.synced = 0;
+        assert!(
+            s.diff(T, &set(&[]), |_| true, None, 4, "4".into())
+                .is_none()
+        );
+        assert!(s.rejected.is_empty());
+    }
+
+    #[test]
+    fn unsubscribing_names_never_held_records_nothing() {
+        let mut s = holding(&[("a", "1")]);
+        let names: Vec<String> = (0..1000).map(|i| format!("never-{i}")).collect();
+        s.apply_names(&[], &names).expect("unsubscribe");
+        assert!(s.changes.len() <= 1, "{} entries", s.changes.len());
+        s.apply_names(&[], &["a".to_owned()]).expect("unsubscribe");
+        assert_eq!(s.held("a"), None);
+        assert_eq!(s.held_count(), 0);
+    }
+
+    #[test]
+    fn subscribed_names_are_capped_per_type() {
+        let mut s = Subscription::default();
+        let names: Vec<String> = (0..MAX_NAMES).map(|i| format!("n{i}")).collect();
+        s.apply_names(&names, &[]).expect("up to the cap");
+        // Subscribing again to a name already there is no growth.
+        s.apply_names(&names[..10], &[]).expect("no growth");
+        let err = s
+            .apply_names(&["one-too-many".to_owned()], &[])
+            .expect_err("past the cap");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.message().contains("subscribe to"), "{}", err.message());
+        let too_long = "x".repeat(MAX_NAME_LEN + 1);
+        let err = Subscription::default()
+            .apply_names(&[too_long], &[])
+            .expect_err("too long");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let initial: BTreeMap<String, String> = (0..=MAX_NAMES)
+            .map(|i| (format!("n{i}"), "1".to_owned()))
+            .collect();
+        let err = Subscription::holding(&initial).expect_err("too many held");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     }
 }

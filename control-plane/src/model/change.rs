@@ -120,10 +120,10 @@ fn hostname_claims_valid(hostname: &str, claimants: &[ObjectKey]) -> bool {
 fn routes_resolve(model: &Model, service: &Service) -> bool {
     service.spec.routes.iter().all(|route| {
         route.destinations.iter().all(|d| {
-            model
-                .services
-                .get(&d.service)
-                .is_some_and(|target| d.port.is_none_or(|p| target.spec.port(p).is_some()))
+            model.services.get(&d.service).is_some_and(|target| {
+                d.port.is_none_or(|p| target.spec.port(p).is_some())
+                    && target.spec.visible_wherever(&service.spec)
+            })
         })
     })
 }
@@ -167,7 +167,7 @@ impl IndexedModel {
 /// it returns false.
 fn apply(model: &mut Model, index: &mut Index, removed: &[Resource], added: &[Resource]) -> bool {
     // Services whose removal or new ports may leave a route or a traffic policy dangling.
-    let mut retargeted: BTreeMap<ObjectKey, Vec<u16>> = BTreeMap::new();
+    let mut retargeted: BTreeMap<ObjectKey, (Vec<u16>, Option<BTreeSet<String>>)> = BTreeMap::new();
     for resource in removed {
         let key = resource.key();
         match resource {
@@ -184,7 +184,13 @@ fn apply(model: &mut Model, index: &mut Index, removed: &[Resource], added: &[Re
             Resource::Service(s) => {
                 model.services.remove(&key);
                 index.release_service(&key, &s.spec);
-                retargeted.insert(key, s.spec.ports.iter().map(|p| p.port).collect());
+                retargeted.insert(
+                    key,
+                    (
+                        s.spec.ports.iter().map(|p| p.port).collect(),
+                        s.spec.export_to.clone(),
+                    ),
+                );
             }
             Resource::TrafficPolicy(p) => {
                 model.traffic_policies.remove(&p.spec.target);
@@ -270,8 +276,11 @@ fn apply(model: &mut Model, index: &mut Index, removed: &[Resource], added: &[Re
     if !added_services.iter().all(|s| routes_resolve(model, s)) {
         return false;
     }
-    retargeted.retain(|key, ports| match model.services.get(key) {
-        Some(now) => !ports.iter().all(|p| now.spec.port(*p).is_some()),
+    // Still there, with every port it had and visible where it was: routes to it still hold.
+    retargeted.retain(|key, (ports, export_to)| match model.services.get(key) {
+        Some(now) => {
+            !ports.iter().all(|p| now.spec.port(*p).is_some()) || now.spec.export_to != *export_to
+        }
         None => true,
     });
     if retargeted

@@ -356,8 +356,9 @@ impl<'f> Decoder<'f> {
         self.integer(field, 0u8, 100u8)
     }
 
-    /// A positive duration written as `100ms`, `5s`, `1m30s`, `1h`.
-    pub fn duration(&mut self, field: Field<'_>) -> Option<Duration> {
+    /// A positive duration written as `100ms`, `5s`, `1m30s`, `1h`, at most `max` (one of the
+    /// ceilings of [`keel_proto::limits`], which proxies enforce too).
+    pub fn duration(&mut self, field: Field<'_>, max: Duration) -> Option<Duration> {
         let expected = "a duration such as `100ms`, `5s` or `1m`";
         let Value::Str(text) = &field.node.value else {
             self.wrong_type(field, expected);
@@ -368,6 +369,17 @@ impl<'f> Decoder<'f> {
                 self.invalid(
                     field,
                     "duration must be greater than zero (omit the field for the default)",
+                );
+                None
+            }
+            Ok(d) if d > max => {
+                self.invalid(
+                    field,
+                    format!(
+                        "duration {} is longer than the most this field allows, {}",
+                        quote(text),
+                        humantime::format_duration(max)
+                    ),
                 );
                 None
             }

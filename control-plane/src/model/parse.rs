@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method};
+use keel_proto::limits;
 
 use super::decode::{
     Decoder, Field, Fields, check_any, check_dns_label, check_dns_subdomain, check_label_key,
@@ -542,7 +543,14 @@ fn service_spec(dec: &mut Decoder<'_>, field: Field<'_>, key: &ObjectKey) -> Opt
     let f = dec.fields(
         field.node,
         field.path(),
-        &["hostnames", "vips", "ports", "selector", "routes"],
+        &[
+            "hostnames",
+            "vips",
+            "ports",
+            "selector",
+            "routes",
+            "exportTo",
+        ],
     )?;
     let hostnames = f.get("hostnames").map(|field| {
         unique_list(dec, field, "hostname", |dec, f| {
@@ -567,6 +575,7 @@ fn service_spec(dec: &mut Decoder<'_>, field: Field<'_>, key: &ObjectKey) -> Opt
     let routes = f
         .get("routes")
         .map(|field| routes(dec, field, &key.namespace, known_hosts.as_deref()));
+    let export_to = f.get("exportTo").map(|field| export_to(dec, field, key));
 
     if let (Some(ports), Some(Some(routes)), Some(routes_field)) =
         (&ports, &routes, f.get("routes"))
@@ -590,7 +599,46 @@ fn service_spec(dec: &mut Decoder<'_>, field: Field<'_>, key: &ObjectKey) -> Opt
         ports: ports?,
         selector: or_default(selector, BTreeMap::new())?,
         routes: or_default(routes, Vec::new())?,
+        export_to: or_default(export_to, None)?,
     })
+}
+
+/// `exportTo`, as Istio spells it: `"*"` (every namespace, the default), `"."` (the service's
+/// own) or namespace names. Resolved to a set of namespaces, or `None` for every one. Istio's
+/// `"~"` (no namespace) is not offered: a service nobody may call is better removed.
+fn export_to(
+    dec: &mut Decoder<'_>,
+    field: Field<'_>,
+    key: &ObjectKey,
+) -> Option<Option<BTreeSet<String>>> {
+    let entries = unique_list(dec, field, "namespace", |dec, f| {
+        dec.checked_string(f, |s| match s {
+            "*" | "." => Ok(()),
+            _ => check_dns_label(s).map_err(|e| {
+                format!("must be \"*\", \".\" or a namespace name, and namespace {e}")
+            }),
+        })
+    })?;
+    if entries.iter().any(|e| e == "*") {
+        if entries.len() > 1 {
+            dec.invalid(
+                field,
+                "\"*\" exports to every namespace; listing others beside it is a mistake",
+            );
+            return None;
+        }
+        return Some(None);
+    }
+    if entries.is_empty() {
+        // As in Istio, an empty list is the default.
+        return Some(None);
+    }
+    Some(Some(
+        entries
+            .into_iter()
+            .map(|e| if e == "." { key.namespace.clone() } else { e })
+            .collect(),
+    ))
 }
 
 const PROTOCOLS: [(&str, Protocol); 4] = [
@@ -704,7 +752,9 @@ fn route(
     let destinations = f
         .require(dec, "destinations")
         .and_then(|f| destinations(dec, f, namespace));
-    let timeout = f.get("timeout").map(|f| dec.duration(f));
+    let timeout = f
+        .get("timeout")
+        .map(|f| dec.duration(f, limits::REQUEST_TIMEOUT));
     let retries = f.get("retries").map(|f| retry_policy(dec, f));
     Some((
         Route {
@@ -937,11 +987,14 @@ fn retry_policy(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryPolicy> 
             "retriableGrpcCodes",
             "backoffBase",
             "backoffMax",
+            "retryNonIdempotent",
         ],
     )?;
     // 0 turns retries off for the route (it would otherwise get the proxy's default policy).
     let attempts = f.get("attempts").map(|f| dec.integer(f, 0u32, 100u32));
-    let per_try_timeout = f.get("perTryTimeout").map(|f| dec.duration(f));
+    let per_try_timeout = f
+        .get("perTryTimeout")
+        .map(|f| dec.duration(f, limits::REQUEST_TIMEOUT));
     let retry_on = f.get("retryOn").map(|field| {
         let mut seen = BTreeSet::new();
         let list = dec.list_of(field, |dec, f| dec.one_of(f, &RETRY_ON))?;
@@ -965,10 +1018,28 @@ fn retry_policy(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryPolicy> 
                 .collect::<Vec<_>>(),
         )
     });
-    let base = f.get("backoffBase").map(|f| dec.duration(f));
-    let max = f.get("backoffMax").map(|f| dec.duration(f));
+    let base = f
+        .get("backoffBase")
+        .map(|f| dec.duration(f, limits::RETRY_BACKOFF));
+    let max = f
+        .get("backoffMax")
+        .map(|f| dec.duration(f, limits::RETRY_BACKOFF));
+    let non_idempotent = f.get("retryNonIdempotent").map(|f| dec.bool(f));
 
     let retry_on = or_default(retry_on, vec![RetryOn::ConnectFailure])?;
+    let retry_non_idempotent = or_default(non_idempotent, false)?;
+    // Connect failures are retried for any method whatever this says: with no other condition
+    // it would change nothing, which is surely not what its author meant.
+    if let (true, Some(field)) = (retry_non_idempotent, f.get("retryNonIdempotent"))
+        && !retry_on.iter().any(|r| *r != RetryOn::ConnectFailure)
+    {
+        dec.invalid(
+            field,
+            "has no effect unless retryOn includes reset, 5xx, gateway-error or \
+             retriable-status-codes (connect failures are retried for any method anyway)",
+        );
+        return None;
+    }
     let codes = or_default(codes, Vec::new())?;
     let wants_codes = retry_on.contains(&RetryOn::RetriableStatusCodes);
     if let (false, Some(field)) = (wants_codes, f.get("retriableStatusCodes"))
@@ -1019,6 +1090,7 @@ fn retry_policy(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryPolicy> 
         retriable_grpc_codes: or_default(grpc_codes, Vec::new())?,
         backoff_base,
         backoff_max,
+        retry_non_idempotent,
     })
 }
 
@@ -1054,8 +1126,12 @@ fn traffic_policy_spec(
     let locality = f.get("localityFailover").map(|f| locality_failover(dec, f));
     let breaker = f.get("circuitBreaker").map(|f| circuit_breaker(dec, f));
     let budget = f.get("retryBudget").map(|f| retry_budget(dec, f));
-    let connect_timeout = f.get("connectTimeout").map(|f| dec.duration(f));
-    let idle_timeout = f.get("idleTimeout").map(|f| dec.duration(f));
+    let connect_timeout = f
+        .get("connectTimeout")
+        .map(|f| dec.duration(f, limits::CONNECT_TIMEOUT));
+    let idle_timeout = f
+        .get("idleTimeout")
+        .map(|f| dec.duration(f, limits::IDLE_TIMEOUT));
     Some(TrafficPolicySpec {
         target: target?,
         load_balancer: or_default(load_balancer, LoadBalancer::default())?,
@@ -1218,9 +1294,15 @@ fn outlier_detection(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<OutlierD
     let gateway = f
         .get("consecutiveGatewayErrors")
         .map(|f| dec.integer(f, 0u32, u32::MAX));
-    let interval = f.get("interval").map(|f| dec.duration(f));
-    let base = f.get("baseEjectionTime").map(|f| dec.duration(f));
-    let max = f.get("maxEjectionTime").map(|f| dec.duration(f));
+    let interval = f
+        .get("interval")
+        .map(|f| dec.duration(f, limits::OUTLIER_INTERVAL));
+    let base = f
+        .get("baseEjectionTime")
+        .map(|f| dec.duration(f, limits::EJECTION_TIME));
+    let max = f
+        .get("maxEjectionTime")
+        .map(|f| dec.duration(f, limits::EJECTION_TIME));
     let max_percent = f.get("maxEjectionPercent").map(|f| dec.percent(f));
     let min_health = f.get("minHealthPercent").map(|f| dec.percent(f));
     let success_rate = f.get("successRate").map(|field| {
@@ -1498,7 +1580,9 @@ fn retry_budget(dec: &mut Decoder<'_>, field: Field<'_>) -> Option<RetryBudget> 
     let floor = f
         .get("minRetriesPerSecond")
         .map(|f| dec.integer(f, 0u32, u32::MAX));
-    let ttl = f.get("ttl").map(|f| dec.duration(f));
+    let ttl = f
+        .get("ttl")
+        .map(|f| dec.duration(f, limits::RETRY_BUDGET_TTL));
     Some(RetryBudget {
         percent: or_default(percent, d.percent)?,
         min_retries_per_second: or_default(floor, d.min_retries_per_second)?,

@@ -366,6 +366,10 @@ pub struct RetryPolicy {
     /// Retries after the first attempt (Envoy's `num_retries`; default 1); 0 turns retries off
     /// for the route (routes without a retry policy get the proxy's default policy).
     pub attempts: u32,
+    /// How long one attempt may wait for the response headers; then it counts as a timeout (for
+    /// retries and outlier detection). Default none, as in Istio: a request may rightly wait long
+    /// for its headers (a long poll, a long unary call). Without it (or a route `timeout`) an
+    /// endpoint that accepts requests and never answers is never ejected.
     pub per_try_timeout: Option<Duration>,
     /// Default: `connect-failure` only, the one condition that is safe for any request.
     pub retry_on: Vec<RetryOn>,
@@ -376,6 +380,12 @@ pub struct RetryPolicy {
     pub backoff_base: Duration,
     /// Default 10 × `backoff_base` (Envoy); never below `backoff_base`.
     pub backoff_max: Duration,
+    /// Retry requests of any method on a reset, a timeout or a status, not only idempotent ones
+    /// (a connect failure is retried for any method anyway). Default false: the app may have
+    /// acted on the request, so only a route whose app deduplicates should set it. Envoy and
+    /// Istio retry any method; keel only when asked. Set only with a `retry_on` condition it
+    /// changes (reset, 5xx, gateway-error, retriable-status-codes).
+    pub retry_non_idempotent: bool,
 }
 
 impl RetryPolicy {
@@ -390,6 +400,8 @@ pub struct Route {
     pub matches: RouteMatch,
     /// At least one; the weights add up to more than zero.
     pub destinations: Vec<RouteDestination>,
+    /// Bounds the whole request, every attempt and back-off, until the response headers. Default
+    /// none (Istio's; Envoy's 15 s cuts long polls and long calls off).
     pub timeout: Option<Duration>,
     pub retries: Option<RetryPolicy>,
 }
@@ -407,9 +419,28 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     /// Evaluated in order; a request that matches none goes to this service itself.
     pub routes: Vec<Route>,
+    /// The namespaces whose proxies may see and call this service (Istio's `exportTo`);
+    /// `None`, the default, is every namespace.
+    pub export_to: Option<std::collections::BTreeSet<String>>,
 }
 
 impl ServiceSpec {
+    /// Whether proxies in `namespace` see this service.
+    pub fn visible_in(&self, namespace: &str) -> bool {
+        self.export_to
+            .as_ref()
+            .is_none_or(|namespaces| namespaces.contains(namespace))
+    }
+
+    /// Whether every namespace that sees `other` sees this service too.
+    pub fn visible_wherever(&self, other: &ServiceSpec) -> bool {
+        match (&self.export_to, &other.export_to) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => theirs.is_subset(mine),
+        }
+    }
+
     /// The hostnames a service gets when its YAML lists none.
     pub fn default_hostnames(key: &ObjectKey) -> Vec<String> {
         vec![
@@ -494,8 +525,9 @@ impl Default for FailurePercentageEjection {
     }
 }
 
-/// Passive health checking. Defaults are Envoy's. Where Envoy differs from what a YAML author
-/// would expect, keel follows Istio: consecutive-gateway-error, success-rate and
+/// Passive health checking. Defaults are Envoy's, but for the maximum ejection percentage (100,
+/// see [`OutlierDetection::DEFAULT_MAX_EJECTION_PERCENT`]). Where Envoy differs from what a YAML
+/// author would expect, keel follows Istio: consecutive-gateway-error, success-rate and
 /// failure-percentage ejection run only when configured (in Envoy the gateway and
 /// failure-percentage detectors default to 0% enforcement, and keel also leaves success-rate
 /// ejection off unless asked, as Istio does).
@@ -512,14 +544,31 @@ pub struct OutlierDetection {
     pub base_ejection_time: Duration,
     /// Default 300 s, or `base_ejection_time` if that is larger; never below it.
     pub max_ejection_time: Duration,
-    /// Percent of hosts that may be ejected at once, 0..=100. Default 10, which means that
-    /// services with fewer than 10 endpoints eject nothing (Envoy's arithmetic).
+    /// Percent of hosts that may be ejected at once, 0..=100 (counted over all of the service's
+    /// endpoints, every priority included, as Envoy counts them); whatever the percentage, one
+    /// endpoint may be ejected when none is, unless it is 0. Default 100, where Envoy's and
+    /// Istio's is 10: see [`OutlierDetection::DEFAULT_MAX_EJECTION_PERCENT`].
     pub max_ejection_percent: u8,
     /// Panic threshold: below this percentage of healthy hosts, balance over all hosts.
     /// 0..=100, 0 disables panic. Default 50 (Envoy; Istio uses 0).
     pub min_health_percent: u8,
     pub success_rate: Option<SuccessRateEjection>,
     pub failure_percentage: Option<FailurePercentageEjection>,
+}
+
+impl OutlierDetection {
+    /// keel's default maximum ejection percentage: no cap of its own. Envoy and Istio default to
+    /// 10%, which breaks locality failover, the case outlier detection matters most for: when a
+    /// zone of two endpoints dies in a service of six, 10% (even with keel's "at least one")
+    /// ejects one of them, the zone stays 50% healthy, keeps 70% of the load on the dead one, and
+    /// every such request needs a retry until the retry budget runs out. What a cap protects
+    /// against (ejecting so much that the rest is overwhelmed, or ejecting everything on a
+    /// failure that is not the endpoints') is the panic threshold's job, and keel keeps Envoy's
+    /// 50% (Istio turns panic off): a priority with fewer than half of its endpoints healthy,
+    /// when the other priorities cannot make up for it, balances over all of them again. With
+    /// `min_health_percent: 0` nothing takes that place, so set a cap along with it. Linkerd's
+    /// failure accrual has no cap either.
+    pub const DEFAULT_MAX_EJECTION_PERCENT: u8 = 100;
 }
 
 impl Default for OutlierDetection {
@@ -530,7 +579,7 @@ impl Default for OutlierDetection {
             interval: Duration::from_secs(10),
             base_ejection_time: Duration::from_secs(30),
             max_ejection_time: Duration::from_secs(300),
-            max_ejection_percent: 10,
+            max_ejection_percent: Self::DEFAULT_MAX_EJECTION_PERCENT,
             min_health_percent: 50,
             success_rate: None,
             failure_percentage: None,
@@ -573,7 +622,9 @@ impl fmt::Display for LocalityPattern {
 }
 
 /// Traffic from clients in `from` is spread over the `to` localities by weight (which add up to
-/// 100). Endpoints in localities not listed receive nothing.
+/// 100). Endpoints in localities not listed receive nothing. A client that no rule's `from`
+/// matches gets the failover priorities (nearest first), where Istio applies neither and spreads
+/// it over every endpoint alike.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DistributeRule {
     pub from: LocalityPattern,

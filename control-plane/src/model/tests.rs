@@ -768,7 +768,9 @@ spec:
     let outlier = policy.outlier_detection.as_ref().unwrap();
     assert_eq!(outlier.consecutive_5xx, 5);
     assert_eq!(outlier.interval, Duration::from_secs(10));
-    assert_eq!(outlier.max_ejection_percent, 10);
+    // keel's default, not Envoy's 10%: a whole zone may be ejected (the panic threshold guards).
+    assert_eq!(outlier.max_ejection_percent, 100);
+    assert_eq!(outlier.min_health_percent, 50);
     // Envoy: max ejection time defaults to 300 s, or the base if that is longer.
     assert_eq!(outlier.max_ejection_time, Duration::from_secs(400));
 }
@@ -1091,6 +1093,31 @@ fn route_rules() {
         ErrorKind::InvalidValue,
         "spec.routes[0].retries.attempts",
     );
+    // Retrying non-idempotent requests is opt-in, and only with a condition it changes.
+    let m = model(&retries(
+        "{retryOn: [reset, 5xx], retryNonIdempotent: true}",
+    ));
+    let route = &m.services[&ObjectKey::new("demo", "articles")].spec.routes[0];
+    assert_eq!(
+        route.retries.as_ref().map(|r| r.retry_non_idempotent),
+        Some(true)
+    );
+    let m = model(&retries("{attempts: 2}"));
+    let route = &m.services[&ObjectKey::new("demo", "articles")].spec.routes[0];
+    assert_eq!(
+        route.retries.as_ref().map(|r| r.retry_non_idempotent),
+        Some(false)
+    );
+    let e = errors(&retries("{retryNonIdempotent: true}"));
+    assert_one(
+        &e,
+        13,
+        35,
+        ErrorKind::InvalidValue,
+        "spec.routes[0].retries.retryNonIdempotent",
+    );
+    let e = errors(&retries("{retryOn: [reset], retryNonIdempotent: yes}"));
+    assert_eq!(e.len(), 1, "{e:?}");
 
     let tcp = ROUTED.replacen(
         "ports: [{port: 80}]",
@@ -1633,4 +1660,77 @@ i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
     let errors = errors(bomb);
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].kind, ErrorKind::Syntax);
+}
+
+/// A duration past its field's ceiling is refused where it is written: the proxy would compute
+/// `now + interval` with it and overflow.
+#[test]
+fn durations_past_their_ceiling_are_refused() {
+    let text = format!(
+        "{SERVICE}---
+apiVersion: keel.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: articles, namespace: demo}}
+spec:
+  targetRef: {{service: articles}}
+  outlierDetection: {{consecutive5xx: 3, consecutiveGatewayErrors: 2, interval: 5s}}
+"
+    );
+    // Within the ceiling (an hour): accepted.
+    model(&text.replace("interval: 5s", "interval: 1h"));
+    let errors = errors(&text.replace("interval: 5s", "interval: 100000000h"));
+    assert_one(
+        &errors,
+        16,
+        80,
+        ErrorKind::InvalidValue,
+        "spec.outlierDetection.interval",
+    );
+    assert!(
+        errors[0]
+            .reason
+            .contains("longer than the most this field allows, 1h"),
+        "{}",
+        errors[0]
+    );
+    // Every duration field has one.
+    let text = ROUTED.replace("timeout: 5s", "timeout: 25h");
+    assert_one(
+        &errors_of(&text),
+        13,
+        14,
+        ErrorKind::InvalidValue,
+        "spec.routes[0].timeout",
+    );
+}
+
+#[test]
+fn export_to_resolves_namespaces_and_refuses_nonsense() {
+    let exported = |list: &str| format!("{SERVICE}  exportTo: {list}\n");
+    let key = ObjectKey::new("demo", "articles");
+    let m = model(&exported("[\".\", shop]"));
+    let spec = &m.services[&key].spec;
+    assert!(spec.visible_in("demo") && spec.visible_in("shop"));
+    assert!(!spec.visible_in("other"));
+    assert!(
+        model(&exported("[\"*\"]")).services[&key]
+            .spec
+            .export_to
+            .is_none()
+    );
+    assert!(model(SERVICE).services[&key].spec.visible_in("anywhere"));
+    assert_one(
+        &errors(&exported("[\"*\", shop]")),
+        10,
+        13,
+        ErrorKind::InvalidValue,
+        "spec.exportTo",
+    );
+    assert_one(
+        &errors(&exported("[Shop_1]")),
+        10,
+        14,
+        ErrorKind::InvalidValue,
+        "spec.exportTo[0]",
+    );
 }

@@ -187,7 +187,8 @@ impl Model {
     }
 }
 
-/// Every route destination names an existing service, and a port that service has.
+/// Every route destination names an existing service, a port that service has, and a service
+/// visible wherever the routing service is (`exportTo`).
 fn check_routes(model: &Model, service: &Service, errors: &mut Vec<ValidationError>) {
     for (i, route) in service.spec.routes.iter().enumerate() {
         for (j, destination) in route.destinations.iter().enumerate() {
@@ -201,6 +202,24 @@ fn check_routes(model: &Model, service: &Service, errors: &mut Vec<ValidationErr
                 ));
                 continue;
             };
+            // A proxy that sees this service and its routes must see where they lead.
+            if !target.spec.visible_wherever(&service.spec) {
+                let list = |spec: &super::resources::ServiceSpec| match &spec.export_to {
+                    None => "every namespace".to_owned(),
+                    Some(n) => n.iter().cloned().collect::<Vec<_>>().join(", "),
+                };
+                errors.push(error_at(
+                    &service.origin,
+                    &format!("{path}.service"),
+                    ErrorKind::DanglingReference,
+                    format!(
+                        "service {} is exported to {}, but this service, whose route leads there, is visible in {}",
+                        destination.service,
+                        list(&target.spec),
+                        list(&service.spec)
+                    ),
+                ));
+            }
             if let Some(port) = destination.port
                 && target.spec.port(port).is_none()
             {

@@ -6,8 +6,14 @@
 //! only a valid state is written. Replaced documents are cut out of the files that held them, and
 //! the applied ones are written to `applied/<file name>` in the directory. Every file is written
 //! aside first (hidden names the loader skips) and renamed into place only when all are written;
-//! the loader is held meanwhile ([`super::file::DirectoryLoader::apply`]), so no load, the
-//! watcher's included, ever reads half an apply.
+//! a file it replaces or removes is first moved aside too, so that if any rename fails the ones
+//! done are undone and the directory is as it was. The loader is held meanwhile
+//! ([`super::file::DirectoryLoader::apply`]), so no load, the watcher's included, ever reads half
+//! an apply.
+//!
+//! A file of the directory that does not parse blocks an apply (the state it produced would be
+//! invalid), except the file the apply writes to: its documents cannot be cut, so it is replaced
+//! whole by the applied ones, which is how a broken applied file is repaired with `keelctl apply`.
 //!
 //! This module must never leave the directory in a state that failed validation.
 
@@ -36,6 +42,14 @@ pub enum ApplyError {
     },
     #[error("the applied document names no resource")]
     Empty,
+    /// A write failed and so did undoing part of the writes before it.
+    #[error(
+        "{error}; undoing the apply failed too, so these files are not as they were: {stranded}"
+    )]
+    PartlyUndone {
+        error: Box<ApplyError>,
+        stranded: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -138,16 +152,30 @@ pub fn apply(dir: &Path, files: &[ApplyFile]) -> Result<ApplyOutcome, ApplyError
         return Err(ApplyError::Invalid(errors));
     }
 
-    // The directory as it is on disk, file by file, with each file's text.
+    // The directory as it is on disk, file by file, with each file's text, read as the loader
+    // reads it (the same size limit, the same UTF-8 check).
+    let targets: BTreeSet<&PathBuf> = incoming.iter().map(|i| &i.target).collect();
     let mut texts = BTreeMap::new();
     let mut existing = Vec::new();
     for path in model::yaml_files(dir).map_err(ApplyError::Invalid)? {
-        let body = std::fs::read_to_string(&path).map_err(io("reading", &path))?;
-        match model::parse_file(&path, &body) {
-            Ok(resources) => existing.extend(resources),
+        let parsed = model::read_mesh_file(&path)
+            .map_err(|e| ValidationErrors(vec![e]))
+            .and_then(|body| Ok((model::parse_file(&path, &body)?, body)));
+        match parsed {
+            Ok((resources, body)) => {
+                existing.extend(resources);
+                texts.insert(path, body);
+            }
+            // The file this apply writes: replaced whole.
+            Err(e) if targets.contains(&path) => {
+                tracing::warn!(
+                    file = %path.display(),
+                    "replacing a mesh file that does not parse:\n{e}"
+                );
+                texts.insert(path, String::new());
+            }
             Err(e) => errors.extend(e.0),
         }
-        texts.insert(path, body);
     }
     if !errors.is_empty() {
         return Err(ApplyError::Invalid(ValidationErrors(errors)));
@@ -257,8 +285,11 @@ pub fn apply(dir: &Path, files: &[ApplyFile]) -> Result<ApplyOutcome, ApplyError
     Ok(outcome)
 }
 
-/// Writes every file (or removes those left without resources): all are written aside first,
-/// then renamed into place, so that a failure while writing leaves the directory as it was.
+/// Writes every file (or removes those left without resources), all or nothing: every new text
+/// is written aside first; then each file replaced or removed is moved aside (a hidden name the
+/// loader skips) and the new text renamed into its place. If any step fails, the steps done are
+/// undone in reverse, so the directory is left as it was; only if undoing fails too (the
+/// filesystem failing twice) does the error say which files are left where.
 fn write_all(bodies: BTreeMap<PathBuf, String>) -> Result<(), ApplyError> {
     let mut staged = Vec::new();
     let mut removed = Vec::new();
@@ -281,13 +312,83 @@ fn write_all(bodies: BTreeMap<PathBuf, String>) -> Result<(), ApplyError> {
         }
         return Err(e);
     }
-    for (tmp, path) in staged {
-        std::fs::rename(&tmp, &path).map_err(io("renaming into", &path))?;
+
+    // Each step done, to undo: (the file's place, where its old content went, if it had any).
+    let mut done: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
+    let mut step = |path: &Path, new: Option<&Path>| -> Result<(), ApplyError> {
+        let backup = if path.exists() {
+            let backup = aside(path, "keel-apply.old");
+            std::fs::rename(path, &backup).map_err(io("moving aside", path))?;
+            Some(backup)
+        } else {
+            None
+        };
+        if let Some(new) = new
+            && let Err(e) = std::fs::rename(new, path)
+        {
+            if let Some(backup) = &backup {
+                let _ = std::fs::rename(backup, path);
+            }
+            return Err(io("renaming into", path)(e));
+        }
+        done.push((path.to_path_buf(), backup));
+        Ok(())
+    };
+    let mut outcome = Ok(());
+    for (tmp, path) in &staged {
+        outcome = step(path, Some(tmp));
+        if outcome.is_err() {
+            break;
+        }
     }
-    for path in removed {
-        std::fs::remove_file(&path).map_err(io("removing", &path))?;
+    if outcome.is_ok() {
+        for path in &removed {
+            outcome = step(path, None);
+            if outcome.is_err() {
+                break;
+            }
+        }
     }
-    Ok(())
+    match outcome {
+        Ok(()) => {
+            for (_, backup) in done {
+                if let Some(backup) = backup {
+                    let _ = std::fs::remove_file(backup);
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            for (tmp, _) in &staged {
+                let _ = std::fs::remove_file(tmp);
+            }
+            let mut stranded = Vec::new();
+            for (path, backup) in done.into_iter().rev() {
+                let undone = match &backup {
+                    Some(backup) => std::fs::rename(backup, &path),
+                    None => std::fs::remove_file(&path),
+                };
+                if undone.is_err() {
+                    stranded.push(match backup {
+                        Some(backup) => format!(
+                            "{} (its old content is in {})",
+                            path.display(),
+                            backup.display()
+                        ),
+                        None => format!("{} (new)", path.display()),
+                    });
+                }
+            }
+            if stranded.is_empty() {
+                Err(e)
+            } else {
+                Err(ApplyError::PartlyUndone {
+                    error: Box::new(e),
+                    stranded: stranded.join(", "),
+                })
+            }
+        }
+    }
 }
 
 /// `text` without the byte ranges of the documents removed from it.
@@ -330,13 +431,18 @@ fn applied_file_name(input_name: &str) -> String {
     }
 }
 
-/// Writes `body` next to `path` under a hidden name (the directory loader skips it); returns
-/// that name.
+/// A hidden name next to `path` (the directory loader skips it), ending in `suffix`.
+fn aside(path: &Path, suffix: &str) -> PathBuf {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    parent.join(format!(".{name}.{suffix}"))
+}
+
+/// Writes `body` next to `path` under a hidden name; returns that name.
 fn write_aside(path: &Path, body: &str) -> Result<PathBuf, ApplyError> {
     let parent = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = parent.join(format!(".{name}.keel-apply.tmp"));
+    let tmp = aside(path, "keel-apply.tmp");
     std::fs::write(&tmp, body).map_err(io("writing", &tmp))?;
     Ok(tmp)
 }
@@ -492,5 +598,83 @@ spec:
         assert_eq!(applied_file_name("../../etc/passwd"), "passwd.yaml");
         assert_eq!(applied_file_name("my policy.yaml"), "my-policy.yaml");
         assert_eq!(applied_file_name("-"), "applied.yaml");
+    }
+
+    #[test]
+    fn a_broken_file_blocks_an_apply_unless_the_apply_replaces_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        apply(dir.path(), &[file("svc.yaml", SERVICE)]).expect("created");
+        let applied = dir.path().join("applied/svc.yaml");
+        std::fs::write(&applied, "kind: [unclosed").expect("break it");
+        // Another file's apply cannot pass: the directory stays invalid.
+        let other = SERVICE.replace("name: articles", "name: comments");
+        let err = apply(dir.path(), &[file("other.yaml", &other)]).expect_err("blocked");
+        let ApplyError::Invalid(errors) = err else {
+            panic!("expected a validation error, got {err}");
+        };
+        assert_eq!(errors.0[0].file, applied);
+        // Applying the same file again replaces the broken one.
+        let out = apply(dir.path(), &[file("svc.yaml", SERVICE)]).expect("repaired");
+        assert_eq!(out.resources[0].action, Action::Created);
+        assert_eq!(load(dir.path()).services.len(), 1);
+        assert!(
+            !std::fs::read_to_string(&applied)
+                .expect("read")
+                .contains("unclosed")
+        );
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_as_the_loader_refuses_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = dir.path().join("big.yaml");
+        let f = std::fs::File::create(&big).expect("create");
+        f.set_len(17 << 20).expect("grow");
+        let err = apply(dir.path(), &[file("svc.yaml", SERVICE)]).expect_err("refused");
+        let ApplyError::Invalid(errors) = err else {
+            panic!("expected a validation error, got {err}");
+        };
+        assert_eq!(errors.0[0].file, big);
+        assert!(
+            errors.0[0].reason.contains("bytes allowed"),
+            "{}",
+            errors.0[0].reason
+        );
+    }
+
+    #[test]
+    fn a_failed_rename_undoes_the_apply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a.yaml");
+        let z = dir.path().join("z.yaml");
+        std::fs::write(&a, SERVICE).expect("write");
+        std::fs::write(&z, SERVICE).expect("write");
+        // Where z.yaml would be moved aside is a non-empty directory: that rename fails, after
+        // a.yaml was already replaced.
+        let occupied = aside(&z, "keel-apply.old");
+        std::fs::create_dir_all(occupied.join("inside")).expect("mkdir");
+        let bodies = BTreeMap::from([
+            (a.clone(), service_with_port(81)),
+            (z.clone(), service_with_port(82)),
+        ]);
+        let err = write_all(bodies).expect_err("moving z.yaml aside fails");
+        assert!(matches!(err, ApplyError::Io { .. }), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&a).expect("read"),
+            SERVICE,
+            "a.yaml restored"
+        );
+        assert_eq!(std::fs::read_to_string(&z).expect("read"), SERVICE);
+        let hidden: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .filter(|p| *p != occupied)
+            .collect();
+        assert!(hidden.is_empty(), "left behind: {hidden:?}");
     }
 }

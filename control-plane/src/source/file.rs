@@ -28,9 +28,13 @@ use crate::store::Store;
 /// Quiet time after the last event before the directory is reloaded, while a file written to
 /// has not been closed yet (its writer may not be done)...
 const DEBOUNCE: Duration = Duration::from_millis(15);
-/// ...and once every file written to was closed: long enough to take in the rest of a burst (an
-/// editor's rename, several files copied at once), short enough not to delay a change.
-const SETTLE: Duration = Duration::from_millis(4);
+/// ...and once every file written to was closed: a quiet directory reloads almost at once. It
+/// still takes in what a writer does right after closing (an editor's rename into place follows
+/// its close within microseconds); a longer burst (several files copied) keeps pushing the reload
+/// back by this much per event, up to `MAX_DELAY`, and what comes after a reload started makes
+/// another one. A transient state seen meanwhile is validated like any other: at worst it is
+/// rejected and the next reload, moments later, serves the final one.
+const SETTLE: Duration = Duration::from_millis(1);
 /// A steady stream of events still reloads at least this often.
 const MAX_DELAY: Duration = Duration::from_millis(60);
 
@@ -155,7 +159,9 @@ impl DirectoryLoader {
     }
 
     fn load_locked(&self, state: &mut LoaderState) -> Result<Arc<Model>, ValidationErrors> {
+        let started = std::time::Instant::now();
         let listed = model::mesh_files(&self.dir)?;
+        let walked = started.elapsed();
         let present: HashSet<&Path> = listed.iter().map(|f| f.path.as_path()).collect();
         state
             .files
@@ -164,6 +170,12 @@ impl DirectoryLoader {
         for file in &listed {
             refresh(&mut state.files, file, &mut errors);
         }
+        tracing::debug!(
+            files = listed.len(),
+            walk_us = walked.as_micros() as u64,
+            read_us = (started.elapsed() - walked).as_micros() as u64,
+            "mesh directory read"
+        );
         if !errors.is_empty() {
             let mut errors = ValidationErrors(errors);
             errors.sort();
@@ -420,12 +432,15 @@ impl FileSource {
             // Files written to and not closed since.
             let mut writing = HashSet::new();
             while let Some(first) = rx.recv().await {
-                let deadline = Instant::now() + MAX_DELAY;
-                let mut quiet = Instant::now() + note(&dir, first, &mut writing);
+                let first_at = Instant::now();
+                let mut events = 1;
+                let deadline = first_at + MAX_DELAY;
+                let mut quiet = first_at + note(&dir, first, &mut writing);
                 loop {
                     tokio::select! {
                         more = rx.recv() => match more {
                             Some(event) => {
+                                events += 1;
                                 let wait = note(&dir, event, &mut writing);
                                 quiet = (Instant::now() + wait).min(deadline);
                             }
@@ -434,6 +449,11 @@ impl FileSource {
                         _ = sleep_until(quiet) => break,
                     }
                 }
+                tracing::debug!(
+                    events,
+                    debounce_us = first_at.elapsed().as_micros() as u64,
+                    "mesh directory changed; reloading"
+                );
                 task_loader.reload(&store).await;
                 // A writer still busy shows up again with its next write; one that went away
                 // without closing must not slow every later reload down.

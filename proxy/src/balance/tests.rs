@@ -89,7 +89,39 @@ fn find(b: &Balancer, last: u8) -> Arc<EndpointState> {
 
 #[test]
 fn smooth_round_robin_interleaves_by_weight() {
-    assert_eq!(smooth_schedule(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0]);
+    // Turns at (k + 1/2) / w: 0 at 0.1, 0.3, 0.5, 0.7, 0.9; 1 and 2 at 0.5.
+    assert_eq!(smooth_schedule(&[5, 1, 1]), [0, 0, 0, 1, 2, 0, 0]);
+    assert_eq!(smooth_schedule(&[1, 1, 1]), [0, 1, 2]);
+    assert_eq!(smooth_schedule(&[1, 3]), [1, 0, 1, 1]);
+    // Any weights: each endpoint its weight's worth of turns per cycle, spread out: between two
+    // of its turns (cyclically) at most (total - w) / w + n others.
+    let mut rng = rand::rng();
+    for _ in 0..50 {
+        let n = rng.random_range(1..40);
+        let weights: Vec<u32> = (0..n).map(|_| rng.random_range(1..20)).collect();
+        let schedule = smooth_schedule(&weights);
+        let total: u32 = weights.iter().sum();
+        assert_eq!(schedule.len() as u32, total);
+        for (i, w) in weights.iter().enumerate() {
+            let at: Vec<usize> = (0..schedule.len())
+                .filter(|p| schedule[*p] as usize == i)
+                .collect();
+            assert_eq!(at.len() as u32, *w, "{weights:?}");
+            let bound = ((total - w) / w) as usize + n;
+            for (k, p) in at.iter().enumerate() {
+                let next = at.get(k + 1).copied().unwrap_or(at[0] + schedule.len());
+                assert!(
+                    next - p - 1 <= bound,
+                    "endpoint {i} waits {} turns (bound {bound}) in {schedule:?} for {weights:?}",
+                    next - p - 1
+                );
+            }
+        }
+    }
+    // Past MAX_SCHEDULE endpoints every one keeps a turn.
+    let many = smooth_schedule(&vec![1; MAX_SCHEDULE * 3]);
+    assert_eq!(many.len(), MAX_SCHEDULE * 3);
+    assert!(many.iter().enumerate().all(|(p, i)| *i as usize == p));
     let b = balancer(
         LoadBalancer::RoundRobin,
         &[endpoint(1, 1), endpoint(2, 1), endpoint(3, 1)],
@@ -134,14 +166,93 @@ fn weighted_least_request_keeps_the_lighter_endpoint_in_proportion() {
 fn peak_ewma_prefers_the_faster_endpoint() {
     let b = balancer(LoadBalancer::PeakEwma, &[endpoint(1, 1), endpoint(2, 1)]);
     let slow = find(&b, 1);
-    slow.stats.observe(Duration::from_millis(50));
-    find(&b, 2).stats.observe(Duration::from_millis(1));
+    let now = Instant::now();
+    slow.stats.observe_at(Duration::from_millis(50), now);
+    find(&b, 2).stats.observe_at(Duration::from_millis(1), now);
     let c = counts(&b, 200);
     assert_eq!(c[2], 200, "{c:?}");
     // With unequal weights the EDF still gives the slow endpoint some share.
     let weighted = balancer(LoadBalancer::PeakEwma, &[endpoint(1, 1), endpoint(2, 3)]);
     let c = counts(&weighted, 400);
     assert!(c[1] > 50 && c[2] > 250, "{c:?}");
+}
+
+/// A host set of `endpoints` as one level of a pool holds it.
+fn host_set(lb: &LoadBalancer, endpoints: &[Endpoint]) -> HostSet {
+    let epoch = Instant::now();
+    let hosts = endpoints
+        .iter()
+        .map(|e| {
+            Arc::new(EndpointState {
+                endpoint: e.clone(),
+                key: (e.address, e.port),
+                stats: Arc::new(EndpointStats::new(epoch)),
+            })
+        })
+        .collect();
+    HostSet::new(lb, hosts)
+}
+
+#[test]
+fn peak_ewma_decays_so_a_once_slow_endpoint_is_tried_again() {
+    let set = host_set(&LoadBalancer::PeakEwma, &[endpoint(1, 1), endpoint(2, 1)]);
+    let (slow, fast) = (&set.hosts[0], &set.hosts[1]);
+    let t0 = Instant::now();
+    // One slow response from endpoint 1, then light traffic (one request a second, nothing in
+    // flight when the next is picked), every response taking 1 ms wherever it goes.
+    slow.stats.observe_at(Duration::from_secs(1), t0);
+    fast.stats.observe_at(Duration::from_millis(1), t0);
+    let mut back = None;
+    for second in 1..=300u64 {
+        let now = t0 + Duration::from_secs(second);
+        let picked = &set.hosts[set.pick_at(&LoadBalancer::PeakEwma, None, || now)];
+        picked.stats.observe_at(Duration::from_millis(1), now);
+        if Arc::ptr_eq(picked, slow) {
+            back = Some(second);
+            break;
+        }
+    }
+    // Without decay the estimate stays at 1 s and endpoint 1 never wins again. With it, 1 s
+    // decays below the other's 1 ms after 10 s * ln(1000), about 69 s.
+    let back = back.expect("the once-slow endpoint is never picked again");
+    assert!((60..=80).contains(&back), "picked again after {back} s");
+    // Its fresh sample (above the decayed estimate) replaced it: 1 ms, like the other's.
+    let now = t0 + Duration::from_secs(back);
+    let cost = slow.ewma_cost(now);
+    assert!((cost - 1e6).abs() < 1.0, "{cost}");
+}
+
+#[test]
+fn peak_ewma_does_not_prefer_an_endpoint_that_fails_fast() {
+    let set = host_set(
+        &LoadBalancer::PeakEwma,
+        &[endpoint(1, 1), endpoint(2, 1), endpoint(3, 1)],
+    );
+    let t0 = Instant::now();
+    // Endpoint 1 refuses connections in 50 µs; the others answer in 20 ms.
+    set.hosts[0]
+        .stats
+        .observe_attempt(Duration::from_micros(50), true, t0);
+    for healthy in &set.hosts[1..] {
+        healthy
+            .stats
+            .observe_attempt(Duration::from_millis(20), false, t0);
+    }
+    let now = t0 + Duration::from_millis(100);
+    for _ in 0..200 {
+        let i = set.pick_at(&LoadBalancer::PeakEwma, None, || now);
+        assert_ne!(i, 0, "the failing endpoint was preferred");
+    }
+    // A fast failure raises an estimate at once (the peak), like a slow response.
+    set.hosts[1]
+        .stats
+        .observe_attempt(Duration::from_micros(50), true, now);
+    assert!(set.hosts[1].ewma_cost(now) >= EWMA_FAILURE_PENALTY.as_nanos() as f64);
+    // A success is its latency, even a fast one.
+    set.hosts[2]
+        .stats
+        .observe_attempt(Duration::from_micros(50), false, now);
+    assert!(set.hosts[2].ewma_cost(now) < Duration::from_millis(20).as_nanos() as f64);
 }
 
 #[test]
@@ -217,6 +328,53 @@ fn consistent_hash_is_stable_and_moves_little() {
             c[pick(*k) as usize] += 1;
         }
         assert!(c[1..4].iter().all(|n| *n > keys.len() / 6), "{lb:?} {c:?}");
+    }
+}
+
+#[test]
+fn consistent_hash_follows_weights() {
+    let weights = [1u32, 2, 5];
+    let eps: Vec<Endpoint> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| endpoint(i as u8 + 1, *w))
+        .collect();
+    let total: u32 = weights.iter().sum();
+    // The tables themselves: ring entries and Maglev slots in proportion to weight.
+    let set = host_set(&LoadBalancer::RingHash(HashOn::SourceIp), &eps);
+    for (i, w) in weights.iter().enumerate() {
+        let entries = set.ring.iter().filter(|(_, e)| *e as usize == i).count();
+        assert_eq!(entries, (RING_SIZE * *w as usize).div_ceil(total as usize));
+    }
+    let set = host_set(&LoadBalancer::Maglev(HashOn::SourceIp), &eps);
+    for (i, w) in weights.iter().enumerate() {
+        let slots = set.maglev.iter().filter(|e| **e as usize == i).count();
+        let expected = MAGLEV_SIZE * *w as usize / total as usize;
+        assert!(slots.abs_diff(expected) <= 3, "endpoint {i}: {slots} slots");
+    }
+    // And the keys that land on each endpoint (hashes are fixed, so these counts are too).
+    for lb in [
+        LoadBalancer::RingHash(HashOn::SourceIp),
+        LoadBalancer::Maglev(HashOn::SourceIp),
+    ] {
+        let b = balancer(lb.clone(), &eps);
+        let mut c = [0usize; 4];
+        let keys = 20_000u32;
+        for k in 0..keys {
+            let key = hash_key(&HashOn::SourceIp, IpAddr::from(k.to_be_bytes()), None);
+            c[last_octet(&b.pick(key, &[]).expect("pick")) as usize] += 1;
+        }
+        for (i, w) in weights.iter().enumerate() {
+            let share = c[i + 1] as f64 / f64::from(keys);
+            let expected = f64::from(*w) / f64::from(total);
+            // A ring of 1024 hashed points splits the circle unevenly by a few percent (here
+            // 8% at most); unweighted, each would get a third.
+            assert!(
+                (share / expected - 1.0).abs() < 0.15,
+                "{lb:?}: endpoint {} got {share:.3} of the keys, its weight {expected:.3}",
+                i + 1
+            );
+        }
     }
 }
 

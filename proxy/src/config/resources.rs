@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Method};
 use ipnet::IpNet;
+use keel_proto::limits;
 use keel_proto::spiffe::SpiffeId;
 use keel_proto::v1 as pb;
 use regex::Regex;
@@ -126,22 +127,32 @@ fn unicast_ip(at: Path<'_>, value: &str) -> Checked<IpAddr> {
     Ok(addr)
 }
 
-fn duration(at: Path<'_>, value: prost_types::Duration) -> Checked<Duration> {
-    Duration::try_from(value).map_err(|e| {
+/// A duration of at most `max`, one of the ceilings of [`keel_proto::limits`]: the control plane
+/// refuses longer ones too, but a proxy checks what it is sent rather than trust it, since a huge
+/// value would overflow the clock arithmetic it feeds (`Instant + interval`).
+fn duration(at: Path<'_>, value: prost_types::Duration, max: Duration) -> Checked<Duration> {
+    let d = Duration::try_from(value).map_err(|e| {
         at.error(Problem::BadDuration {
             reason: e.to_string(),
         })
-    })
+    })?;
+    if d > max {
+        return Err(at.error(Problem::BadDuration {
+            reason: format!("{d:?} is longer than the most this field allows, {max:?}"),
+        }));
+    }
+    Ok(d)
 }
 
 /// Absent or zero: `None` (as in Envoy, a zero timeout means "no timeout").
 fn optional_duration(
     at: Path<'_>,
     value: Option<prost_types::Duration>,
+    max: Duration,
 ) -> Checked<Option<Duration>> {
     match value {
         None => Ok(None),
-        Some(d) => Ok(Some(duration(at, d)?).filter(|d| !d.is_zero())),
+        Some(d) => Ok(Some(duration(at, d, max)?).filter(|d| !d.is_zero())),
     }
 }
 
@@ -150,8 +161,9 @@ fn duration_or(
     at: Path<'_>,
     value: Option<prost_types::Duration>,
     default: Duration,
+    max: Duration,
 ) -> Checked<Duration> {
-    Ok(optional_duration(at, value)?.unwrap_or(default))
+    Ok(optional_duration(at, value, max)?.unwrap_or(default))
 }
 
 fn percent(at: Path<'_>, value: u32) -> Checked<u8> {
@@ -794,14 +806,24 @@ pub struct RetryPolicy {
     /// Never below `backoff_base`.
     #[serde(serialize_with = "ser::duration")]
     pub backoff_max: Duration,
+    /// Retry any method on the conditions above, not only idempotent ones; only with a
+    /// condition besides `connect-failure` (which is retried for any method anyway).
+    pub retry_non_idempotent: bool,
 }
 
 impl RetryPolicy {
     /// Envoy's default retry back-off base.
     pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
+    /// Retries of a route's policy that does not say (Envoy's `num_retries`, the mesh model's
+    /// default).
+    pub const DEFAULT_ATTEMPTS: u32 = 1;
 
     fn from_proto(at: Path<'_>, r: pb::RetryPolicy) -> Checked<RetryPolicy> {
-        let per_try_timeout = optional_duration(at.field("per_try_timeout"), r.per_try_timeout)?;
+        let per_try_timeout = optional_duration(
+            at.field("per_try_timeout"),
+            r.per_try_timeout,
+            limits::REQUEST_TIMEOUT,
+        )?;
 
         let on_at = at.field("retry_on");
         let mut seen = Unique::new();
@@ -853,26 +875,36 @@ impl RetryPolicy {
             at.field("backoff_base"),
             r.backoff_base,
             Self::DEFAULT_BACKOFF_BASE,
+            limits::RETRY_BACKOFF,
         )?;
         // Envoy's default: ten times the base.
         let backoff_max = duration_or(
             at.field("backoff_max"),
             r.backoff_max,
-            backoff_base.saturating_mul(10),
+            backoff_base.saturating_mul(10).min(limits::RETRY_BACKOFF),
+            limits::RETRY_BACKOFF,
         )?;
         if backoff_max < backoff_base {
             return Err(at.field("backoff_max").error(Problem::Inconsistent {
                 reason: "backoff_max is below backoff_base",
             }));
         }
+        if r.retry_non_idempotent && retry_on.iter().all(|c| *c == RetryOn::ConnectFailure) {
+            return Err(at
+                .field("retry_non_idempotent")
+                .error(Problem::Inconsistent {
+                    reason: "retry_non_idempotent is set but retry_on has no condition it changes",
+                }));
+        }
         Ok(RetryPolicy {
-            attempts: r.attempts,
+            attempts: r.attempts.unwrap_or(Self::DEFAULT_ATTEMPTS),
             per_try_timeout,
             retry_on,
             retriable_status_codes,
             retriable_grpc_codes,
             backoff_base,
             backoff_max,
+            retry_non_idempotent: r.retry_non_idempotent,
         })
     }
 }
@@ -1001,7 +1033,7 @@ impl Route {
             matcher,
             destinations,
             total_weight,
-            timeout: optional_duration(at.field("timeout"), r.timeout)?,
+            timeout: optional_duration(at.field("timeout"), r.timeout, limits::REQUEST_TIMEOUT)?,
             retry: r
                 .retry
                 .map(|p| RetryPolicy::from_proto(at.field("retry"), p))
@@ -1270,6 +1302,17 @@ pub struct SuccessRateEjection {
     pub stdev_factor: f64,
 }
 
+/// Envoy's defaults, which are the mesh model's.
+impl Default for SuccessRateEjection {
+    fn default() -> Self {
+        SuccessRateEjection {
+            minimum_hosts: 5,
+            request_volume: 100,
+            stdev_factor: 1.9,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FailurePercentageEjection {
     /// Percent, 0..=100.
@@ -1278,7 +1321,20 @@ pub struct FailurePercentageEjection {
     pub request_volume: u32,
 }
 
-/// Passive health checking (Envoy's outlier detection).
+/// Envoy's defaults, which are the mesh model's.
+impl Default for FailurePercentageEjection {
+    fn default() -> Self {
+        FailurePercentageEjection {
+            threshold: 85,
+            minimum_hosts: 5,
+            request_volume: 50,
+        }
+    }
+}
+
+/// Passive health checking (Envoy's outlier detection). A field the control plane leaves out
+/// takes the mesh model's default (its `DEFAULT_*` constants here), never 0, which would turn a
+/// detector or the panic threshold off without anyone having said so.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OutlierDetection {
     /// 0 disables.
@@ -1306,18 +1362,30 @@ impl OutlierDetection {
     pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
     pub const DEFAULT_BASE_EJECTION_TIME: Duration = Duration::from_secs(30);
     pub const DEFAULT_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+    pub const DEFAULT_CONSECUTIVE_5XX: u32 = 5;
+    /// No cap of keel's own; the panic threshold guards (see `health`).
+    pub const DEFAULT_MAX_EJECTION_PERCENT: u8 = 100;
+    /// Envoy's panic threshold.
+    pub const DEFAULT_MIN_HEALTH_PERCENT: u8 = 50;
 
     fn from_proto(at: Path<'_>, o: pb::OutlierDetection) -> Checked<OutlierDetection> {
-        let interval = duration_or(at.field("interval"), o.interval, Self::DEFAULT_INTERVAL)?;
+        let interval = duration_or(
+            at.field("interval"),
+            o.interval,
+            Self::DEFAULT_INTERVAL,
+            limits::OUTLIER_INTERVAL,
+        )?;
         let base_ejection_time = duration_or(
             at.field("base_ejection_time"),
             o.base_ejection_time,
             Self::DEFAULT_BASE_EJECTION_TIME,
+            limits::EJECTION_TIME,
         )?;
         let max_ejection_time = duration_or(
             at.field("max_ejection_time"),
             o.max_ejection_time,
             Self::DEFAULT_MAX_EJECTION_TIME.max(base_ejection_time),
+            limits::EJECTION_TIME,
         )?;
         if max_ejection_time < base_ejection_time {
             return Err(at.field("max_ejection_time").error(Problem::Inconsistent {
@@ -1327,41 +1395,57 @@ impl OutlierDetection {
         let success_rate = match o.success_rate {
             None => None,
             Some(s) => {
-                if s.stdev_factor == 0 {
+                let d = SuccessRateEjection::default();
+                let factor = s
+                    .stdev_factor
+                    .map_or(d.stdev_factor, |f| f64::from(f) / 1000.0);
+                if factor == 0.0 {
                     return Err(at
                         .field("success_rate")
                         .field("stdev_factor")
                         .error(Problem::Zero));
                 }
                 Some(SuccessRateEjection {
-                    minimum_hosts: s.minimum_hosts,
-                    request_volume: s.request_volume,
-                    stdev_factor: f64::from(s.stdev_factor) / 1000.0,
+                    minimum_hosts: s.minimum_hosts.unwrap_or(d.minimum_hosts),
+                    request_volume: s.request_volume.unwrap_or(d.request_volume),
+                    stdev_factor: factor,
                 })
             }
         };
         let failure_percentage = match o.failure_percentage {
             None => None,
-            Some(f) => Some(FailurePercentageEjection {
-                threshold: percent(
-                    at.field("failure_percentage").field("threshold"),
-                    f.threshold,
-                )?,
-                minimum_hosts: f.minimum_hosts,
-                request_volume: f.request_volume,
-            }),
+            Some(f) => {
+                let d = FailurePercentageEjection::default();
+                Some(FailurePercentageEjection {
+                    threshold: match f.threshold {
+                        None => d.threshold,
+                        Some(t) => percent(at.field("failure_percentage").field("threshold"), t)?,
+                    },
+                    minimum_hosts: f.minimum_hosts.unwrap_or(d.minimum_hosts),
+                    request_volume: f.request_volume.unwrap_or(d.request_volume),
+                })
+            }
+        };
+        let percent_or = |field: &'static str, value: Option<u32>, default: u8| match value {
+            None => Ok(default),
+            Some(v) => percent(at.field(field), v),
         };
         Ok(OutlierDetection {
-            consecutive_5xx: o.consecutive_5xx,
+            consecutive_5xx: o.consecutive_5xx.unwrap_or(Self::DEFAULT_CONSECUTIVE_5XX),
             consecutive_gateway_errors: o.consecutive_gateway_errors,
             interval,
             base_ejection_time,
             max_ejection_time,
-            max_ejection_percent: percent(
-                at.field("max_ejection_percent"),
+            max_ejection_percent: percent_or(
+                "max_ejection_percent",
                 o.max_ejection_percent,
+                Self::DEFAULT_MAX_EJECTION_PERCENT,
             )?,
-            min_health_percent: percent(at.field("min_health_percent"), o.min_health_percent)?,
+            min_health_percent: percent_or(
+                "min_health_percent",
+                o.min_health_percent,
+                Self::DEFAULT_MIN_HEALTH_PERCENT,
+            )?,
             success_rate,
             failure_percentage,
         })
@@ -1643,24 +1727,35 @@ impl TrafficPolicy {
             .locality_failover
             .map(|l| LocalityFailover::from_proto(root.field("locality_failover"), l))
             .transpose()?;
+        // Absent limits are Envoy's defaults, not 0 (which would refuse everything).
+        let breaker = CircuitBreaker::default();
         let circuit_breaker = p
             .circuit_breaker
             .map(|c| CircuitBreaker {
-                max_connections: c.max_connections,
-                max_pending_requests: c.max_pending_requests,
-                max_requests: c.max_requests,
-                max_retries: c.max_retries,
+                max_connections: c.max_connections.unwrap_or(breaker.max_connections),
+                max_pending_requests: c
+                    .max_pending_requests
+                    .unwrap_or(breaker.max_pending_requests),
+                max_requests: c.max_requests.unwrap_or(breaker.max_requests),
+                max_retries: c.max_retries.unwrap_or(breaker.max_retries),
             })
-            .unwrap_or_default();
+            .unwrap_or(breaker);
+        let budget = RetryBudget::default();
         let retry_budget = match p.retry_budget {
-            None => RetryBudget::default(),
+            None => budget,
             Some(b) => RetryBudget {
-                percent: percent(root.field("retry_budget").field("percent"), b.percent)?,
-                min_retries_per_second: b.min_retries_per_second,
+                percent: match b.percent {
+                    None => budget.percent,
+                    Some(v) => percent(root.field("retry_budget").field("percent"), v)?,
+                },
+                min_retries_per_second: b
+                    .min_retries_per_second
+                    .unwrap_or(budget.min_retries_per_second),
                 ttl: duration_or(
                     root.field("retry_budget").field("ttl"),
                     b.ttl,
                     RetryBudget::DEFAULT_TTL,
+                    limits::RETRY_BUDGET_TTL,
                 )?,
             },
         };
@@ -1668,11 +1763,14 @@ impl TrafficPolicy {
             root.field("connect_timeout"),
             p.connect_timeout,
             Self::DEFAULT_CONNECT_TIMEOUT,
+            limits::CONNECT_TIMEOUT,
         )?;
         // Absent: the default; zero: never (as Envoy's idle_timeout of 0 disables it).
         let idle_timeout = match p.idle_timeout {
             None => Some(Self::DEFAULT_IDLE_TIMEOUT),
-            Some(d) => optional_duration(root.field("idle_timeout"), Some(d))?,
+            Some(d) => {
+                optional_duration(root.field("idle_timeout"), Some(d), limits::IDLE_TIMEOUT)?
+            }
         };
         Ok(TrafficPolicy {
             service: p.service,

@@ -356,12 +356,14 @@ fn a_complete_configuration_is_typed_and_indexed() {
 fn traffic_policy_defaults_fill_what_is_absent() {
     let mut b = articles_and_frontend();
     let mut p = policy("demo/articles");
+    // Every field left out: none of them reads as 0.
     p.outlier_detection = Some(pb::OutlierDetection {
-        consecutive_5xx: 5,
-        max_ejection_percent: 10,
-        min_health_percent: 50,
+        success_rate: Some(pb::SuccessRateEjection::default()),
+        failure_percentage: Some(pb::FailurePercentageEjection::default()),
         ..Default::default()
     });
+    p.circuit_breaker = Some(pb::CircuitBreaker::default());
+    p.retry_budget = Some(pb::RetryBudget::default());
     p.idle_timeout = Some(prost_types::Duration {
         seconds: 0,
         nanos: 0,
@@ -378,7 +380,27 @@ fn traffic_policy_defaults_fill_what_is_absent() {
     assert_eq!(outlier.interval, OutlierDetection::DEFAULT_INTERVAL);
     assert_eq!(outlier.base_ejection_time, Duration::from_secs(30));
     assert_eq!(outlier.max_ejection_time, Duration::from_secs(300));
+    // The mesh model's defaults, not "off": 5 consecutive 5xx, no cap, Envoy's panic threshold.
+    assert_eq!(outlier.consecutive_5xx, 5);
+    assert_eq!(outlier.consecutive_gateway_errors, 0);
+    assert_eq!(outlier.max_ejection_percent, 100);
+    assert_eq!(outlier.min_health_percent, 50);
+    assert_eq!(outlier.success_rate, Some(SuccessRateEjection::default()));
+    assert_eq!(
+        outlier.success_rate.as_ref().map(|s| s.stdev_factor),
+        Some(1.9)
+    );
+    assert_eq!(
+        outlier.failure_percentage,
+        Some(FailurePercentageEjection {
+            threshold: 85,
+            minimum_hosts: 5,
+            request_volume: 50
+        })
+    );
+    // An empty breaker message is Envoy's limits, not limits of 0 that refuse everything.
     assert_eq!(policy.circuit_breaker, CircuitBreaker::default());
+    assert_eq!(policy.circuit_breaker.max_connections, 1024);
     assert_eq!(
         policy.connect_timeout,
         TrafficPolicy::DEFAULT_CONNECT_TIMEOUT
@@ -395,12 +417,38 @@ fn traffic_policy_defaults_fill_what_is_absent() {
             &[],
         )
     };
+    // Said explicitly, 0 is 0: the detectors and panic are off, no limit is left at its default.
+    p.outlier_detection = Some(pb::OutlierDetection {
+        consecutive_5xx: Some(0),
+        max_ejection_percent: Some(0),
+        min_health_percent: Some(0),
+        ..Default::default()
+    });
+    p.circuit_breaker = Some(pb::CircuitBreaker {
+        max_retries: Some(0),
+        ..Default::default()
+    });
     p.retry_budget = Some(pb::RetryBudget {
-        percent: 50,
-        min_retries_per_second: 1,
+        percent: Some(50),
+        min_retries_per_second: Some(1),
         ttl: None,
     });
     let config = applied(&mut b, &versioned(&p, "2"));
+    let policy = &config
+        .service("demo/articles")
+        .expect("articles")
+        .traffic_policy;
+    let outlier = policy.outlier_detection.as_ref().expect("outlier");
+    assert_eq!(
+        (
+            outlier.consecutive_5xx,
+            outlier.max_ejection_percent,
+            outlier.min_health_percent
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(policy.circuit_breaker.max_retries, 0);
+    assert_eq!(policy.circuit_breaker.max_requests, 1024);
     let budget = &config
         .service("demo/articles")
         .expect("articles")
@@ -409,8 +457,8 @@ fn traffic_policy_defaults_fill_what_is_absent() {
     assert_eq!((budget.percent, budget.min_retries_per_second), (50, 1));
     assert_eq!(budget.ttl, RetryBudget::DEFAULT_TTL);
     p.retry_budget = Some(pb::RetryBudget {
-        percent: 101,
-        min_retries_per_second: 1,
+        percent: Some(101),
+        min_retries_per_second: Some(1),
         ttl: None,
     });
     let e = rejected(&mut b, &versioned(&p, "3"));
@@ -702,6 +750,34 @@ fn unknown_enum_values_are_rejected() {
         "routes[0].retry.retry_on[1]",
         |p| matches!(p, Problem::UnknownName { value, .. } if value == "sometimes"),
     );
+
+    // Retrying non-idempotent requests with only connect-failure (which already covers every
+    // method) changes nothing: refused as inconsistent.
+    let mut b = articles_and_frontend();
+    let mut r = route("retry", None, vec![to("demo/articles", 1)]);
+    r.retry = Some(pb::RetryPolicy {
+        retry_on: vec!["connect-failure".to_owned()],
+        retry_non_idempotent: true,
+        ..Default::default()
+    });
+    let e = rejected(&mut b, &route_table("demo/articles", vec![r]));
+    assert_invalid(
+        &e,
+        ResourceKind::RouteTable,
+        "demo/articles",
+        "routes[0].retry.retry_non_idempotent",
+        |p| matches!(p, Problem::Inconsistent { .. }),
+    );
+
+    // A retry policy without attempts retries once (the mesh model's default), not never.
+    let mut b = articles_and_frontend();
+    let mut r = route("retry", None, vec![to("demo/articles", 1)]);
+    r.retry = Some(pb::RetryPolicy::default());
+    let config = applied(&mut b, &route_table("demo/articles", vec![r]));
+    let articles = config.service("demo/articles").expect("articles");
+    let retry = articles.routes.routes[0].retry.as_ref().expect("retry");
+    assert_eq!(retry.attempts, RetryPolicy::DEFAULT_ATTEMPTS);
+    assert_eq!(retry.attempts, 1);
 }
 
 #[test]
@@ -948,6 +1024,35 @@ fn other_malformed_values_are_rejected() {
         "connect_timeout",
         |p| matches!(p, Problem::BadDuration { .. }),
     );
+
+    // A duration the control plane should never send, but which would overflow `now + interval`
+    // in the balancer: refused, whatever sent it.
+    let mut p = policy("demo/articles");
+    p.outlier_detection = Some(pb::OutlierDetection {
+        interval: Some(prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    let e = rejected(&mut b, &policies(p));
+    assert_invalid(
+        &e,
+        ResourceKind::TrafficPolicy,
+        "demo/articles",
+        "outlier_detection.interval",
+        |p| matches!(p, Problem::BadDuration { reason } if reason.contains("longer than")),
+    );
+    let mut p = policy("demo/articles");
+    p.outlier_detection = Some(pb::OutlierDetection {
+        interval: Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    // An hour is within the ceiling.
+    applied(&mut b, &policies(p));
 }
 
 #[test]
@@ -1610,8 +1715,9 @@ fn config_serializes_to_json_for_humans() {
         nanos: 0,
     });
     r.retry = Some(pb::RetryPolicy {
-        attempts: 2,
+        attempts: Some(2),
         retry_on: vec!["5xx".to_owned()],
+        retry_non_idempotent: true,
         ..Default::default()
     });
     let config = applied(&mut b, &route_table("demo/articles", vec![r]));
@@ -1627,6 +1733,7 @@ fn config_serializes_to_json_for_humans() {
     assert_eq!(articles["routes"][0]["timeout"], "2s");
     assert_eq!(articles["routes"][0]["retry"]["retry_on"][0], "5xx");
     assert_eq!(articles["routes"][0]["retry"]["backoff_max"], "250ms");
+    assert_eq!(articles["routes"][0]["retry"]["retry_non_idempotent"], true);
     assert_eq!(articles["endpoints"][0]["address"], "10.0.0.5");
     assert_eq!(articles["endpoints"][0]["port"], serde_json::Value::Null);
     assert_eq!(

@@ -28,6 +28,7 @@
 
 pub(crate) mod backoff;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -237,6 +238,7 @@ pub fn spawn(
         ready: ready_tx,
         shared: shared.clone(),
         published: false,
+        applied_versions: HashMap::new(),
     };
     let task = tokio::spawn(client.run(Backoff::new(config.backoff), stopped));
     Ok(DiscoveryHandle {
@@ -338,6 +340,10 @@ struct Client {
     /// Whether a configuration was ever published (the first complete one must be, even when
     /// the response that completed it changed nothing).
     published: bool,
+    /// Per type URL, the `system_version` of the last response applied on the current stream,
+    /// echoed in every ACK and NACK. Cleared with each new stream: a version is the numbering of
+    /// one control plane, meaningless to the next.
+    applied_versions: HashMap<String, String>,
 }
 
 impl Client {
@@ -399,6 +405,7 @@ impl Client {
             .into_inner();
 
         session.opened = Some(Instant::now());
+        self.applied_versions.clear();
         bump(&self.shared.streams, 1);
         self.shared.connected.store(true, Ordering::Relaxed);
         tracing::info!(control_plane = %self.control_plane.address, node = %self.node.id, "discovery stream open");
@@ -459,9 +466,12 @@ impl Client {
                     }
                 }
                 bump(&shared.acks, 1);
+                self.applied_versions
+                    .insert(response.type_url.clone(), response.system_version.clone());
                 DiscoveryRequest {
                     type_url: response.type_url.clone(),
                     response_nonce: response.nonce.clone(),
+                    system_version: response.system_version.clone(),
                     ..DiscoveryRequest::default()
                 }
             }
@@ -479,6 +489,12 @@ impl Client {
                 DiscoveryRequest {
                     type_url: response.type_url.clone(),
                     response_nonce: response.nonce.clone(),
+                    // The version kept, in the server's terms.
+                    system_version: self
+                        .applied_versions
+                        .get(&response.type_url)
+                        .cloned()
+                        .unwrap_or_default(),
                     error_detail: Some(ErrorDetail {
                         code: NACK_CODE,
                         message,
@@ -528,6 +544,7 @@ mod tests {
             ready,
             shared: Arc::new(Shared::default()),
             published: false,
+            applied_versions: HashMap::new(),
         }
     }
 
@@ -595,6 +612,8 @@ mod tests {
             let answer = client.handle(&empty_response(kind, &i.to_string()));
             assert_eq!(answer.response_nonce, i.to_string());
             assert!(answer.error_detail.is_none());
+            // The ACK names the version applied.
+            assert_eq!(answer.system_version, "1");
         }
         assert!(*ready.borrow());
         // The completing response changed nothing, yet the complete config is published.
@@ -611,6 +630,7 @@ mod tests {
         let before = client.store.current();
         let broken = DiscoveryResponse {
             type_url: type_url::SERVICE.to_owned(),
+            system_version: "2".to_owned(),
             nonce: "7".to_owned(),
             resources: vec![Resource {
                 name: "demo/articles".to_owned(),
@@ -624,6 +644,8 @@ mod tests {
         };
         let answer = client.handle(&broken);
         assert_eq!(answer.response_nonce, "7");
+        // The NACK names the version kept, not the one refused.
+        assert_eq!(answer.system_version, "1");
         let detail = answer.error_detail.expect("a NACK");
         assert_eq!(detail.code, 3);
         assert!(
