@@ -16,8 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use keel_control_plane::server::IdentityConfig;
-use keel_control_plane::{ControlPlane, ControlPlaneConfig};
+use keel_control_plane::ControlPlane;
 
 use crate::endpoint::{Control, Mode};
 use crate::netns::{MeshedPod, Metrics, Pod, Process, Sidecar, TestNetwork};
@@ -226,16 +225,7 @@ impl Fleet {
             &Self::workloads(&spec, client_ip, &ips, &[]),
         )?;
         // The fleet runs as a mesh runs: with a CA, every hop between sidecars over mTLS.
-        let control_plane = ControlPlane::start(ControlPlaneConfig {
-            config_dir: dir.path().to_path_buf(),
-            discovery_addr: SocketAddr::from((net.gateway(), 0)),
-            admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            identity: Some(IdentityConfig::ephemeral(SocketAddr::from((
-                net.gateway(),
-                0,
-            )))),
-        })
-        .await?;
+        let control_plane = net.start_control_plane(dir.path()).await?;
         let identity = net.stage_identity(&control_plane, TRUST_DOMAIN)?;
         let client_token = identity.token_file(&net, NAMESPACE, "a")?;
         let client_sidecar = Sidecar {

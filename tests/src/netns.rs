@@ -372,6 +372,28 @@ impl StagedIdentity {
 }
 
 impl TestNetwork {
+    /// Starts a control plane on the YAML directory `dir`, with its discovery and identity
+    /// ports on the bridge's gateway (where the pods reach it) and an ephemeral CA, so every
+    /// hop between sidecars is mTLS, as a mesh runs.
+    pub async fn start_control_plane(
+        &self,
+        dir: &Path,
+    ) -> anyhow::Result<keel_control_plane::ControlPlane> {
+        use keel_control_plane::server::IdentityConfig;
+        use keel_control_plane::{ControlPlane, ControlPlaneConfig};
+        ControlPlane::start(ControlPlaneConfig {
+            config_dir: dir.to_path_buf(),
+            discovery_addr: SocketAddr::from((self.gateway(), 0)),
+            admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            identity: Some(IdentityConfig::ephemeral(SocketAddr::from((
+                self.gateway(),
+                0,
+            )))),
+        })
+        .await
+        .context("starting the control plane")
+    }
+
     /// Stages `control_plane`'s CA roots for sidecars to read; tokens are staged per pod.
     pub fn stage_identity(
         &self,

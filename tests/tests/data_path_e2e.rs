@@ -27,8 +27,7 @@ use futures::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keel_control_plane::server::IdentityConfig;
-use keel_control_plane::{ControlPlane, ControlPlaneConfig};
+use keel_control_plane::ControlPlane;
 use keel_proto::v1::discovery_client::DiscoveryClient;
 use keel_proto::v1::discovery_server::{Discovery, DiscoveryServer};
 use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse};
@@ -157,16 +156,7 @@ impl Fixture {
         let (ip_a, ip_b, ip_r) = (net.host(2), net.host(3), net.host(4));
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("mesh.yaml"), yaml(ip_a, ip_b, ip_r))?;
-        let control_plane = ControlPlane::start(ControlPlaneConfig {
-            config_dir: dir.path().to_path_buf(),
-            discovery_addr: SocketAddr::from((net.gateway(), 0)),
-            admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            identity: Some(IdentityConfig::ephemeral(SocketAddr::from((
-                net.gateway(),
-                0,
-            )))),
-        })
-        .await?;
+        let control_plane = net.start_control_plane(dir.path()).await?;
         let pods = net.add_certified_pods_with(
             &control_plane,
             "dp.local",

@@ -24,8 +24,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keel_control_plane::server::IdentityConfig;
-use keel_control_plane::{ControlPlane, ControlPlaneConfig};
+use keel_control_plane::ControlPlane;
 use keel_tests::netns::{self, MeshedPod, Metrics, Task, TestNetwork};
 use keel_tests::skip_unless_root;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -100,16 +99,7 @@ impl Fixture {
         let (a6, b6) = (v6(a4)?, v6(b4)?);
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("mesh.yaml"), yaml(a4, a6, b4, b6))?;
-        let control_plane = ControlPlane::start(ControlPlaneConfig {
-            config_dir: dir.path().to_path_buf(),
-            discovery_addr: SocketAddr::from((net.gateway(), 0)),
-            admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            identity: Some(IdentityConfig::ephemeral(SocketAddr::from((
-                net.gateway(),
-                0,
-            )))),
-        })
-        .await?;
+        let control_plane = net.start_control_plane(dir.path()).await?;
         let pods = net.add_certified_pods(
             &control_plane,
             "ds.local",

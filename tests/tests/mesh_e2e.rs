@@ -31,8 +31,7 @@ use futures::Stream;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keel_control_plane::server::IdentityConfig;
-use keel_control_plane::{ControlPlane, ControlPlaneConfig};
+use keel_control_plane::ControlPlane;
 use keel_proto::v1::discovery_client::DiscoveryClient;
 use keel_proto::v1::discovery_server::{Discovery, DiscoveryServer};
 use keel_proto::v1::{DiscoveryRequest, DiscoveryResponse};
@@ -212,16 +211,7 @@ impl Fixture {
             &workloads([ip_a, ip_b, ip_c], true),
         )?;
         // The mesh runs as users run it: with a CA, so every hop between sidecars is mTLS.
-        let control_plane = ControlPlane::start(ControlPlaneConfig {
-            config_dir: dir.path().to_path_buf(),
-            discovery_addr: SocketAddr::from((net.gateway(), 0)),
-            admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            identity: Some(IdentityConfig::ephemeral(SocketAddr::from((
-                net.gateway(),
-                0,
-            )))),
-        })
-        .await?;
+        let control_plane = net.start_control_plane(dir.path()).await?;
         let pods = net.add_certified_pods(
             &control_plane,
             "e2e.local",
