@@ -313,16 +313,7 @@ mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        Policy {
-            proxy_uid: 1337,
-            outbound_port: 15001,
-            inbound_port: 15006,
-            admin_port: 15020,
-            outbound_exclude_ports: Vec::new(),
-            outbound_exclude_cidrs: Vec::new(),
-            inbound_exclude_ports: Vec::new(),
-            inbound_ports: Vec::new(),
-        }
+        Policy::standard()
     }
 
     fn defaults() -> RuleSet {

@@ -354,10 +354,9 @@ fn distinct<'a, T: PartialEq + Copy + 'a>(items: impl IntoIterator<Item = &'a T>
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn defaults() -> Policy {
+impl Policy {
+    /// The policy of a sidecar with every flag at its default (the ports of the design).
+    pub(crate) fn standard() -> Policy {
         Policy {
             proxy_uid: 1337,
             outbound_port: 15001,
@@ -368,6 +367,15 @@ mod tests {
             inbound_exclude_ports: Vec::new(),
             inbound_ports: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Policy {
+        Policy::standard()
     }
 
     fn lines(rules: &[Rule]) -> Vec<String> {
