@@ -106,7 +106,11 @@ pub async fn serve<R: Role>(listen: SocketAddr, workload: &str, role: R) -> anyh
     let role = Arc::new(role);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    tracing::info!(%listen, workload, "serving");
+    // The bound address, so that `--listen 127.0.0.1:0` tells where it ended up.
+    let bound = listener
+        .local_addr()
+        .with_context(|| format!("reading the address bound for {listen}"))?;
+    tracing::info!(listen = %bound, workload, "serving");
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
