@@ -59,7 +59,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, drain: Drain) {
     .await;
 }
 
-async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, drain: Drain) {
+async fn connection(shared: Arc<Shared>, mut stream: TcpStream, client: SocketAddr, drain: Drain) {
     let orig = match transparent::original_dst(&stream) {
         Ok(orig) => orig,
         Err(e) => {
@@ -111,6 +111,9 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, 
             let _conn = shared
                 .metrics
                 .connection(Direction::inbound, protocol.into());
+            if !http2 && serve::refuse_malformed_head(&mut stream).await {
+                return;
+            }
             let handler = HttpInbound::new(shared.clone(), drain.clone(), app, client, None);
             serve::serve_http(stream, http2, shared.head_timeout, drain, move |req| {
                 let handler = handler.clone();

@@ -73,7 +73,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, drain: Drain) {
 
 async fn connection(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     client: SocketAddr,
     own: Option<SocketAddr>,
     drain: Drain,
@@ -119,6 +119,9 @@ async fn connection(
             let _conn = shared
                 .metrics
                 .connection(Direction::outbound, protocol.into());
+            if !http2 && serve::refuse_malformed_head(&mut stream).await {
+                return;
+            }
             let handler = HttpOutbound {
                 shared: shared.clone(),
                 orig,

@@ -256,6 +256,7 @@ pub async fn serve_http<S, F, Fut>(
                         parts.io.into_inner(),
                         StatusCode::REQUEST_TIMEOUT,
                         "request-timeout",
+                        None,
                     )
                     .await;
                 }
@@ -448,17 +449,211 @@ pub async fn refuse_not_http(stream: TcpStream) {
         }
         Err(_) => return,
     };
-    answer_raw(stream, status, reason).await;
+    answer_raw(stream, status, reason, None).await;
+}
+
+/// The most of a connection's first HTTP/1 request head [`refuse_malformed_head`] looks at.
+const FIRST_HEAD_PEEK: usize = 8 << 10;
+
+/// Checks the first HTTP/1 request head of a connection before hyper serves it, and answers one
+/// hyper would refuse itself: 400 with `keel-error: bad-request` and, in the body, what is wrong
+/// and on which line of the head; 431 with `keel-error: headers-too-large` for more fields than
+/// hyper takes. hyper answers both with a bare status that says nothing. Returns whether it
+/// answered; the connection is then closed.
+///
+/// It looks only at what has arrived (a peek, no waiting) and at most [`FIRST_HEAD_PEEK`]
+/// bytes of it: a head still arriving, or longer, is left to hyper, whose answers to it, as to
+/// the later heads of a keep-alive connection, are the bare ones.
+pub async fn refuse_malformed_head(stream: &mut TcpStream) -> bool {
+    let problem = {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_HEAD_PEEK];
+        match socket2::SockRef::from(&*stream).peek(&mut buf) {
+            Ok(n) => {
+                // SAFETY: `peek` initialised the first `n` bytes.
+                let head = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+                check_head(head).err()
+            }
+            Err(_) => None,
+        }
+    };
+    let Some(problem) = problem else {
+        return false;
+    };
+    tracing::debug!(%problem, "malformed HTTP/1 request head refused");
+    match problem {
+        HeadProblem::TooManyHeaders => {
+            answer_raw(
+                stream,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers-too-large",
+                None,
+            )
+            .await
+        }
+        HeadProblem::Malformed { .. } => {
+            let detail = problem.to_string();
+            answer_raw(
+                stream,
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                Some(&detail),
+            )
+            .await
+        }
+    }
+    true
+}
+
+/// Why an HTTP/1 request head is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadProblem {
+    /// More header fields than hyper takes.
+    TooManyHeaders,
+    /// It cannot be parsed; `line` counts from 1, the request line.
+    Malformed { what: String, line: Option<usize> },
+}
+
+impl std::fmt::Display for HeadProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeadProblem::TooManyHeaders => {
+                write!(f, "more than {HYPER_MAX_HEADERS} header fields")
+            }
+            HeadProblem::Malformed {
+                what,
+                line: Some(line),
+            } => write!(f, "malformed request head: {what} on line {line}"),
+            HeadProblem::Malformed { what, line: None } => {
+                write!(f, "malformed request head: {what}")
+            }
+        }
+    }
+}
+
+/// Checks the start of a connection's bytes as an HTTP/1 request head with the rules hyper's
+/// server applies (httparse with hyper's defaults, then the request target, `Content-Length`
+/// and `Transfer-Encoding`), so that what passes here hyper accepts too. A head that is not
+/// whole yet is judged on what there is of it.
+pub fn check_head(head: &[u8]) -> Result<(), HeadProblem> {
+    let mut fields = [httparse::EMPTY_HEADER; HYPER_MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let complete = match req.parse(head) {
+        Ok(status) => status.is_complete(),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadProblem::TooManyHeaders),
+        Err(e) => {
+            return Err(HeadProblem::Malformed {
+                what: e.to_string(),
+                line: failing_line(head),
+            });
+        }
+    };
+    if let Some(path) = req.path
+        && path.parse::<Uri>().is_err()
+    {
+        return Err(HeadProblem::Malformed {
+            what: format!("invalid request target {:?}", truncate(path, 64)),
+            line: Some(1),
+        });
+    }
+    if !complete {
+        return Ok(());
+    }
+    let http11 = req.version == Some(1);
+    let mut chunked = None;
+    let mut length = None;
+    for (i, field) in req.headers.iter().enumerate() {
+        let line = Some(i + 2);
+        let malformed = |what: &str| HeadProblem::Malformed {
+            what: what.to_owned(),
+            line,
+        };
+        if field.name.eq_ignore_ascii_case("transfer-encoding") {
+            if !http11 {
+                return Err(malformed("transfer-encoding in an HTTP/1.0 request"));
+            }
+            let last = std::str::from_utf8(field.value)
+                .ok()
+                .and_then(|v| v.rsplit(',').next());
+            chunked = Some(last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked")));
+        } else if field.name.eq_ignore_ascii_case("content-length") && chunked.is_none() {
+            let value = field.value;
+            let parsed = (!value.is_empty() && value.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+                .flatten();
+            match (parsed, length) {
+                (None, _) => return Err(malformed("invalid content-length")),
+                (Some(n), Some(before)) if n != before => {
+                    return Err(malformed("content-length values that differ"));
+                }
+                (Some(n), _) => length = Some(n),
+            }
+        }
+    }
+    if chunked == Some(false) {
+        return Err(HeadProblem::Malformed {
+            what: "transfer-encoding whose last coding is not chunked".to_owned(),
+            line: None,
+        });
+    }
+    Ok(())
+}
+
+/// The line of `head` on which httparse first fails, counting the request line as 1: the first
+/// prefix ending with a line break that httparse refuses.
+fn failing_line(head: &[u8]) -> Option<usize> {
+    let mut fields = [httparse::EMPTY_HEADER; HYPER_MAX_HEADERS];
+    let mut start = 0;
+    for line in 1.. {
+        let Some(end) = head[start..].iter().position(|b| *b == b'\n') else {
+            // The last, unfinished line.
+            return (start < head.len()).then_some(line);
+        };
+        let end = start + end + 1;
+        if line == 1 {
+            if httparse::Request::new(&mut fields)
+                .parse(&head[..end])
+                .is_err()
+            {
+                return Some(1);
+            }
+        } else if httparse::parse_headers(&head[start..end], &mut fields[..1]).is_err() {
+            return Some(line);
+        }
+        start = end;
+    }
+    None
+}
+
+/// `s`, cut to at most `max` bytes on a character boundary, for an error message.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Writes an answer of the proxy's own straight to a connection that has no HTTP server on it
 /// (any more), then closes it: at most a second, a client that reads nothing is not waited for.
-async fn answer_raw<S: AsyncWrite + Unpin>(mut stream: S, status: StatusCode, reason: &str) {
+/// The body is `reason`, or `reason: detail`.
+async fn answer_raw<S: AsyncWrite + Unpin>(
+    mut stream: S,
+    status: StatusCode,
+    reason: &str,
+    detail: Option<&str>,
+) {
     use tokio::io::AsyncWriteExt;
+    let body = match detail {
+        Some(detail) => format!("{reason}: {detail}\n"),
+        None => format!("{reason}\n"),
+    };
     let answer = format!(
         "HTTP/1.1 {status}\r\nkeel-error: {reason}\r\ncontent-type: text/plain; \
-         charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}\n",
-        reason.len() + 1
+         charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(answer.as_bytes()).await?;
@@ -505,6 +700,98 @@ impl HttpBody for Tracked {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn malformed(what: &str, line: Option<usize>) -> Result<(), HeadProblem> {
+        Err(HeadProblem::Malformed {
+            what: what.to_owned(),
+            line,
+        })
+    }
+
+    #[test]
+    fn heads_hyper_takes_pass() {
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nx-half",
+            b"GET /x?y=1 HTTP/1.0\nHost: a\n\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\ncontent-length: 3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\n\r\n",
+            b"CONNECT a.b:443 HTTP/1.1\r\n\r\n",
+            b"GET http://a.b/c HTTP/1.1\r\n\r\n",
+            b"GET ",
+        ] {
+            assert_eq!(
+                check_head(head),
+                Ok(()),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn a_malformed_head_is_named_with_its_line() {
+        let cases: [(&[u8], Result<(), HeadProblem>); 8] = [
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nbad name: 1\r\n\r\n",
+                malformed("invalid header name", Some(3)),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nx: a\x01b\r\n\r\n",
+                malformed("invalid header value", Some(3)),
+            ),
+            (
+                b"GET / HTTP/9.9\r\n\r\n",
+                malformed("invalid HTTP version", Some(1)),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nstill arriving\x7f",
+                malformed("invalid header name", Some(3)),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n",
+                malformed("invalid content-length", Some(3)),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                malformed("content-length values that differ", Some(3)),
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                malformed("transfer-encoding in an HTTP/1.0 request", Some(2)),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                malformed("transfer-encoding whose last coding is not chunked", None),
+            ),
+        ];
+        for (head, expected) in cases {
+            assert_eq!(
+                check_head(head),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        let fields: String = (0..=HYPER_MAX_HEADERS)
+            .map(|i| format!("x{i}: 1\r\n"))
+            .collect();
+        let many = format!("GET / HTTP/1.1\r\n{fields}\r\n");
+        assert_eq!(
+            check_head(many.as_bytes()),
+            Err(HeadProblem::TooManyHeaders)
+        );
+        assert_eq!(
+            HeadProblem::Malformed {
+                what: "invalid header name".to_owned(),
+                line: Some(3)
+            }
+            .to_string(),
+            "malformed request head: invalid header name on line 3"
+        );
+    }
 
     #[test]
     fn uri_forms() {

@@ -457,12 +457,12 @@ async fn the_proxy_names_why_it_answered_itself() -> anyhow::Result<()> {
             431,
             None,
         ),
-        // Malformed heads hyper rejects itself: its bare 400, for the same reason.
+        // A malformed first head is refused by keel before hyper sees it, naming why.
         (
             "a header line without a colon",
             "GET / HTTP/1.1\r\nHost: web\r\nno colon here\r\n\r\n".to_owned(),
             400,
-            None,
+            Some("bad-request"),
         ),
     ] {
         let mut raw = netns::connect(&fx.a, SocketAddr::from((WEB_VIP, 80))).await?;
@@ -490,6 +490,19 @@ async fn the_proxy_names_why_it_answered_itself() -> anyhow::Result<()> {
             );
         }
     }
+    // The answer to a malformed head names what is wrong and on which line.
+    let mut raw = netns::connect(&fx.a, SocketAddr::from((WEB_VIP, 80))).await?;
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nbad name: 1\r\n\r\n")
+        .await?;
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).await?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 400")
+            && answer.contains("keel-error: bad-request")
+            && answer
+                .ends_with("bad-request: malformed request head: invalid header name on line 3\n"),
+        "a header name with a space: {answer:?}"
+    );
     // The sidecar still serves.
     let (code, _, _) = curl(&fx.a, &[&format!("http://{WEB_VIP}/")])?;
     ensure!(code == 200, "after the errors: {code}");
