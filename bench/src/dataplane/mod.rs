@@ -110,6 +110,11 @@ pub struct Options {
     /// CPUs the sidecars are pinned to (`taskset -c`), or "none".
     #[arg(long, default_value = "1")]
     pub proxy_cpus: String,
+    /// CPUs nginx, wrk, h2load and the open-loop generator are pinned to (`taskset -c`), or
+    /// "none". Apart from the sidecars' by default, so that the proxies measured share their
+    /// CPU with nothing else of the benchmark.
+    #[arg(long, default_value = "0")]
+    pub load_cpus: String,
     /// A command put in front of every sidecar (e.g. "valgrind --tool=callgrind"), to profile
     /// it; its CPU figures are then the wrapper's and the report says so.
     #[arg(long)]
@@ -162,15 +167,19 @@ impl Options {
                 && self.discovery_runs > 0,
             "--discovery-proxies, --discovery-services and --discovery-runs must be positive"
         );
-        ensure!(
-            self.proxy_cpus == "none"
-                || (!self.proxy_cpus.is_empty()
-                    && self
-                        .proxy_cpus
-                        .chars()
-                        .all(|c| c.is_ascii_digit() || c == ',' || c == '-')),
-            "--proxy-cpus takes a CPU list such as 1 or 0-1, or \"none\""
-        );
+        for (flag, cpus) in [
+            ("--proxy-cpus", &self.proxy_cpus),
+            ("--load-cpus", &self.load_cpus),
+        ] {
+            ensure!(
+                cpus == "none"
+                    || (!cpus.is_empty()
+                        && cpus
+                            .chars()
+                            .all(|c| c.is_ascii_digit() || c == ',' || c == '-')),
+                "{flag} takes a CPU list such as 1 or 0-1, or \"none\""
+            );
+        }
         if let Some(wrapper) = &self.proxy_wrapper {
             ensure!(
                 !wrapper.split_whitespace().collect::<Vec<_>>().is_empty(),
@@ -183,6 +192,11 @@ impl Options {
     /// The CPU list for `taskset -c`, if the sidecars are pinned.
     fn pinned_cpus(&self) -> Option<&str> {
         (self.proxy_cpus != "none").then_some(self.proxy_cpus.as_str())
+    }
+
+    /// The CPU list for `taskset -c`, if nginx and the load generators are pinned.
+    fn load_pinned_cpus(&self) -> Option<&str> {
+        (self.load_cpus != "none").then_some(self.load_cpus.as_str())
     }
 
     /// The cases measured, in the order of [`Case::ALL`], direct always first.
@@ -469,7 +483,7 @@ impl Tools {
         if options.h2load().is_some() {
             tools.push(("h2load", "apt-get install nghttp2-client"));
         }
-        if options.pinned_cpus().is_some() {
+        if options.pinned_cpus().is_some() || options.load_pinned_cpus().is_some() {
             tools.push(("taskset", "apt-get install util-linux"));
         }
         if let Some(wrapper) = options
@@ -599,7 +613,7 @@ pub async fn run(options: &Options, command: String) -> anyhow::Result<String> {
     let versions = versions(&tools);
     let cases = options.selected_cases();
 
-    let testbed = Testbed::start(SUFFIX, layout, &tools).await?;
+    let testbed = Testbed::start(SUFFIX, layout, &tools, options.load_pinned_cpus()).await?;
     let mut measurements = Vec::new();
     let mut churn = Vec::new();
     for run in 1..=options.runs {
@@ -651,17 +665,28 @@ pub async fn run(options: &Options, command: String) -> anyhow::Result<String> {
         machine: machine(),
         load_average: (load_at_start, load_after_data_plane),
         versions,
-        pinning: match (options.pinned_cpus(), &options.proxy_wrapper) {
-            (_, Some(wrapper)) => format!(
-                "each sidecar with one worker thread, run under `{wrapper}`: its CPU and memory \
-                 figures are the wrapper's, not the proxy's"
-            ),
-            (Some(cpus), None) => format!(
-                "each sidecar with one worker thread (`keel-proxy run --worker-threads 1`, \
-                 `envoy --concurrency 1`), pinned with `taskset -c {cpus}`; nginx (one process), \
-                 wrk, h2load and the load generator not pinned"
-            ),
-            (None, None) => "each sidecar with one worker thread, nothing pinned".to_owned(),
+        pinning: {
+            let sidecars = match (options.pinned_cpus(), &options.proxy_wrapper) {
+                (_, Some(wrapper)) => format!(
+                    "each sidecar with one worker thread, run under `{wrapper}`: its CPU and \
+                     memory figures are the wrapper's, not the proxy's"
+                ),
+                (Some(cpus), None) => format!(
+                    "each sidecar with one worker thread (`keel-proxy run --worker-threads 1`, \
+                     `envoy --concurrency 1`), pinned with `taskset -c {cpus}`"
+                ),
+                (None, None) => "each sidecar with one worker thread, not pinned".to_owned(),
+            };
+            let load = match options.load_pinned_cpus() {
+                Some(cpus) => format!(
+                    "nginx (one process), wrk, h2load and the load generator pinned with \
+                     `taskset -c {cpus}`"
+                ),
+                None => {
+                    "nginx (one process), wrk, h2load and the load generator not pinned".to_owned()
+                }
+            };
+            format!("{sidecars}; {load}")
         },
         load: format!(
             "`{wrk}` after a {warmup} warm-up; {h2}; open loop (`openloop`, {conns} keep-alive \

@@ -105,6 +105,8 @@ pub struct Testbed {
     /// The mTLS cases' certificates.
     certificates: Certificates,
     openloop: PathBuf,
+    /// The CPUs nginx and the load generators are pinned to, if they are.
+    load_cpus: Option<String>,
     /// The size of nginx's response body.
     pub response_bytes: usize,
 }
@@ -119,8 +121,13 @@ enum Upstream {
 impl Testbed {
     /// Creates the network named by `suffix` and everything in it: the control plane (in this
     /// process) on the gateway, the pods, nginx, the certificates, and the redirect rules of the
-    /// meshed pods.
-    pub async fn start(suffix: &str, layout: Layout, tools: &Tools) -> anyhow::Result<Testbed> {
+    /// meshed pods. nginx, and later the load generators, are pinned to `load_cpus` if given.
+    pub async fn start(
+        suffix: &str,
+        layout: Layout,
+        tools: &Tools,
+        load_cpus: Option<&str>,
+    ) -> anyhow::Result<Testbed> {
         let network = Network::builder(suffix, layout.subnet)
             .gateway(layout.gateway)
             .create()
@@ -163,7 +170,7 @@ impl Testbed {
         let mut upstreams = Vec::new();
         let mut response_bytes = 0;
         for pod in [&server, &server_mesh, &server_b] {
-            let mut nginx = start_nginx(&network, pod, &tools.nginx)?;
+            let mut nginx = start_nginx(&network, pod, &tools.nginx, load_cpus)?;
             // Probed from the host before the pod's redirect rules exist.
             response_bytes =
                 wait_for_nginx(&mut nginx, SocketAddr::from((pod.ip(), APP_PORT))).await?;
@@ -196,6 +203,7 @@ impl Testbed {
             envoy,
             certificates,
             openloop: tools.openloop.clone(),
+            load_cpus: load_cpus.map(str::to_owned),
             response_bytes,
         })
     }
@@ -503,9 +511,14 @@ impl Testbed {
         })
     }
 
+    /// `program` in `pod`, pinned to the load generators' CPUs if they are.
+    fn load_command(&self, pod: &Pod, program: impl AsRef<OsStr>) -> std::process::Command {
+        pinned(pod, program.as_ref(), self.load_cpus.as_deref())
+    }
+
     /// Runs wrk in `pod` against `url`.
     async fn wrk(&self, pod: &Pod, url: &str, wrk: &Wrk) -> anyhow::Result<WrkReport> {
-        let mut command = tokio::process::Command::from(pod.command("wrk"));
+        let mut command = tokio::process::Command::from(self.load_command(pod, "wrk"));
         command.args(wrk.args(url)).kill_on_drop(true);
         let output = command.output().await.context("running wrk")?;
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -522,7 +535,7 @@ impl Testbed {
 
     /// Runs h2load in `pod` against `url`.
     async fn h2load(&self, pod: &Pod, url: &str, h2: &H2load) -> anyhow::Result<H2loadReport> {
-        let mut command = tokio::process::Command::from(pod.command("h2load"));
+        let mut command = tokio::process::Command::from(self.load_command(pod, "h2load"));
         command.args(h2.args(url)).kill_on_drop(true);
         let output = command.output().await.context("running h2load")?;
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -546,7 +559,7 @@ impl Testbed {
         duration: Duration,
         options: &Options,
     ) -> anyhow::Result<openloop::Report> {
-        let mut command = tokio::process::Command::from(pod.command(&self.openloop));
+        let mut command = tokio::process::Command::from(self.load_command(pod, &self.openloop));
         command
             .args(["--url", url])
             .args(["--rate", &rate.to_string()])
@@ -758,25 +771,42 @@ fn memories(sidecars: &[Sidecar]) -> anyhow::Result<Vec<Memory>> {
         .collect()
 }
 
-/// Starts nginx in `pod` with [`NGINX_CONF`], its files in a directory of the network's.
-fn start_nginx(network: &Network, pod: &Pod, nginx: &Path) -> anyhow::Result<Process> {
+/// `program` in `pod`, under `taskset -c <cpus>` if `cpus` is given (taskset execs into it, so
+/// the process measured is the program itself).
+fn pinned(pod: &Pod, program: &OsStr, cpus: Option<&str>) -> std::process::Command {
+    match cpus {
+        Some(cpus) => {
+            let mut command = pod.command("taskset");
+            command.args([OsStr::new("-c"), OsStr::new(cpus), program]);
+            command
+        }
+        None => pod.command(program),
+    }
+}
+
+/// Starts nginx in `pod` with [`NGINX_CONF`], its files in a directory of the network's, pinned
+/// to `cpus` if given.
+fn start_nginx(
+    network: &Network,
+    pod: &Pod,
+    nginx: &Path,
+    cpus: Option<&str>,
+) -> anyhow::Result<Process> {
     let prefix = network.workdir().join(format!("nginx-{}", pod.name()));
     fs::create_dir_all(prefix.join("tmp"))
         .with_context(|| format!("creating {}", prefix.display()))?;
     let conf = prefix.join("nginx.conf");
     fs::write(&conf, NGINX_CONF).with_context(|| format!("writing {}", conf.display()))?;
-    Ok(pod.spawn(
-        "nginx",
-        [
-            nginx.as_os_str(),
-            OsStr::new("-p"),
-            prefix.as_os_str(),
-            OsStr::new("-c"),
-            conf.as_os_str(),
-            OsStr::new("-e"),
-            OsStr::new("stderr"),
-        ],
-    )?)
+    let mut command = pinned(pod, nginx.as_os_str(), cpus);
+    command.args([
+        OsStr::new("-p"),
+        prefix.as_os_str(),
+        OsStr::new("-c"),
+        conf.as_os_str(),
+        OsStr::new("-e"),
+        OsStr::new("stderr"),
+    ]);
+    Ok(pod.spawn_command("nginx", command)?)
 }
 
 /// Waits until nginx answers `GET /` at `addr` with 200; returns the size of its body.
