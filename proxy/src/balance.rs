@@ -1202,7 +1202,9 @@ async fn maintenance(balancer: Weak<Balancer>, wake: Arc<Notify>) {
 /// Every service's balancer, kept in line with each new configuration.
 #[derive(Debug)]
 pub struct Balancers {
-    by_service: ArcSwap<HashMap<String, Arc<Balancer>>>,
+    /// By service name, hashed with Fx: the names come from the configuration, and every
+    /// request looks one up.
+    by_service: ArcSwap<HashMap<String, Arc<Balancer>, rustc_hash::FxBuildHasher>>,
     locality: Locality,
     metrics: Arc<Metrics>,
 }
@@ -1217,7 +1219,7 @@ impl Balancers {
     /// Balancers for a proxy in `locality`.
     pub fn new(locality: Locality, metrics: Arc<Metrics>) -> Balancers {
         Balancers {
-            by_service: ArcSwap::from_pointee(HashMap::new()),
+            by_service: ArcSwap::from_pointee(HashMap::default()),
             locality,
             metrics,
         }
@@ -1231,7 +1233,8 @@ impl Balancers {
             labels: config.mesh().workload_labels.clone(),
         };
         let current = self.by_service.load();
-        let mut next = HashMap::with_capacity(config.services().count());
+        let mut next =
+            HashMap::with_capacity_and_hasher(config.services().count(), Default::default());
         for service in config.services() {
             let name = service.name().to_owned();
             let balancer = current

@@ -350,7 +350,7 @@ impl HttpInbound {
         let host = host
             .rsplit_once(':')
             .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(host.as_str(), |(name, _)| name);
+            .map_or(host, |(name, _)| name);
         let verdict = authz::decide(
             policies,
             &authz::Attempt {
@@ -411,7 +411,8 @@ impl HttpInbound {
         if let Ok(ip) = HeaderValue::from_str(&self.client.ip().to_string()) {
             parts.headers.append("x-forwarded-for", ip);
         }
-        let authority = serve::authority(&parts).unwrap_or_else(|| self.app.to_string());
+        let authority =
+            serve::authority(&parts).map_or_else(|| self.app.to_string(), str::to_owned);
         pool::strip_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = &upgrade {
             parts

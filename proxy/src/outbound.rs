@@ -446,7 +446,11 @@ impl HttpOutbound {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
         }
-        let authority = serve::authority(&parts).unwrap_or_else(|| self.orig.to_string());
+        // Borrowed from the request but when it names none.
+        let authority = match serve::authority(&parts) {
+            Some(authority) => std::borrow::Cow::Borrowed(authority),
+            None => std::borrow::Cow::Owned(self.orig.to_string()),
+        };
         let policy = dest.retry_policy();
         let idempotent = resilience::is_idempotent(&parts.method);
         let body = RequestBody::new(pool::incoming(body));
@@ -630,9 +634,7 @@ impl HttpOutbound {
     /// weighted destination.
     fn destination(&self, config: &Config, req: &Request<Incoming>) -> Option<Destination> {
         let authority = serve::request_authority(req);
-        let by_authority = authority
-            .as_deref()
-            .and_then(|a| config.by_authority(a, self.orig.port()));
+        let by_authority = authority.and_then(|a| config.by_authority(a, self.orig.port()));
         let target = by_authority.or_else(|| config.by_addr(self.orig))?;
         let route = target
             .service
@@ -641,12 +643,8 @@ impl HttpOutbound {
             .iter()
             .enumerate()
             .find(|(_, r)| {
-                r.matcher.matches(
-                    authority.as_deref(),
-                    req.method(),
-                    req.uri().path(),
-                    req.headers(),
-                )
+                r.matcher
+                    .matches(authority, req.method(), req.uri().path(), req.headers())
             });
         let Some((index, route)) = route else {
             return Some(Destination {
@@ -694,7 +692,8 @@ impl HttpOutbound {
         }
         let (mut parts, body) = req.into_parts();
         pool::strip_hop_by_hop(&mut parts.headers);
-        let authority = serve::authority(&parts).unwrap_or_else(|| self.orig.to_string());
+        let authority =
+            serve::authority(&parts).map_or_else(|| self.orig.to_string(), str::to_owned);
         let mut out = Request::from_parts(parts, pool::incoming(body));
         *out.version_mut() = Version::HTTP_11;
         serve::set_host(&mut out, &authority);

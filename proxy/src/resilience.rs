@@ -493,7 +493,8 @@ pub fn retry_condition(
         Failure::Reset => (idempotent && (on(RetryOn::Reset) || any_5xx)).then_some("reset"),
         Failure::Timeout => (idempotent && (on(RetryOn::Reset) || any_5xx)).then_some("timeout"),
         Failure::Response(status, headers) => {
-            if let Some(code) = grpc_status(headers)
+            if !policy.retriable_grpc_codes.is_empty()
+                && let Some(code) = grpc_status(headers)
                 && policy.retriable_grpc_codes.iter().any(|c| c.code() == code)
             {
                 return Some("grpc-status");
@@ -509,8 +510,10 @@ pub fn retry_condition(
 
 /// The `grpc-status` of a trailers-only response.
 fn grpc_status(headers: &HeaderMap) -> Option<i32> {
+    // A name parsed once: looking a `&str` up parses and validates it on every call.
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
     headers
-        .get("grpc-status")?
+        .get(&GRPC_STATUS)?
         .to_str()
         .ok()?
         .trim()

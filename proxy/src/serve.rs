@@ -328,31 +328,19 @@ pub fn splice_upgrade(
 }
 
 /// The authority a request is addressed to: the URI's, else the `Host` header.
-pub fn authority(parts: &Parts) -> Option<String> {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
+pub fn authority(parts: &Parts) -> Option<&str> {
+    authority_of(&parts.uri, &parts.headers)
 }
 
 /// [`authority`] of a whole request.
-pub fn request_authority<B>(req: &Request<B>) -> Option<String> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
+pub fn request_authority<B>(req: &Request<B>) -> Option<&str> {
+    authority_of(req.uri(), req.headers())
+}
+
+fn authority_of<'a>(uri: &'a Uri, headers: &'a http::HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
 /// `http://<authority><path?query>`, as an HTTP/2 client sends it (`:authority` kept).
