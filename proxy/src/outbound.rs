@@ -362,13 +362,20 @@ struct HttpOutbound {
 struct Destination {
     service: Arc<ServiceConfig>,
     port: ServicePort,
-    route: String,
     timeout: Option<Duration>,
-    /// The table and index of the route, for its retry policy.
+    /// The table and index of the route, for its name and retry policy.
     routes: Option<(Arc<RouteTable>, usize)>,
 }
 
 impl Destination {
+    /// The route's name, for metrics; "" when no route matched.
+    fn route_name(&self) -> &str {
+        self.routes
+            .as_ref()
+            .and_then(|(table, i)| table.routes.get(*i))
+            .map_or("", |r| r.name.as_str())
+    }
+
     fn retry_policy(&self) -> &RetryPolicy {
         self.routes
             .as_ref()
@@ -414,7 +421,7 @@ impl HttpOutbound {
         let mut labels = RequestLabels {
             direction: Direction::outbound,
             service: dest.service.name(),
-            route: &dest.route,
+            route: dest.route_name(),
             endpoint: None,
             status: 0,
             error: "",
@@ -650,7 +657,6 @@ impl HttpOutbound {
             return Some(Destination {
                 service: target.service.clone(),
                 port: target.port.clone(),
-                route: String::new(),
                 timeout: None,
                 routes: None,
             });
@@ -665,7 +671,6 @@ impl HttpOutbound {
         Some(Destination {
             service: service.clone(),
             port: port.clone(),
-            route: route.name.clone(),
             timeout: route.timeout,
             routes: Some((target.service.routes.clone(), index)),
         })
