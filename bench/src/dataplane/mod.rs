@@ -4,7 +4,8 @@
 //! The cases ([`Case`]), each from a client pod to nginx in a server pod (see [`mesh`] for the
 //! layout): *direct* (no proxy); *one hop* (the client's sidecar to an endpoint without one, over
 //! HTTP/1.1); *pair* (client sidecar → HTTP/2 → server sidecar → nginx), plaintext or mTLS; each
-//! with keel and with Envoy ([`envoy`]). For each: the maximum throughput over HTTP/1.1 (`wrk`)
+//! with keel and with Envoy ([`envoy`]); and one hop through nginx as a reverse proxy
+//! ([`nginx_proxy`]), the reference of what any proxy costs in that path. For each: the maximum throughput over HTTP/1.1 (`wrk`)
 //! and HTTP/2 (`h2load`), the latency at fixed open-loop rates (the `openloop` generator), the
 //! sidecars' CPU time per request (`/proc/<pid>/stat`) and their memory (`/proc/<pid>/status`).
 //! Each run measures every case one after the other with fresh sidecars, then the scenarios
@@ -19,6 +20,7 @@
 
 mod envoy;
 mod mesh;
+mod nginx_proxy;
 mod report;
 mod testbed;
 
@@ -233,6 +235,8 @@ impl Options {
 pub enum ProxyKind {
     Keel,
     Envoy,
+    /// nginx as a reverse proxy: the reference of what any proxy in the one-hop path costs.
+    Nginx,
 }
 
 impl ProxyKind {
@@ -241,6 +245,7 @@ impl ProxyKind {
         match self {
             ProxyKind::Keel => "keel-proxy",
             ProxyKind::Envoy => "envoy",
+            ProxyKind::Nginx => "nginx",
         }
     }
 }
@@ -263,6 +268,8 @@ pub enum Case {
     EnvoyPair,
     /// Client → Envoy → HTTP/2 over mTLS → Envoy → nginx.
     EnvoyPairMtls,
+    /// Client → nginx as a reverse proxy (the reference) → nginx.
+    NginxOneHop,
 }
 
 /// Which sidecars a case's traffic goes through.
@@ -274,7 +281,7 @@ pub enum Topology {
 }
 
 impl Case {
-    pub const ALL: [Case; 7] = [
+    pub const ALL: [Case; 8] = [
         Case::Direct,
         Case::KeelOneHop,
         Case::KeelPair,
@@ -282,6 +289,7 @@ impl Case {
         Case::EnvoyOneHop,
         Case::EnvoyPair,
         Case::EnvoyPairMtls,
+        Case::NginxOneHop,
     ];
 
     pub fn title(self) -> &'static str {
@@ -293,6 +301,7 @@ impl Case {
             Case::EnvoyOneHop => "Envoy one hop",
             Case::EnvoyPair => "Envoy pair",
             Case::EnvoyPairMtls => "Envoy pair mTLS",
+            Case::NginxOneHop => "nginx one hop (reference)",
         }
     }
 
@@ -301,13 +310,14 @@ impl Case {
             Case::Direct => None,
             Case::KeelOneHop | Case::KeelPair | Case::KeelPairMtls => Some(ProxyKind::Keel),
             Case::EnvoyOneHop | Case::EnvoyPair | Case::EnvoyPairMtls => Some(ProxyKind::Envoy),
+            Case::NginxOneHop => Some(ProxyKind::Nginx),
         }
     }
 
     pub fn path(self) -> Topology {
         match self {
             Case::Direct => Topology::Direct,
-            Case::KeelOneHop | Case::EnvoyOneHop => Topology::OneHop,
+            Case::KeelOneHop | Case::EnvoyOneHop | Case::NginxOneHop => Topology::OneHop,
             Case::KeelPair | Case::KeelPairMtls | Case::EnvoyPair | Case::EnvoyPairMtls => {
                 Topology::Pair
             }
@@ -317,6 +327,12 @@ impl Case {
     /// Whether the sidecars talk mTLS to each other.
     pub fn mtls(self) -> bool {
         matches!(self, Case::KeelPairMtls | Case::EnvoyPairMtls)
+    }
+
+    /// Whether its client may speak HTTP/2 (h2c) to the path. Not to the nginx reference: nginx
+    /// 1.22 takes h2c only on a port of its own, and the redirect sends everything to one.
+    pub fn takes_http2(self) -> bool {
+        self != Case::NginxOneHop
     }
 
     /// The sidecars this case runs.

@@ -74,7 +74,11 @@ pub fn render(
          them alike. HTTP/2 (h2load) goes to nginx's h2c port directly and through the pairs; \
          through one hop the sidecar speaks HTTP/1.1 to nginx. *pair mTLS*: the pair with \
          mutual TLS 1.3 between the sidecars (ECDSA P-256 SPIFFE certificates; keel's from its \
-         control plane's CA, Envoy's from files the benchmark generates).\n"
+         control plane's CA, Envoy's from files the benchmark generates). *nginx one hop \
+         (reference)*: nginx as a reverse proxy in the one-hop path, behind the same redirect \
+         (bench/dataplane/nginx-proxy.conf: one upstream, keep-alive HTTP/1.1, no routing, no \
+         access log); it does less than a sidecar, so its figures are the floor of what any \
+         proxy costs on this machine.\n"
     );
     let _ = writeln!(out, "- Machine: {}", environment.machine);
     let _ = writeln!(
@@ -350,51 +354,83 @@ fn targets(out: &mut String, table: &Table<'_>, options: &Options) {
     if !table.cases.contains(&one_hop) {
         return;
     }
+    // nginx as a proxy in the same path, where it ran: what the machine lets any proxy reach.
+    let reference = table.cases.contains(&Case::NginxOneHop);
     let _ = writeln!(
         out,
-        "\n### keel against its targets\n\n| target | measured (median) | met |\n|---|---|---|"
+        "\n### keel against its targets\n\n{}| target | measured (median) | met |{}\n|---|---|---|{}",
+        if reference {
+            "The last column is the same figure for nginx as a reverse proxy in keel's one-hop \
+             path, in this run: the floor of what a proxy costs on this machine.\n\n"
+        } else {
+            ""
+        },
+        if reference {
+            " nginx one hop (reference) |"
+        } else {
+            ""
+        },
+        if reference { "---|" } else { "" },
     );
-    let mut row =
-        |target: &str, measured: Option<f64>, decimals: usize, met: &dyn Fn(f64) -> bool| {
-            let (value, verdict) = match measured {
-                Some(v) => (format!("{v:.decimals$}"), if met(v) { "yes" } else { "no" }),
-                None => ("—".to_owned(), "—"),
-            };
-            let _ = writeln!(out, "| {target} | {value} | {verdict} |");
+    let mut row = |target: &str,
+                   measured: Option<f64>,
+                   nginx: Option<f64>,
+                   decimals: usize,
+                   met: &dyn Fn(f64) -> bool| {
+        let (value, verdict) = match measured {
+            Some(v) => (format!("{v:.decimals$}"), if met(v) { "yes" } else { "no" }),
+            None => ("—".to_owned(), "—"),
         };
+        let reference_cell = match (reference, nginx) {
+            (false, _) => String::new(),
+            (true, Some(v)) => format!(" {v:.decimals$} |"),
+            (true, None) => " — |".to_owned(),
+        };
+        let _ = writeln!(out, "| {target} | {value} | {verdict} |{reference_cell}");
+    };
+    let cpu = |case| table.median(case, |m| m.cpu_per_request_wrk(None));
     row(
         "proxy CPU per request ≤ 15 µs (HTTP/1.1 max load)",
-        table.median(one_hop, |m| m.cpu_per_request_wrk(None)),
+        cpu(one_hop),
+        cpu(Case::NginxOneHop),
         1,
         &|v| v <= 15.0,
     );
     if table.cases.contains(&Case::EnvoyOneHop) {
-        let ratio = table
-            .median(one_hop, |m| Some(m.wrk.requests_per_second))
-            .zip(table.median(Case::EnvoyOneHop, |m| Some(m.wrk.requests_per_second)))
-            .map(|(k, e)| k / e);
+        let over_envoy = |case| {
+            table
+                .median(case, |m| Some(m.wrk.requests_per_second))
+                .zip(table.median(Case::EnvoyOneHop, |m| Some(m.wrk.requests_per_second)))
+                .map(|(k, e)| k / e)
+        };
         row(
             "max req/s ≥ 3 × Envoy's one hop (ratio)",
-            ratio,
+            over_envoy(one_hop),
+            over_envoy(Case::NginxOneHop),
             2,
             &|v| v >= 3.0,
         );
     }
     if let Some(i) = options.rates.iter().position(|r| *r == 2000) {
+        let added =
+            |case| table.added_median(case, |m| Some(m.open_loop.get(i)?.latency_us.p99 / 1000.0));
         row(
             "added p99 at 2000 req/s ≤ 0.05 ms",
-            table.added_median(one_hop, |m| {
-                Some(m.open_loop.get(i)?.latency_us.p99 / 1000.0)
-            }),
+            added(one_hop),
+            added(Case::NginxOneHop),
             3,
             &|v| v <= 0.05,
         );
     }
+    let rss = |case| {
+        table.median(case, |m| {
+            Some(m.sidecar(Role::Client)?.loaded.rss_kib as f64 / 1024.0)
+        })
+    };
     row(
         "RSS after the load ≤ 12 MB (MiB; 12 MB = 11.44 MiB)",
-        table.median(one_hop, |m| {
-            Some(m.sidecar(Role::Client)?.loaded.rss_kib as f64 / 1024.0)
-        }),
+        rss(one_hop),
+        rss(Case::NginxOneHop),
         1,
         &|v| v * 1024.0 * 1024.0 <= 12e6,
     );
@@ -412,6 +448,7 @@ fn targets(out: &mut String, table: &Table<'_>, options: &Options) {
         row(
             "pair with mTLS: added p99 at 2000 req/s ≤ 0.5 × Envoy's pair with mTLS (ratio)",
             ratio,
+            None,
             2,
             &|v| v <= 0.5,
         );

@@ -31,6 +31,7 @@ use super::mesh::{
     ADMIN_PORT, APP_PORT, DISCOVERY_PORT, H2_APP_PORT, H2_SERVICE_PORT, Layout, MESHED_VIP,
     NAMESPACE, PLAIN_VIP, TRUST_DOMAIN,
 };
+use super::nginx_proxy;
 use super::{
     Case, ChurnMeasurement, Measurement, Options, ProxyKind, Role, SidecarUsage, Tools, Topology,
 };
@@ -45,6 +46,8 @@ const NGINX_CONF: &str = include_str!("../../dataplane/nginx.conf");
 const READY_WITHIN: Duration = Duration::from_secs(30);
 /// The control plane's secure port (discovery and certificates over TLS), on the gateway.
 const SECURE_PORT: u16 = 15012;
+/// Where `keel-proxy init`'s rules send the pod's outbound TCP (its default).
+const OUTBOUND_PORT: u16 = 15001;
 
 /// The CA's roots and the workloads' bootstrap tokens, staged for keel's sidecars.
 struct KeelIdentity {
@@ -102,6 +105,8 @@ pub struct Testbed {
     proxy: PathBuf,
     /// Envoy, staged likewise, if an Envoy case runs.
     envoy: Option<PathBuf>,
+    /// nginx, for the upstreams and the reference proxy.
+    nginx: PathBuf,
     /// The mTLS cases' certificates.
     certificates: Certificates,
     openloop: PathBuf,
@@ -201,6 +206,7 @@ impl Testbed {
             mesh_dir,
             proxy,
             envoy,
+            nginx: tools.nginx.clone(),
             certificates,
             openloop: tools.openloop.clone(),
             load_cpus: load_cpus.map(str::to_owned),
@@ -270,7 +276,7 @@ impl Testbed {
         let upstream_cpu_wrk = procfs::cpu_time(upstream_pid)?.saturating_sub(upstream_before);
         let cpu_wrk = elapsed_since(&before, &cpu_times(&sidecars)?);
 
-        let (h2load, cpu_h2load) = match options.h2load() {
+        let (h2load, cpu_h2load) = match options.h2load().filter(|_| case.takes_http2()) {
             Some(h2) => {
                 let before = cpu_times(&sidecars)?;
                 let report = self.h2load(pod, &h2_url, &h2).await?;
@@ -443,6 +449,7 @@ impl Testbed {
                 .envoy
                 .clone()
                 .context("an Envoy case runs, but Envoy was not found")?,
+            ProxyKind::Nginx => self.nginx.clone(),
         };
         let mut argv: Vec<&OsStr> = Vec::new();
         if let Some(cpus) = options.pinned_cpus() {
@@ -501,6 +508,25 @@ impl Testbed {
                     .arg(&path)
                     .args(["--concurrency", "1", "--disable-hot-restart"])
                     .args(["--log-level", "warn"]);
+            }
+            ProxyKind::Nginx => {
+                let prefix = self
+                    .network
+                    .workdir()
+                    .join(format!("nginx-proxy-{workload}"));
+                let config = nginx_proxy::write_config(
+                    &prefix,
+                    keel_control_plane::demo::netns::PROXY_UID,
+                    OUTBOUND_PORT,
+                    SocketAddr::from((pod.ip(), ADMIN_PORT)),
+                    SocketAddr::from((self.layout.server, APP_PORT)),
+                )?;
+                command
+                    .arg("-p")
+                    .arg(&prefix)
+                    .arg("-c")
+                    .arg(&config)
+                    .args(["-e", "stderr"]);
             }
         }
         Ok(Sidecar {
@@ -704,6 +730,12 @@ impl Sidecar {
                     bail!("the {}'s admin did not answer /stats", self.role.title());
                 };
                 envoy::answered_2xx(&String::from_utf8_lossy(&stats), direction)?
+            }
+            ProxyKind::Nginx => {
+                let Some((200, stats)) = probe(self.admin, "/stats").await else {
+                    bail!("the {}'s stub_status did not answer", self.role.title());
+                };
+                nginx_proxy::handled_requests(&String::from_utf8_lossy(&stats))?
             }
         };
         ensure!(
