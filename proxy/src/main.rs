@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 /// mimalloc rather than glibc's allocator: a request allocates and frees a few dozen small
 /// objects (headers, bodies' frames, futures), and under callgrind glibc's malloc and free were
 /// about 14% of the sidecar's instructions per request.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -7,8 +7,9 @@
 //! buffered whole.
 //!
 //! A caller may pass [`Connect`] options: the idle timeout closes a connection that carried no
-//! request for that long, and an [`Admission`] (the service's circuit breakers) is asked before a
-//! connection is opened and before a request waits for one; a refusal is
+//! request for that long (an HTTP/1 connection at most the pool's own limit, by default
+//! [`DEFAULT_H1_POOL_IDLE_TIMEOUT`]), and an [`Admission`] (the service's circuit breakers) is
+//! asked before a connection is opened and before a request waits for one; a refusal is
 //! [`UpstreamError::Overflow`], returned at once.
 //!
 //! Connections to another sidecar that expects mTLS ([`Connect::peer`]) are TLS from the first
@@ -74,10 +75,18 @@ pub fn incoming(body: Incoming) -> Body {
 /// an HTTP/2 client's 160 concurrent streams through one hop closed and reopened 96 upstream
 /// connections per round of requests, and throughput fell to a third.
 const MAX_IDLE_PER_ADDR: usize = 1024;
-/// A pooled connection that carried nothing for this long is closed, unless the caller set an
-/// idle timeout of its own (a service's `idleTimeout`), so that a burst's connections do not stay
-/// open for ever.
+/// An HTTP/2 connection that carried nothing for this long is closed, unless the caller set an
+/// idle timeout of its own (a service's `idleTimeout`).
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long an HTTP/1 connection may wait in the pool for its next request, by default (the
+/// sidecar's `--http1-pool-idle-timeout`); a service's shorter `idleTimeout` wins. Linkerd's
+/// proxy uses the same 3 s, for the same two reasons: the pool is a stack, so a connection left
+/// idle that long was not needed, and a burst's connections each cost the sidecar about 33 KiB
+/// of buffers and queues (hyper's read and write buffers, its request queue; measured with
+/// valgrind's massif) and the upstream a socket; and it stays below the keep-alive timeouts of
+/// common servers (5 s for Node.js and Apache httpd), so the pool does not reuse a connection
+/// that the upstream is closing at that moment.
+pub const DEFAULT_H1_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -276,13 +285,14 @@ type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<Body>, Arc<Activ
 type IdleH1 = (http1::SendRequest<Body>, Arc<Activity>);
 
 /// Pooled upstream connections.
-#[derive(Default)]
 pub struct Upstreams {
     // FxHash: looked up twice per request (take, give back); keys are endpoint addresses.
     idle_h1: Mutex<HashMap<PeerKey, Vec<IdleH1>, FxBuildHasher>>,
     h2: Mutex<HashMap<PeerKey, H2Slot, FxBuildHasher>>,
     /// The proxy's mTLS state, when it has an identity.
     tls: Option<Arc<MeshTls>>,
+    /// The longest an HTTP/1 connection waits in the pool for a request.
+    h1_idle_limit: Duration,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -296,10 +306,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Upstreams {
-    pub fn new(tls: Option<Arc<MeshTls>>) -> Arc<Upstreams> {
+    /// A pool that closes HTTP/1 connections idle for `h1_idle_limit` (or a service's shorter
+    /// idle timeout).
+    pub fn new(tls: Option<Arc<MeshTls>>, h1_idle_limit: Duration) -> Arc<Upstreams> {
         Arc::new(Upstreams {
+            idle_h1: Mutex::default(),
+            h2: Mutex::default(),
             tls,
-            ..Upstreams::default()
+            h1_idle_limit,
         })
     }
 
@@ -389,12 +403,11 @@ impl Upstreams {
     /// An idle pooled connection to `key` that is still usable, or a new one (always a new one
     /// when `fresh`).
     async fn h1_sender(
-        &self,
+        self: &Arc<Self>,
         key: &PeerKey,
         options: Connect<'_>,
         fresh: bool,
     ) -> Result<IdleH1, UpstreamError> {
-        let addr = key.0;
         loop {
             let idle = if fresh {
                 None
@@ -410,17 +423,20 @@ impl Upstreams {
                 // Boxed: opening a connection (TCP, maybe TLS, the HTTP/1 handshake) is a
                 // future of kilobytes that every request's future would otherwise carry inline
                 // and copy, although almost every request finds a pooled connection.
-                None => return Box::pin(self.new_h1(addr, options)).await,
+                None => return Box::pin(self.new_h1(key, options)).await,
             }
         }
     }
 
-    /// Opens a new HTTP/1 connection to `addr`, within the circuit breakers.
+    /// Opens a new HTTP/1 connection to `key`'s address, within the circuit breakers. When it
+    /// ends (closed by either side, or idle past its timeout) it leaves the pool: an idle
+    /// entry's handle holds the connection's request queue.
     async fn new_h1(
-        &self,
-        addr: SocketAddr,
+        self: &Arc<Self>,
+        key: &PeerKey,
         options: Connect<'_>,
     ) -> Result<IdleH1, UpstreamError> {
+        let addr = key.0;
         let _pending = options.admit(addr, |a| a.pending())?;
         let permit = options.admit(addr, |a| a.connection())?;
         let stream = self
@@ -431,13 +447,24 @@ impl Upstreams {
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         let activity = Activity::new();
-        tokio::spawn(drive(
-            conn.with_upgrades(),
-            addr,
-            options.idle_timeout.or(Some(DEFAULT_IDLE_TIMEOUT)),
-            activity.clone(),
-            permit,
-        ));
+        let idle_timeout = options
+            .idle_timeout
+            .map_or(self.h1_idle_limit, |t| t.min(self.h1_idle_limit));
+        let pool = Arc::downgrade(self);
+        let (key, ended) = (key.clone(), activity.clone());
+        tokio::spawn(async move {
+            drive(
+                conn.with_upgrades(),
+                addr,
+                Some(idle_timeout),
+                ended.clone(),
+                permit,
+            )
+            .await;
+            if let Some(pool) = pool.upgrade() {
+                pool.forget_h1(&key, &ended);
+            }
+        });
         Ok((sender, activity))
     }
 
@@ -597,6 +624,17 @@ impl Upstreams {
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
             list.push((sender, activity));
+        }
+    }
+
+    /// Takes an ended connection (known by its `activity`) out of the idle pool, if it is there.
+    fn forget_h1(&self, key: &PeerKey, activity: &Arc<Activity>) {
+        let mut idle = lock(&self.idle_h1);
+        if let Some(list) = idle.get_mut(key) {
+            list.retain(|(_, a)| !Arc::ptr_eq(a, activity));
+            if list.is_empty() {
+                idle.remove(key);
+            }
         }
     }
 
@@ -808,21 +846,28 @@ mod tests {
         assert!(h.get(header::TE).is_none());
     }
 
-    #[tokio::test]
-    async fn http1_connections_are_reused_after_the_body_is_read() {
+    /// An HTTP/1 upstream that answers `hello`: its address, how many connections it accepted,
+    /// and each connection's number (from 1) as it ends.
+    async fn hello_upstream() -> (
+        SocketAddr,
+        Arc<AtomicUsize>,
+        tokio::sync::mpsc::UnboundedReceiver<usize>,
+    ) {
         use hyper::service::service_fn;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
+        let (ended_tx, ended) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let number = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let ended_tx = ended_tx.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(|_req| async {
                         Ok::<_, std::convert::Infallible>(Response::new(Full::new(
@@ -832,16 +877,27 @@ mod tests {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
+                    let _ = ended_tx.send(number);
                 });
             }
         });
-        let pool = Upstreams::new(None);
+        (addr, accepted, ended)
+    }
+
+    fn get() -> Request<Body> {
+        Request::builder()
+            .uri("/")
+            .header(header::HOST, "test")
+            .body(empty())
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused_after_the_body_is_read() {
+        let (addr, accepted, _) = hello_upstream().await;
+        let pool = Upstreams::new(None, Duration::from_secs(60));
         for _ in 0..5 {
-            let req = Request::builder()
-                .uri("/")
-                .header(header::HOST, "test")
-                .body(empty())
-                .expect("request");
+            let req = get();
             let resp = pool
                 .send_h1(addr, None, Duration::from_secs(1), req)
                 .await
@@ -855,7 +911,7 @@ mod tests {
             }
             assert_eq!(&read[..], b"hello");
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     /// An upstream that closes each connection after one response, without saying so: a pooled
@@ -880,7 +936,7 @@ mod tests {
                 drop(stream);
             }
         });
-        let pool = Upstreams::new(None);
+        let pool = Upstreams::new(None, Duration::from_secs(60));
         let options = Connect {
             timeout: Duration::from_secs(1),
             idle_timeout: Some(Duration::from_secs(60)),
@@ -888,11 +944,7 @@ mod tests {
             peer: None,
         };
         for _ in 0..5 {
-            let req = Request::builder()
-                .uri("/")
-                .header(header::HOST, "test")
-                .body(empty())
-                .expect("request");
+            let req = get();
             let resp = pool
                 .send_h1_with(addr, options, req)
                 .await
@@ -900,6 +952,49 @@ mod tests {
             let body = resp.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(&body[..], b"ok");
         }
+    }
+
+    /// The pool's HTTP/1 limit closes a connection that waits too long for its next request,
+    /// although the service's idle timeout is longer; the next request opens a new one.
+    #[tokio::test]
+    async fn an_http1_connection_idle_in_the_pool_past_its_limit_is_closed() {
+        let (addr, _, mut closed) = hello_upstream().await;
+        let pool = Upstreams::new(None, Duration::from_millis(50));
+        let options = Connect {
+            timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            admission: None,
+            peer: None,
+        };
+        let resp = pool
+            .send_h1_with(addr, options, get())
+            .await
+            .expect("first");
+        resp.into_body().collect().await.expect("body");
+        assert_eq!(
+            pool.counts().1,
+            1,
+            "back in the pool once its body was read"
+        );
+        let first = tokio::time::timeout(Duration::from_secs(30), closed.recv()).await;
+        assert_eq!(first.expect("closed by the pool's limit"), Some(1));
+        // The connection's task takes it out of the pool as it ends, just after the close.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pool.counts().1 > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(pool.counts().1, 0, "a closed connection left the pool");
+        let resp = pool
+            .send_h1_with(addr, options, get())
+            .await
+            .expect("second");
+        resp.into_body().collect().await.expect("body");
+        let second = tokio::time::timeout(Duration::from_secs(30), closed.recv()).await;
+        assert_eq!(
+            second.expect("the second connection too"),
+            Some(2),
+            "the second request went out on a new connection"
+        );
     }
 
     #[tokio::test]
@@ -923,7 +1018,7 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
         // Every request waits until the whole burst is in flight, so each needs a connection.
         let barrier = Arc::new(tokio::sync::Barrier::new(BURST));
         let counter = accepted.clone();
@@ -932,7 +1027,7 @@ mod tests {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                counter.fetch_add(1, Ordering::SeqCst);
                 let barrier = barrier.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req| {
@@ -950,16 +1045,12 @@ mod tests {
                 });
             }
         });
-        let pool = Upstreams::new(None);
+        let pool = Upstreams::new(None, Duration::from_secs(60));
         for _ in 0..2 {
             let requests = (0..BURST).map(|_| {
                 let pool = pool.clone();
                 tokio::spawn(async move {
-                    let req = Request::builder()
-                        .uri("/")
-                        .header(header::HOST, "test")
-                        .body(empty())
-                        .expect("request");
+                    let req = get();
                     let resp = pool
                         .send_h1(addr, None, Duration::from_secs(5), req)
                         .await
@@ -972,7 +1063,7 @@ mod tests {
             }
         }
         assert_eq!(
-            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            accepted.load(Ordering::SeqCst),
             BURST,
             "the second burst reused the first one's connections"
         );

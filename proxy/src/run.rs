@@ -91,6 +91,11 @@ pub struct RunArgs {
     /// how long an idle HTTP/1 keep-alive connection is kept.
     #[arg(long, env = "KEEL_HTTP_HEAD_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub http_head_timeout: Duration,
+    /// How long an HTTP/1 connection to an upstream may wait in the pool for its next request
+    /// before it is closed (a service's shorter `idleTimeout` wins). Keep it below the
+    /// upstreams' own keep-alive timeouts.
+    #[arg(long, env = "KEEL_HTTP1_POOL_IDLE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub http1_pool_idle_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "KEEL_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -278,7 +283,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         config: store,
         balancers,
-        upstreams: Upstreams::new(identity.as_ref().map(|(tls, _, _)| tls.clone())),
+        upstreams: Upstreams::new(
+            identity.as_ref().map(|(tls, _, _)| tls.clone()),
+            args.http1_pool_idle_timeout,
+        ),
         metrics: metrics.clone(),
         detect_timeout: args.detect_timeout,
         head_timeout: args.http_head_timeout,
@@ -332,4 +340,33 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         discovery.shutdown().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::RunArgs;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn the_http1_pool_idle_timeout_defaults_to_the_pools_own() {
+        let cli = Cli::try_parse_from([
+            "keel-proxy",
+            "--control-plane",
+            "http://cp:15010",
+            "--workload",
+            "w",
+        ])
+        .expect("the required flags only");
+        assert_eq!(
+            cli.run.http1_pool_idle_timeout,
+            crate::pool::DEFAULT_H1_POOL_IDLE_TIMEOUT
+        );
+    }
 }
