@@ -40,7 +40,7 @@ pub use report::{Environment, write_section};
 
 use crate::h2load::{H2load, H2loadReport};
 use crate::openloop;
-use crate::procfs::Memory;
+use crate::procfs::{CpuTime, Memory};
 use crate::results::{self, load_average, machine, output};
 use crate::wrk::{Wrk, WrkReport};
 use testbed::Testbed;
@@ -376,7 +376,7 @@ impl Role {
 pub struct SidecarUsage {
     pub role: Role,
     /// CPU time during the measured wrk run.
-    pub cpu_wrk: Duration,
+    pub cpu_wrk: CpuTime,
     /// CPU time during the h2load run, if there was one.
     pub cpu_h2load: Option<Duration>,
     /// CPU time during each open-loop rate's run (warm-up included), in the order of the rates.
@@ -400,6 +400,9 @@ pub struct Measurement {
     pub sidecars: Vec<SidecarUsage>,
     /// CPU time of the nginx that answered, during the measured wrk run.
     pub upstream_cpu_wrk: Duration,
+    /// CPU time the host gave to other guests during each open-loop rate's run (warm-up
+    /// included), in the order of the rates.
+    pub stolen_open_loop: Vec<Duration>,
 }
 
 impl Measurement {
@@ -416,8 +419,20 @@ impl Measurement {
     /// Microseconds of CPU per request during the measured wrk run, of one sidecar or (`None`)
     /// of all together; `None` when the case has no such sidecar.
     fn cpu_per_request_wrk(&self, role: Option<Role>) -> Option<f64> {
-        let cpu: Option<Duration> = self.selected(role).map(|s| s.cpu_wrk).reduce(|a, b| a + b);
-        Some(cpu?.as_secs_f64() * 1e6 / self.wrk.requests.max(1) as f64)
+        let cpu = self.cpu_wrk(role)?.total();
+        Some(cpu.as_secs_f64() * 1e6 / self.wrk.requests.max(1) as f64)
+    }
+
+    /// The share of the sidecars' CPU time during the measured wrk run that was the kernel's
+    /// (system time), in percent.
+    fn kernel_share_wrk(&self) -> Option<f64> {
+        let cpu = self.cpu_wrk(None)?;
+        let total = cpu.total().as_secs_f64();
+        (total > 0.0).then(|| cpu.system.as_secs_f64() * 100.0 / total)
+    }
+
+    fn cpu_wrk(&self, role: Option<Role>) -> Option<CpuTime> {
+        self.selected(role).map(|s| s.cpu_wrk).reduce(|a, b| a + b)
     }
 
     /// Microseconds of CPU per request of all sidecars together during the h2load run.
@@ -461,6 +476,11 @@ impl Measurement {
         if let Some(cpu) = self.cpu_per_request_wrk(None) {
             line.push_str(&format!(", {cpu:.1} µs CPU/request"));
         }
+        let stolen: Duration = self.stolen_open_loop.iter().sum();
+        line.push_str(&format!(
+            ", host steal during the open loop {} ms",
+            stolen.as_millis()
+        ));
         line
     }
 }

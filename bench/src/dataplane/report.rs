@@ -147,6 +147,10 @@ pub fn render(
         "proxy CPU per request, HTTP/1.1 max load, all sidecars (µs)".to_owned(),
         table.cells(1, false, |m| m.cpu_per_request_wrk(None)),
     );
+    row(
+        "the kernel's share of that CPU time (system time, %)".to_owned(),
+        table.cells(0, false, |m| m.kernel_share_wrk()),
+    );
     for role in [Role::Client, Role::Server] {
         row(
             format!(
@@ -197,6 +201,17 @@ pub fn render(
             format!("load generator's own send lag at {rate} req/s, p99 (ms)"),
             table.cells(3, false, |m| {
                 Some(m.open_loop.get(i)?.send_lag_us.p99 / 1000.0)
+            }),
+        );
+    }
+    for (i, rate) in rates.iter().enumerate() {
+        row(
+            format!(
+                "CPU time the host gave to other guests (steal, both CPUs) during the open loop at \
+                 {rate} req/s (ms)"
+            ),
+            table.cells(0, false, |m| {
+                Some(m.stolen_open_loop.get(i)?.as_secs_f64() * 1000.0)
             }),
         );
     }

@@ -37,7 +37,7 @@ use super::{
 };
 use crate::h2load::{self, H2load, H2loadReport};
 use crate::openloop;
-use crate::procfs::{self, Memory};
+use crate::procfs::{self, CpuTime, Memory};
 use crate::wrk::{self, Wrk, WrkReport};
 
 /// nginx's configuration, from `bench/dataplane/nginx.conf`.
@@ -275,27 +275,32 @@ impl Testbed {
             .await?;
         let upstream_cpu_wrk = procfs::cpu_time(upstream_pid)?.saturating_sub(upstream_before);
         let cpu_wrk = elapsed_since(&before, &cpu_times(&sidecars)?);
+        let total = |spent: Vec<CpuTime>| spent.into_iter().map(CpuTime::total);
 
         let (h2load, cpu_h2load) = match options.h2load().filter(|_| case.takes_http2()) {
             Some(h2) => {
                 let before = cpu_times(&sidecars)?;
                 let report = self.h2load(pod, &h2_url, &h2).await?;
                 let spent = elapsed_since(&before, &cpu_times(&sidecars)?);
-                (Some(report), spent.into_iter().map(Some).collect())
+                (Some(report), total(spent).map(Some).collect())
             }
             None => (None, vec![None; sidecars.len()]),
         };
 
         let mut open_loop = Vec::new();
         let mut cpu_open_loop = vec![Vec::new(); sidecars.len()];
+        let mut stolen_open_loop = Vec::new();
         for rate in &options.rates {
             let before = cpu_times(&sidecars)?;
+            let stolen_before = procfs::host_steal().context("reading /proc/stat")?;
             let report = self
                 .open_loop(pod, &url, *rate, options.open_loop_duration, options)
                 .await?;
+            let stolen = procfs::host_steal().context("reading /proc/stat")?;
+            stolen_open_loop.push(stolen.saturating_sub(stolen_before));
             for (cpu, spent) in cpu_open_loop
                 .iter_mut()
-                .zip(elapsed_since(&before, &cpu_times(&sidecars)?))
+                .zip(total(elapsed_since(&before, &cpu_times(&sidecars)?)))
             {
                 cpu.push(spent);
             }
@@ -347,6 +352,7 @@ impl Testbed {
             open_loop,
             sidecars: usage,
             upstream_cpu_wrk,
+            stolen_open_loop,
         })
     }
 
@@ -775,22 +781,18 @@ impl Sidecar {
     }
 }
 
-fn cpu_times(sidecars: &[Sidecar]) -> anyhow::Result<Vec<Duration>> {
+fn cpu_times(sidecars: &[Sidecar]) -> anyhow::Result<Vec<CpuTime>> {
     sidecars
         .iter()
         .map(|s| {
-            procfs::cpu_time(s.pid())
+            procfs::cpu_times(s.pid())
                 .with_context(|| format!("reading the {}'s CPU time", s.role.title()))
         })
         .collect()
 }
 
-fn elapsed_since(before: &[Duration], after: &[Duration]) -> Vec<Duration> {
-    before
-        .iter()
-        .zip(after)
-        .map(|(b, a)| a.saturating_sub(*b))
-        .collect()
+fn elapsed_since(before: &[CpuTime], after: &[CpuTime]) -> Vec<CpuTime> {
+    before.iter().zip(after).map(|(b, a)| a.since(*b)).collect()
 }
 
 fn memories(sidecars: &[Sidecar]) -> anyhow::Result<Vec<Memory>> {
