@@ -12,5 +12,6 @@ pub mod h2load;
 pub mod openloop;
 pub mod procfs;
 pub mod results;
+pub mod steal;
 pub mod summary;
 pub mod wrk;

@@ -42,6 +42,7 @@ use crate::h2load::{H2load, H2loadReport};
 use crate::openloop;
 use crate::procfs::{CpuTime, Memory};
 use crate::results::{self, load_average, machine, output};
+use crate::steal;
 use crate::wrk::{Wrk, WrkReport};
 use testbed::Testbed;
 
@@ -109,6 +110,16 @@ pub struct Options {
     /// Changes measured per proxy count in the control-plane scenario.
     #[arg(long, default_value_t = 5)]
     pub discovery_runs: usize,
+    /// A load run (wrk, h2load, or one open-loop rate) during which the host took more than this
+    /// share of the machine's CPU time for other guests (steal, all CPUs, in percent) was
+    /// disturbed from outside: it is measured again, up to `--steal-retries` times, and the
+    /// attempt with the least steal is kept. Every attempt's errors count, and the report says
+    /// how many runs were repeated.
+    #[arg(long, default_value_t = 0.5)]
+    pub steal_limit_percent: f64,
+    /// How many times a disturbed load run is measured again; 0 keeps every first attempt.
+    #[arg(long, default_value_t = 2)]
+    pub steal_retries: u32,
     /// CPUs the sidecars are pinned to (`taskset -c`), or "none".
     #[arg(long, default_value = "1")]
     pub proxy_cpus: String,
@@ -140,6 +151,15 @@ pub struct Options {
 }
 
 impl Options {
+    /// When a load run counts as disturbed by the host, on this machine.
+    fn steal_limit(&self) -> steal::Limit {
+        steal::Limit {
+            percent: self.steal_limit_percent,
+            retries: self.steal_retries,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         ensure!(self.runs > 0, "--runs must be positive");
         ensure!(
@@ -153,6 +173,10 @@ impl Options {
         ensure!(
             !self.open_loop_duration.is_zero(),
             "--open-loop-duration must be positive"
+        );
+        ensure!(
+            self.steal_limit_percent.is_finite() && self.steal_limit_percent >= 0.0,
+            "--steal-limit-percent must be a percentage, 0 or more"
         );
         ensure!(
             self.wrk_connections > 0
@@ -403,6 +427,20 @@ pub struct Measurement {
     /// CPU time the host gave to other guests during each open-loop rate's run (warm-up
     /// included), in the order of the rates.
     pub stolen_open_loop: Vec<Duration>,
+    /// The load runs that were measured again because the host took too much CPU time during
+    /// them.
+    pub repeated: Repeated,
+}
+
+/// Load runs of one case measured again because the host's steal passed
+/// `--steal-limit-percent`: no figure comes from them, but their errors count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Repeated {
+    /// Attempts set aside.
+    pub runs: usize,
+    pub wrk_errors: u64,
+    pub h2load_errors: u64,
+    pub open_loop_errors: u64,
 }
 
 impl Measurement {
@@ -481,6 +519,12 @@ impl Measurement {
             ", host steal during the open loop {} ms",
             stolen.as_millis()
         ));
+        if self.repeated.runs > 0 {
+            line.push_str(&format!(
+                ", {} disturbed load run(s) measured again",
+                self.repeated.runs
+            ));
+        }
         line
     }
 }

@@ -95,6 +95,14 @@ pub fn render(
         "- Each cell: median (min–max) of {runs} runs; added latency is each run's figure minus \
          *direct*'s in the same run"
     );
+    let _ = writeln!(
+        out,
+        "- Disturbed runs: a load run (wrk, h2load, or one open-loop rate) during which the host \
+         gave more than {}% of the machine's CPU time to other guests (steal, from /proc/stat) \
+         is measured again, up to {} more times, and the attempt with the least steal is kept; \
+         steal does not depend on the proxy under test, and every attempt's errors count",
+        options.steal_limit_percent, options.steal_retries
+    );
     let _ = writeln!(out, "- Command: `{}`\n", environment.command);
 
     let table = Table {
@@ -216,7 +224,16 @@ pub fn render(
         );
     }
     row(
-        "errors in all runs: wrk (socket + non-2xx) / h2load / open loop".to_owned(),
+        format!(
+            "load runs measured again: the host took more than {}% of the machine's CPU time \
+             during them (all runs)",
+            options.steal_limit_percent
+        ),
+        table.repeats(),
+    );
+    row(
+        "errors in all runs, repeated ones included: wrk (socket + non-2xx) / h2load / open loop"
+            .to_owned(),
         table.errors(),
     );
 
@@ -622,6 +639,22 @@ impl Table<'_> {
     }
 
     /// Total wrk, h2load and open-loop errors per case.
+    /// Per case: the load runs set aside as disturbed, over all runs, and how many load runs
+    /// the case had in all.
+    fn repeats(&self) -> Vec<String> {
+        self.cases
+            .iter()
+            .map(|case| {
+                let runs = self.measurements.iter().filter(|m| m.case == *case);
+                let (repeated, kept) = runs.fold((0, 0), |(repeated, kept), m| {
+                    let loads = 1 + usize::from(m.h2load.is_some()) + m.open_loop.len();
+                    (repeated + m.repeated.runs, kept + loads)
+                });
+                format!("{repeated} of {}", repeated + kept)
+            })
+            .collect()
+    }
+
     fn errors(&self) -> Vec<String> {
         self.cases
             .iter()
@@ -629,9 +662,11 @@ impl Table<'_> {
                 let runs = self.measurements.iter().filter(|m| m.case == *case);
                 let (wrk, h2, open_loop) = runs.fold((0, 0, 0), |(wrk, h2, open_loop), m| {
                     (
-                        wrk + m.wrk.socket_errors + m.wrk.bad_status,
-                        h2 + m.h2load.map_or(0, |h| h.failed),
-                        open_loop + m.open_loop.iter().map(|r| r.errors).sum::<u64>(),
+                        wrk + m.wrk.socket_errors + m.wrk.bad_status + m.repeated.wrk_errors,
+                        h2 + m.h2load.map_or(0, |h| h.failed) + m.repeated.h2load_errors,
+                        open_loop
+                            + m.repeated.open_loop_errors
+                            + m.open_loop.iter().map(|r| r.errors).sum::<u64>(),
                     )
                 });
                 format!("{wrk} / {h2} / {open_loop}")
