@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 /// about 14% of the sidecar's instructions per request.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::MiMalloc = alloc::MiMalloc;
+
+#[cfg(feature = "mimalloc")]
+mod alloc;
 
 #[derive(Debug, Parser)]
 #[command(
