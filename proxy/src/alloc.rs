@@ -2,8 +2,9 @@
 //!
 //! The `mimalloc` crate's allocator passes every layout's alignment to `mi_malloc_aligned`.
 //! mimalloc 3 serves that from its plain size classes only for blocks up to 1 KiB and for
-//! power-of-two blocks up to 4 KiB; any other block (1.5 KiB, or 8 KiB and a few bytes) takes the over-allocating path, which asks for `size + align - 1` bytes, often one
-//! size class up, and marks the page as holding interior pointers. Every block mimalloc hands
+//! power-of-two blocks up to 4 KiB; any other block takes the over-allocating path, which asks
+//! for `size + align - 1` bytes, often one size class up (`mi_malloc_aligned(1536, 8)` gets a
+//! 1792-byte block), and marks the page as holding interior pointers. Every block mimalloc hands
 //! out from `mi_malloc` is already aligned to 16 bytes when it is at least 16 bytes long (and
 //! to 8 when shorter), so, like std's `System`, this allocator asks for an alignment only when
 //! the layout needs more than that.
@@ -97,6 +98,31 @@ mod tests {
         }
         for (ptr, layout) in live {
             unsafe { MiMalloc.dealloc(ptr, layout) };
+        }
+    }
+
+    // In libmimalloc-sys only with its `extended` feature; the sidecar needs them only here.
+    unsafe extern "C" {
+        fn mi_usable_size(p: *const c_void) -> usize;
+        fn mi_good_size(size: usize) -> usize;
+    }
+
+    #[test]
+    fn blocks_the_size_classes_align_come_from_them_whole() {
+        // What this allocator is for: a layout that mi_malloc's size classes already align gets
+        // a block of exactly its size class, not one from a larger class (mi_malloc_aligned(1536,
+        // 8) has 1792 usable bytes where mi_good_size(1536) is 1536).
+        for &align in &[1, 2, 8, 16] {
+            for &size in SIZES.iter().filter(|&&size| align <= size) {
+                let layout = Layout::from_size_align(size, align).unwrap();
+                for alloc in [GlobalAlloc::alloc, GlobalAlloc::alloc_zeroed] {
+                    let ptr = unsafe { alloc(&MiMalloc, layout) };
+                    let usable = unsafe { mi_usable_size(ptr as *const c_void) };
+                    let class = unsafe { mi_good_size(size) };
+                    assert_eq!(usable, class, "{size} bytes at align {align}");
+                    unsafe { MiMalloc.dealloc(ptr, layout) };
+                }
+            }
         }
     }
 
