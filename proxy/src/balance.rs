@@ -53,7 +53,7 @@ use crate::config::{
 use crate::health::{Detector, Monitor, Outcome, Reason, Verdict};
 use crate::locality::{self, Client, Counts, Locality};
 use crate::metrics::Metrics;
-use crate::resilience::ServiceLimits;
+use crate::resilience::{LimitPermit, ServiceLimits};
 
 /// Ring hash: entries on the ring (Envoy's minimum ring size).
 const RING_SIZE: usize = 1024;
@@ -183,10 +183,15 @@ impl EndpointState {
 
     /// Marks a request as started; the guard ends it.
     pub fn start(self: &Arc<Self>) -> InFlight {
+        self.start_at(Instant::now())
+    }
+
+    /// [`EndpointState::start`] for a request that started at `now`.
+    pub fn start_at(self: &Arc<Self>, now: Instant) -> InFlight {
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             endpoint: self.clone(),
-            started: Instant::now(),
+            started: now,
             held: None,
         }
     }
@@ -220,8 +225,8 @@ impl EndpointState {
 pub struct InFlight {
     endpoint: Arc<EndpointState>,
     started: Instant,
-    /// Something to release with the request (a circuit-breaker permit).
-    held: Option<Box<dyn Send + Sync>>,
+    /// A circuit-breaker permit to release with the request.
+    held: Option<LimitPermit>,
 }
 
 impl std::fmt::Debug for InFlight {
@@ -242,14 +247,14 @@ impl InFlight {
     /// response, or a failure (a 5xx, a reset, a timeout, no connection), which counts as at
     /// least [`EWMA_FAILURE_PENALTY`].
     pub fn finished(&self, failed: bool) {
-        self.endpoint
-            .stats
-            .observe_attempt(self.started.elapsed(), failed, Instant::now());
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.started);
+        self.endpoint.stats.observe_attempt(elapsed, failed, now);
     }
 
-    /// Keeps `guard` until the request ends.
-    pub fn hold(&mut self, guard: impl Send + Sync + 'static) {
-        self.held = Some(Box::new(guard));
+    /// Keeps `permit` until the request ends.
+    pub fn hold(&mut self, permit: LimitPermit) {
+        self.held = Some(permit);
     }
 }
 

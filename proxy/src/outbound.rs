@@ -435,7 +435,7 @@ impl HttpOutbound {
                 "no-endpoints",
             );
         };
-        let admitted = match balancer.limits().admit_request() {
+        let admitted = match balancer.limits().admit_request(started) {
             Ok(permit) => permit,
             Err(limit) => return self.circuit_open(labels, started, limit.as_str()),
         };
@@ -484,6 +484,8 @@ impl HttpOutbound {
         let mut tried: Vec<Arc<EndpointState>> = Vec::new();
         let mut retry_permit = None;
         let mut retries = 0;
+        // When the next attempt starts: the first with the request, a retry after its backoff.
+        let mut attempt_at = started;
         loop {
             let Some(endpoint) = balancer.pick(hash, &tried) else {
                 let reason = if balancer.has_endpoints() {
@@ -505,7 +507,11 @@ impl HttpOutbound {
                 );
             };
             let attempt = send
-                .attempt(&endpoint, Request::from_parts(parts.clone(), request_body))
+                .attempt(
+                    &endpoint,
+                    Request::from_parts(parts.clone(), request_body),
+                    attempt_at,
+                )
                 .await;
             drop(retry_permit.take());
             // What went wrong, if anything, and whether the policy retries it.
@@ -598,6 +604,7 @@ impl HttpOutbound {
             tracing::debug!(service = dest.service.name(), endpoint = ?labels.endpoint, condition, retry = retries, "retrying");
             tried.push(endpoint);
             tokio::time::sleep(wait).await;
+            attempt_at = Instant::now();
         }
     }
 
@@ -753,10 +760,16 @@ struct SendContext<'a> {
 }
 
 impl SendContext<'_> {
-    /// Sends one attempt to `endpoint`, within the per-try timeout and the route's deadline.
-    async fn attempt(&self, endpoint: &Arc<EndpointState>, mut out: Request<Body>) -> Attempt {
+    /// Sends one attempt, starting `now`, to `endpoint`, within the per-try timeout and the
+    /// route's deadline.
+    async fn attempt(
+        &self,
+        endpoint: &Arc<EndpointState>,
+        mut out: Request<Body>,
+        now: Instant,
+    ) -> Attempt {
         let addr = endpoint.socket_addr(self.port);
-        let in_flight = endpoint.start();
+        let in_flight = endpoint.start_at(now);
         let h2 = endpoint.endpoint.meshed && !self.upgrade;
         let options = self.options.to_peer(endpoint.endpoint.mtls_peer());
         let send = async {
@@ -775,7 +788,6 @@ impl SendContext<'_> {
                 self.shared.upstreams.send_h1_with(addr, options, out).await
             }
         };
-        let now = Instant::now();
         let to_deadline = self.deadline.map(|d| d.saturating_duration_since(now));
         let (limit, per_try) = match (self.per_try_timeout, to_deadline) {
             (Some(p), Some(d)) if p < d => (Some(p), true),

@@ -189,13 +189,13 @@ impl ServiceLimits {
         })
     }
 
-    /// Admits a request to the service: held until its response has been sent on. Each admitted
-    /// request adds to the retry budget.
-    pub fn admit_request(self: &Arc<Self>) -> Result<LimitPermit, Limit> {
+    /// Admits a request to the service that arrived at `now`: held until its response has been
+    /// sent on. Each admitted request adds to the retry budget.
+    pub fn admit_request(self: &Arc<Self>, now: Instant) -> Result<LimitPermit, Limit> {
         let permit = self
             .permit(Counter::Requests, &self.max_requests)
             .ok_or(Limit::Requests)?;
-        self.budget.deposit(Instant::now());
+        self.budget.deposit(now);
         Ok(permit)
     }
 
@@ -741,7 +741,7 @@ mod tests {
         let l = limits(CircuitBreaker::default(), budget(20, 0));
         let t0 = Instant::now();
         for _ in 0..100 {
-            drop(l.admit_request().expect("admit"));
+            drop(l.admit_request(Instant::now()).expect("admit"));
         }
         let retries: Vec<_> = (0..20)
             .map(|_| l.admit_retry_at(t0).expect("retry"))
@@ -761,7 +761,7 @@ mod tests {
         assert_eq!(granted, 100);
         // No percent and no floor: no retries.
         let none = limits(CircuitBreaker::default(), budget(0, 0));
-        drop(none.admit_request().expect("admit"));
+        drop(none.admit_request(Instant::now()).expect("admit"));
         assert!(none.admit_retry(Duration::ZERO, None).is_err());
         // max_retries caps retries in flight whatever the budget.
         let capped = limits(
@@ -909,11 +909,11 @@ mod tests {
             },
             RetryBudget::default(),
         );
-        let a = l.admit_request().expect("first");
-        let _b = l.admit_request().expect("second");
-        assert_eq!(l.admit_request().err(), Some(Limit::Requests));
+        let a = l.admit_request(Instant::now()).expect("first");
+        let _b = l.admit_request(Instant::now()).expect("second");
+        assert_eq!(l.admit_request(Instant::now()).err(), Some(Limit::Requests));
         drop(a);
-        assert!(l.admit_request().is_ok());
+        assert!(l.admit_request(Instant::now()).is_ok());
         let conn = l.connection().expect("connection");
         assert_eq!(l.connection().err(), Some("max-connections"));
         assert_eq!(LimitPermit::connection(&l).err(), Some(Limit::Connections));
