@@ -114,10 +114,15 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, client: SocketAd
             if !http2 && serve::refuse_malformed_head(&mut stream).await {
                 return;
             }
-            let handler = HttpInbound::new(shared.clone(), drain.clone(), app, client, None);
+            let handler = Arc::new(HttpInbound::new(
+                shared.clone(),
+                drain.clone(),
+                app,
+                client,
+                None,
+            ));
             serve::serve_http(stream, http2, shared.head_timeout, drain, move |req| {
-                let handler = handler.clone();
-                async move { handler.request(req).await }
+                handler.clone().request(req)
             })
             .await;
         }
@@ -278,11 +283,16 @@ async fn mesh(
         .connection(Direction::inbound, ConnProtocol::mtls);
     match carried {
         Some(Carried::Http2 | Carried::Http1) => {
-            let handler = HttpInbound::new(shared.clone(), drain.clone(), app, client, Some(peer));
+            let handler = Arc::new(HttpInbound::new(
+                shared.clone(),
+                drain.clone(),
+                app,
+                client,
+                Some(peer),
+            ));
             let http2 = carried == Some(Carried::Http2);
             serve::serve_http(tls, http2, shared.head_timeout, drain, move |req| {
-                let handler = handler.clone();
-                async move { handler.request(req).await }
+                handler.clone().request(req)
             })
             .await;
         }
@@ -297,7 +307,7 @@ async fn mesh(
     }
 }
 
-#[derive(Clone)]
+/// One inbound HTTP connection's request handler, shared by its requests' futures.
 struct HttpInbound {
     shared: Arc<Shared>,
     /// Upgraded connections are spliced in its tracker.
@@ -370,98 +380,110 @@ impl HttpInbound {
         verdict.denied_by
     }
 
-    async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let started = Instant::now();
-        let mut labels = RequestLabels {
-            direction: Direction::inbound,
-            service: "",
-            route: "",
-            endpoint: Some(self.app),
-            status: 0,
-            error: "",
-            client_id: &self.peer_label,
-        };
-        // Over HTTP/1 the client is not a sidecar (whose outbound side checked already), and
-        // hyper's own limits are above keel's (see `serve`).
-        if req.version() != Version::HTTP_2 && serve::head_too_large(&req) {
-            labels.status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.as_u16();
-            labels.error = "headers-too-large";
-            self.shared.metrics.request(labels, started.elapsed());
-            return serve::error_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "headers-too-large",
-            );
-        }
-        if let Some(reason) = self.denied(&req) {
-            tracing::debug!(client = %self.client, peer = ?self.peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), %reason, "request denied");
-            labels.status = StatusCode::FORBIDDEN.as_u16();
-            labels.error = "forbidden";
-            self.shared.metrics.request(labels, started.elapsed());
-            return serve::error_response(StatusCode::FORBIDDEN, "forbidden");
-        }
-        let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some();
-        req.headers_mut().remove(CLIENT_ID);
-        if let Some(value) = &self.peer_header {
-            req.headers_mut().insert(CLIENT_ID, value.clone());
-        }
-        let upgrade = serve::upgrade_protocol(&req);
-        let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        let as_http1 = downgrade || req.version() != Version::HTTP_2;
-        let (mut parts, body) = req.into_parts();
-        if let Ok(ip) = HeaderValue::from_str(&self.client.ip().to_string()) {
-            parts.headers.append("x-forwarded-for", ip);
-        }
-        let authority =
-            serve::authority(&parts).map_or_else(|| self.app.to_string(), str::to_owned);
-        pool::strip_hop_by_hop(&mut parts.headers);
-        if let Some(protocol) = &upgrade {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, protocol.clone());
-        }
-        let mut out = Request::from_parts(parts, pool::incoming(body));
-        let sent = if as_http1 {
-            *out.version_mut() = Version::HTTP_11;
-            serve::set_host(&mut out, &authority);
-            *out.uri_mut() = serve::origin_form(out.uri());
-            self.shared
-                .upstreams
-                .send_h1(self.app, None, APP_CONNECT_TIMEOUT, out)
-                .await
-        } else {
-            *out.uri_mut() = serve::absolute_uri(&authority, out.uri());
-            self.shared
-                .upstreams
-                .send_h2(self.app, None, APP_CONNECT_TIMEOUT, out)
-                .await
-        };
-        match sent {
-            Ok(mut response) => {
-                if let Some(on_upgrade) = on_upgrade
-                    && response.status() == StatusCode::SWITCHING_PROTOCOLS
-                {
-                    serve::splice_upgrade(
-                        &self.drain,
-                        on_upgrade,
-                        hyper::upgrade::on(&mut response),
-                    );
-                }
-                labels.status = response.status().as_u16();
+    /// Answers one request; like [`crate::outbound`]'s handler, its future owns its handle on
+    /// the handler, so that it is the service's future itself, and it is an async block so that
+    /// it holds the request once.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would hold its request argument twice"
+    )]
+    fn request(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+        async move {
+            let started = Instant::now();
+            let mut labels = RequestLabels {
+                direction: Direction::inbound,
+                service: "",
+                route: "",
+                endpoint: Some(self.app),
+                status: 0,
+                error: "",
+                client_id: &self.peer_label,
+            };
+            // Over HTTP/1 the client is not a sidecar (whose outbound side checked already), and
+            // hyper's own limits are above keel's (see `serve`).
+            if req.version() != Version::HTTP_2 && serve::head_too_large(&req) {
+                labels.status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.as_u16();
+                labels.error = "headers-too-large";
                 self.shared.metrics.request(labels, started.elapsed());
-                response
+                return serve::error_response(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "headers-too-large",
+                );
             }
-            Err(e) => {
-                tracing::debug!(app = %self.app, error = %e, "local app request failed");
-                let (status, reason) = if e.before_request() {
-                    (StatusCode::SERVICE_UNAVAILABLE, "app-unreachable")
-                } else {
-                    (StatusCode::BAD_GATEWAY, "app-reset")
-                };
-                labels.status = status.as_u16();
-                labels.error = reason;
+            if let Some(reason) = self.denied(&req) {
+                tracing::debug!(client = %self.client, peer = ?self.peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), %reason, "request denied");
+                labels.status = StatusCode::FORBIDDEN.as_u16();
+                labels.error = "forbidden";
                 self.shared.metrics.request(labels, started.elapsed());
-                serve::error_response(status, reason)
+                return serve::error_response(StatusCode::FORBIDDEN, "forbidden");
+            }
+            let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some();
+            req.headers_mut().remove(CLIENT_ID);
+            if let Some(value) = &self.peer_header {
+                req.headers_mut().insert(CLIENT_ID, value.clone());
+            }
+            let upgrade = serve::upgrade_protocol(&req);
+            let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+            let as_http1 = downgrade || req.version() != Version::HTTP_2;
+            let (mut parts, body) = req.into_parts();
+            if let Ok(ip) = HeaderValue::from_str(&self.client.ip().to_string()) {
+                parts.headers.append("x-forwarded-for", ip);
+            }
+            let authority =
+                serve::authority(&parts).map_or_else(|| self.app.to_string(), str::to_owned);
+            pool::strip_hop_by_hop(&mut parts.headers);
+            if let Some(protocol) = &upgrade {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, protocol.clone());
+            }
+            let mut out = Request::from_parts(parts, pool::incoming(body));
+            let sent = if as_http1 {
+                *out.version_mut() = Version::HTTP_11;
+                serve::set_host(&mut out, &authority);
+                *out.uri_mut() = serve::origin_form(out.uri());
+                self.shared
+                    .upstreams
+                    .send_h1(self.app, None, APP_CONNECT_TIMEOUT, out)
+                    .await
+            } else {
+                *out.uri_mut() = serve::absolute_uri(&authority, out.uri());
+                self.shared
+                    .upstreams
+                    .send_h2(self.app, None, APP_CONNECT_TIMEOUT, out)
+                    .await
+            };
+            match sent {
+                Ok(mut response) => {
+                    if let Some(on_upgrade) = on_upgrade
+                        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        serve::splice_upgrade(
+                            &self.drain,
+                            on_upgrade,
+                            hyper::upgrade::on(&mut response),
+                        );
+                    }
+                    labels.status = response.status().as_u16();
+                    self.shared.metrics.request(labels, started.elapsed());
+                    response
+                }
+                Err(e) => {
+                    tracing::debug!(app = %self.app, error = %e, "local app request failed");
+                    let (status, reason) = if e.before_request() {
+                        (StatusCode::SERVICE_UNAVAILABLE, "app-unreachable")
+                    } else {
+                        (StatusCode::BAD_GATEWAY, "app-reset")
+                    };
+                    labels.status = status.as_u16();
+                    labels.error = reason;
+                    self.shared.metrics.request(labels, started.elapsed());
+                    serve::error_response(status, reason)
+                }
             }
         }
     }

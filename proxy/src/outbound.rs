@@ -122,15 +122,14 @@ async fn connection(
             if !http2 && serve::refuse_malformed_head(&mut stream).await {
                 return;
             }
-            let handler = HttpOutbound {
+            let handler = Arc::new(HttpOutbound {
                 shared: shared.clone(),
                 orig,
                 client,
                 drain: drain.clone(),
-            };
+            });
             serve::serve_http(stream, http2, shared.head_timeout, drain, move |req| {
-                let handler = handler.clone();
-                async move { handler.request(req).await }
+                handler.clone().request(req)
             })
             .await;
         }
@@ -348,8 +347,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
     }
 }
 
-/// One outbound HTTP connection's request handler.
-#[derive(Clone)]
+/// One outbound HTTP connection's request handler, shared by its requests' futures.
 struct HttpOutbound {
     shared: Arc<Shared>,
     orig: SocketAddr,
@@ -406,205 +404,228 @@ enum Attempt {
 }
 
 impl HttpOutbound {
-    async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let started = Instant::now();
-        if serve::head_too_large(&req) {
-            return serve::error_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "headers-too-large",
-            );
-        }
-        let config = self.shared.config.current();
-        let Some(dest) = self.destination(&config, &req) else {
-            return self.passthrough(&config, req, started).await;
-        };
-        let mut labels = RequestLabels {
-            direction: Direction::outbound,
-            service: dest.service.name(),
-            route: dest.route_name(),
-            endpoint: None,
-            status: 0,
-            error: "",
-            client_id: "",
-        };
-        let Some(balancer) = self.shared.balancers.get(dest.service.name()) else {
-            return self.answer(
-                labels,
-                started,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no-endpoints",
-            );
-        };
-        let admitted = match balancer.limits().admit_request(started) {
-            Ok(permit) => permit,
-            Err(limit) => return self.circuit_open(labels, started, limit.as_str()),
-        };
-        let hash = balancer
-            .hash_on()
-            .and_then(|on| balance::hash_key(&on, self.client.ip(), Some(req.headers())));
-        let upgrade = serve::upgrade_protocol(&req);
-        let mut on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        let client_version = req.version();
-        let (mut parts, body) = req.into_parts();
-        pool::strip_hop_by_hop(&mut parts.headers);
-        if let Some(protocol) = &upgrade {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, protocol.clone());
-        }
-        // Borrowed from the request but when it names none.
-        let authority = match serve::authority(&parts) {
-            Some(authority) => std::borrow::Cow::Borrowed(authority),
-            None => std::borrow::Cow::Owned(self.orig.to_string()),
-        };
-        let policy = dest.retry_policy();
-        let idempotent = resilience::is_idempotent(&parts.method);
-        let body = RequestBody::new(pool::incoming(body));
-        // A timeout too long for the clock is no deadline (the config builder caps it anyway).
-        let deadline = dest.timeout.and_then(|t| started.checked_add(t));
-        let traffic = &dest.service.traffic_policy;
-        let options = Connect {
-            timeout: traffic.connect_timeout,
-            idle_timeout: traffic.idle_timeout,
-            admission: Some(balancer.limits()),
-            peer: None,
-        };
-        let send = SendContext {
-            shared: &self.shared,
-            balancer: &balancer,
-            port: &dest.port,
-            authority: &authority,
-            client_version,
-            upgrade: upgrade.is_some(),
-            options,
-            per_try_timeout: policy.per_try_timeout,
-            deadline,
-        };
-        let mut tried: Vec<Arc<EndpointState>> = Vec::new();
-        let mut retry_permit = None;
-        let mut retries = 0;
-        // When the next attempt starts: the first with the request, a retry after its backoff.
-        let mut attempt_at = started;
-        loop {
-            let Some(endpoint) = balancer.pick(hash, &tried) else {
-                let reason = if balancer.has_endpoints() {
-                    "no-healthy-upstream"
-                } else {
-                    "no-endpoints"
-                };
-                return self.answer(labels, started, StatusCode::SERVICE_UNAVAILABLE, reason);
+    /// Answers one request. It owns its handle on the handler, so that the request's future is
+    /// the service's future itself, not one more level that would hold (and copy) it; and it is
+    /// an async block, not an `async fn`, so that it holds the request once (see
+    /// [`pool::Upstreams::send_h1_with`]).
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would hold its request argument twice"
+    )]
+    fn request(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+        async move {
+            let started = Instant::now();
+            if serve::head_too_large(&req) {
+                return serve::error_response(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "headers-too-large",
+                );
+            }
+            let config = self.shared.config.current();
+            let Some(dest) = self.destination(&config, &req) else {
+                // Boxed: the passthrough's send would otherwise make every request's future, and
+                // every copy of it, larger by its size.
+                return Box::pin(self.passthrough(&config, req, started)).await;
             };
-            labels.endpoint = Some(endpoint.socket_addr(&dest.port));
-            let Some(request_body) = body.attempt() else {
-                // Checked before deciding the retry, but the failed attempt's connection went on
-                // reading the body past what can be replayed.
+            let mut labels = RequestLabels {
+                direction: Direction::outbound,
+                service: dest.service.name(),
+                route: dest.route_name(),
+                endpoint: None,
+                status: 0,
+                error: "",
+                client_id: "",
+            };
+            let Some(balancer) = self.shared.balancers.get(dest.service.name()) else {
                 return self.answer(
                     labels,
                     started,
-                    StatusCode::BAD_GATEWAY,
-                    "body-not-replayable",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-endpoints",
                 );
             };
-            let attempt = send
-                .attempt(
-                    &endpoint,
-                    Request::from_parts(parts.clone(), request_body),
-                    attempt_at,
-                )
-                .await;
-            drop(retry_permit.take());
-            // What went wrong, if anything, and whether the policy retries it.
-            let (failure, last_answer) = match attempt {
-                Attempt::Response(mut response, in_flight) => {
-                    let status = response.status();
-                    // A peer sidecar's own answer about its app: the request never reached it
-                    // (unreachable), or the app failed with the request (reset).
-                    let peer_error = endpoint
-                        .endpoint
-                        .meshed
-                        .then(|| response.headers().get(KEEL_ERROR))
-                        .flatten()
-                        .map(|v| v.as_bytes());
-                    let (outcome, failure) = match peer_error {
-                        Some(e) if e == APP_UNREACHABLE.as_bytes() => {
-                            (Outcome::ConnectFailed, Failure::NotSent)
-                        }
-                        Some(e) if e == APP_RESET.as_bytes() => (Outcome::Reset, Failure::Reset),
-                        _ => (
-                            Outcome::Status(status.as_u16()),
-                            Failure::Response(status.as_u16(), response.headers()),
-                        ),
-                    };
-                    balancer.record(&endpoint, outcome);
-                    let retry = resilience::retry_condition(policy, failure, idempotent);
-                    if retry.is_none() || retries >= policy.attempts {
-                        if let Some(on_upgrade) = on_upgrade.take()
-                            && status == StatusCode::SWITCHING_PROTOCOLS
-                        {
-                            serve::splice_upgrade(
-                                &self.drain,
-                                on_upgrade,
-                                hyper::upgrade::on(&mut response),
-                            );
-                        }
-                        labels.status = status.as_u16();
-                        self.shared.metrics.request(labels, started.elapsed());
-                        let mut in_flight = in_flight;
-                        in_flight.hold(admitted);
-                        return serve::track(response, in_flight);
-                    }
-                    (retry, Err((response, in_flight)))
-                }
-                Attempt::Failed {
-                    outcome,
-                    status,
-                    reason,
-                } => {
-                    balancer.record(&endpoint, outcome);
-                    let failure = match outcome {
-                        Outcome::ConnectFailed => Failure::NotSent,
-                        Outcome::Timeout => Failure::Timeout,
-                        _ => Failure::Reset,
-                    };
-                    let retry = resilience::retry_condition(policy, failure, idempotent);
-                    (retry, Ok((status, reason)))
-                }
-                Attempt::DeadlineExceeded => {
-                    balancer.record(&endpoint, Outcome::Timeout);
-                    return self.answer(labels, started, StatusCode::GATEWAY_TIMEOUT, "timeout");
-                }
-                Attempt::Overflow(limit) => return self.circuit_open(labels, started, limit),
+            let admitted = match balancer.limits().admit_request(started) {
+                Ok(permit) => permit,
+                Err(limit) => return self.circuit_open(labels, started, limit.as_str()),
             };
-            let Some(condition) = failure.filter(|_| retries < policy.attempts) else {
-                return self.give_up(labels, started, last_answer, admitted);
-            };
-            if !body.replayable() {
-                self.shared
-                    .metrics
-                    .retry_skipped(dest.service.name(), "body-too-large");
-                return self.give_up(labels, started, last_answer, admitted);
+            let hash = balancer
+                .hash_on()
+                .and_then(|on| balance::hash_key(&on, self.client.ip(), Some(req.headers())));
+            let upgrade = serve::upgrade_protocol(&req);
+            let mut on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+            let client_version = req.version();
+            let (mut parts, body) = req.into_parts();
+            pool::strip_hop_by_hop(&mut parts.headers);
+            if let Some(protocol) = &upgrade {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, protocol.clone());
             }
-            // A retry that would start at or past the deadline is not made, and spends no
-            // budget; the client gets the last attempt's own answer rather than a 504.
-            let wait = resilience::backoff(retries + 1, policy.backoff_base, policy.backoff_max);
-            match balancer.limits().admit_retry(wait, deadline) {
-                Ok(permit) => retry_permit = Some(permit),
-                Err(denied) => {
+            // Borrowed from the request but when it names none.
+            let authority = match serve::authority(&parts) {
+                Some(authority) => std::borrow::Cow::Borrowed(authority),
+                None => std::borrow::Cow::Owned(self.orig.to_string()),
+            };
+            let policy = dest.retry_policy();
+            let idempotent = resilience::is_idempotent(&parts.method);
+            let body = RequestBody::new(pool::incoming(body));
+            // A timeout too long for the clock is no deadline (the config builder caps it anyway).
+            let deadline = dest.timeout.and_then(|t| started.checked_add(t));
+            let traffic = &dest.service.traffic_policy;
+            let options = Connect {
+                timeout: traffic.connect_timeout,
+                idle_timeout: traffic.idle_timeout,
+                admission: Some(balancer.limits()),
+                peer: None,
+            };
+            let send = SendContext {
+                shared: &self.shared,
+                balancer: &balancer,
+                port: &dest.port,
+                authority: &authority,
+                client_version,
+                upgrade: upgrade.is_some(),
+                options,
+                per_try_timeout: policy.per_try_timeout,
+                deadline,
+            };
+            let mut tried: Vec<Arc<EndpointState>> = Vec::new();
+            let mut retry_permit = None;
+            let mut retries = 0;
+            // When the next attempt starts: the first with the request, a retry after its backoff.
+            let mut attempt_at = started;
+            loop {
+                let Some(endpoint) = balancer.pick(hash, &tried) else {
+                    let reason = if balancer.has_endpoints() {
+                        "no-healthy-upstream"
+                    } else {
+                        "no-endpoints"
+                    };
+                    return self.answer(labels, started, StatusCode::SERVICE_UNAVAILABLE, reason);
+                };
+                labels.endpoint = Some(endpoint.socket_addr(&dest.port));
+                let Some(request_body) = body.attempt() else {
+                    // Checked before deciding the retry, but the failed attempt's connection went on
+                    // reading the body past what can be replayed.
+                    return self.answer(
+                        labels,
+                        started,
+                        StatusCode::BAD_GATEWAY,
+                        "body-not-replayable",
+                    );
+                };
+                let attempt = send
+                    .attempt(
+                        &endpoint,
+                        Request::from_parts(parts.clone(), request_body),
+                        attempt_at,
+                    )
+                    .await;
+                drop(retry_permit.take());
+                // What went wrong, if anything, and whether the policy retries it.
+                let (failure, last_answer) = match attempt {
+                    Attempt::Response(mut response, in_flight) => {
+                        let status = response.status();
+                        // A peer sidecar's own answer about its app: the request never reached it
+                        // (unreachable), or the app failed with the request (reset).
+                        let peer_error = endpoint
+                            .endpoint
+                            .meshed
+                            .then(|| response.headers().get(KEEL_ERROR))
+                            .flatten()
+                            .map(|v| v.as_bytes());
+                        let (outcome, failure) = match peer_error {
+                            Some(e) if e == APP_UNREACHABLE.as_bytes() => {
+                                (Outcome::ConnectFailed, Failure::NotSent)
+                            }
+                            Some(e) if e == APP_RESET.as_bytes() => {
+                                (Outcome::Reset, Failure::Reset)
+                            }
+                            _ => (
+                                Outcome::Status(status.as_u16()),
+                                Failure::Response(status.as_u16(), response.headers()),
+                            ),
+                        };
+                        balancer.record(&endpoint, outcome);
+                        let retry = resilience::retry_condition(policy, failure, idempotent);
+                        if retry.is_none() || retries >= policy.attempts {
+                            if let Some(on_upgrade) = on_upgrade.take()
+                                && status == StatusCode::SWITCHING_PROTOCOLS
+                            {
+                                serve::splice_upgrade(
+                                    &self.drain,
+                                    on_upgrade,
+                                    hyper::upgrade::on(&mut response),
+                                );
+                            }
+                            labels.status = status.as_u16();
+                            self.shared.metrics.request(labels, started.elapsed());
+                            let mut in_flight = in_flight;
+                            in_flight.hold(admitted);
+                            return serve::track(response, in_flight);
+                        }
+                        (retry, Err((response, in_flight)))
+                    }
+                    Attempt::Failed {
+                        outcome,
+                        status,
+                        reason,
+                    } => {
+                        balancer.record(&endpoint, outcome);
+                        let failure = match outcome {
+                            Outcome::ConnectFailed => Failure::NotSent,
+                            Outcome::Timeout => Failure::Timeout,
+                            _ => Failure::Reset,
+                        };
+                        let retry = resilience::retry_condition(policy, failure, idempotent);
+                        (retry, Ok((status, reason)))
+                    }
+                    Attempt::DeadlineExceeded => {
+                        balancer.record(&endpoint, Outcome::Timeout);
+                        return self.answer(
+                            labels,
+                            started,
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                        );
+                    }
+                    Attempt::Overflow(limit) => return self.circuit_open(labels, started, limit),
+                };
+                let Some(condition) = failure.filter(|_| retries < policy.attempts) else {
+                    return self.give_up(labels, started, last_answer, admitted);
+                };
+                if !body.replayable() {
                     self.shared
                         .metrics
-                        .retry_skipped(dest.service.name(), denied.as_str());
+                        .retry_skipped(dest.service.name(), "body-too-large");
                     return self.give_up(labels, started, last_answer, admitted);
                 }
+                // A retry that would start at or past the deadline is not made, and spends no
+                // budget; the client gets the last attempt's own answer rather than a 504.
+                let wait =
+                    resilience::backoff(retries + 1, policy.backoff_base, policy.backoff_max);
+                match balancer.limits().admit_retry(wait, deadline) {
+                    Ok(permit) => retry_permit = Some(permit),
+                    Err(denied) => {
+                        self.shared
+                            .metrics
+                            .retry_skipped(dest.service.name(), denied.as_str());
+                        return self.give_up(labels, started, last_answer, admitted);
+                    }
+                }
+                retries += 1;
+                // The failed response (if any) is dropped before the retry.
+                drop(last_answer);
+                self.shared.metrics.retry(dest.service.name(), condition);
+                tracing::debug!(service = dest.service.name(), endpoint = ?labels.endpoint, condition, retry = retries, "retrying");
+                tried.push(endpoint);
+                tokio::time::sleep(wait).await;
+                attempt_at = Instant::now();
             }
-            retries += 1;
-            // The failed response (if any) is dropped before the retry.
-            drop(last_answer);
-            self.shared.metrics.retry(dest.service.name(), condition);
-            tracing::debug!(service = dest.service.name(), endpoint = ?labels.endpoint, condition, retry = retries, "retrying");
-            tried.push(endpoint);
-            tokio::time::sleep(wait).await;
-            attempt_at = Instant::now();
         }
     }
 
@@ -762,75 +783,83 @@ struct SendContext<'a> {
 impl SendContext<'_> {
     /// Sends one attempt, starting `now`, to `endpoint`, within the per-try timeout and the
     /// route's deadline.
-    async fn attempt(
+    ///
+    /// An async block, not an `async fn`, for the reason [`pool::Upstreams::send_h1_with`] is one.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would hold its request argument twice"
+    )]
+    fn attempt(
         &self,
         endpoint: &Arc<EndpointState>,
         mut out: Request<Body>,
         now: Instant,
-    ) -> Attempt {
-        let addr = endpoint.socket_addr(self.port);
-        let in_flight = endpoint.start_at(now);
-        let h2 = endpoint.endpoint.meshed && !self.upgrade;
-        let options = self.options.to_peer(endpoint.endpoint.mtls_peer());
-        let send = async {
-            if h2 {
+    ) -> impl Future<Output = Attempt> {
+        async move {
+            let addr = endpoint.socket_addr(self.port);
+            let in_flight = endpoint.start_at(now);
+            let h2 = endpoint.endpoint.meshed && !self.upgrade;
+            let options = self.options.to_peer(endpoint.endpoint.mtls_peer());
+            // The pool's future itself, not an async block around it: one level less to hold it
+            // and copy it.
+            let send = if h2 {
                 if self.client_version != Version::HTTP_2 {
                     out.headers_mut()
                         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
                 }
                 *out.version_mut() = Version::HTTP_2;
                 *out.uri_mut() = serve::absolute_uri(self.authority, out.uri());
-                self.shared.upstreams.send_h2_with(addr, options, out).await
+                Either::Left(self.shared.upstreams.send_h2_with(addr, options, out))
             } else {
                 *out.version_mut() = Version::HTTP_11;
                 serve::set_host(&mut out, self.authority);
                 *out.uri_mut() = serve::origin_form(out.uri());
-                self.shared.upstreams.send_h1_with(addr, options, out).await
-            }
-        };
-        let to_deadline = self.deadline.map(|d| d.saturating_duration_since(now));
-        let (limit, per_try) = match (self.per_try_timeout, to_deadline) {
-            (Some(p), Some(d)) if p < d => (Some(p), true),
-            (Some(p), None) => (Some(p), true),
-            (_, d) => (d, false),
-        };
-        // Every ending but a circuit breaker's refusal (not the endpoint's doing) feeds peak
-        // EWMA: a response by its latency (a 5xx as a failure), a failure by its penalty.
-        match serve::with_timeout(limit, send).await {
-            Ok(Ok(response)) => {
-                in_flight.finished(response.status().is_server_error());
-                Attempt::Response(response, in_flight)
-            }
-            Ok(Err(UpstreamError::Overflow { limit, .. })) => Attempt::Overflow(limit),
-            Ok(Err(e)) if e.before_request() => {
-                tracing::debug!(service = self.balancer.service(), %addr, error = %e, "endpoint unreachable");
-                in_flight.finished(true);
-                Attempt::Failed {
-                    outcome: Outcome::ConnectFailed,
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    reason: "upstream-connect-failed",
+                Either::Right(self.shared.upstreams.send_h1_with(addr, options, out))
+            };
+            let to_deadline = self.deadline.map(|d| d.saturating_duration_since(now));
+            let (limit, per_try) = match (self.per_try_timeout, to_deadline) {
+                (Some(p), Some(d)) if p < d => (Some(p), true),
+                (Some(p), None) => (Some(p), true),
+                (_, d) => (d, false),
+            };
+            // Every ending but a circuit breaker's refusal (not the endpoint's doing) feeds peak
+            // EWMA: a response by its latency (a 5xx as a failure), a failure by its penalty.
+            match serve::with_timeout(limit, send).await {
+                Ok(Ok(response)) => {
+                    in_flight.finished(response.status().is_server_error());
+                    Attempt::Response(response, in_flight)
                 }
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(service = self.balancer.service(), %addr, error = %e, "upstream failed");
-                in_flight.finished(true);
-                Attempt::Failed {
-                    outcome: Outcome::Reset,
-                    status: StatusCode::BAD_GATEWAY,
-                    reason: "upstream-reset",
+                Ok(Err(UpstreamError::Overflow { limit, .. })) => Attempt::Overflow(limit),
+                Ok(Err(e)) if e.before_request() => {
+                    tracing::debug!(service = self.balancer.service(), %addr, error = %e, "endpoint unreachable");
+                    in_flight.finished(true);
+                    Attempt::Failed {
+                        outcome: Outcome::ConnectFailed,
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        reason: "upstream-connect-failed",
+                    }
                 }
-            }
-            Err(_) if per_try => {
-                in_flight.finished(true);
-                Attempt::Failed {
-                    outcome: Outcome::Timeout,
-                    status: StatusCode::GATEWAY_TIMEOUT,
-                    reason: "timeout",
+                Ok(Err(e)) => {
+                    tracing::debug!(service = self.balancer.service(), %addr, error = %e, "upstream failed");
+                    in_flight.finished(true);
+                    Attempt::Failed {
+                        outcome: Outcome::Reset,
+                        status: StatusCode::BAD_GATEWAY,
+                        reason: "upstream-reset",
+                    }
                 }
-            }
-            Err(_) => {
-                in_flight.finished(true);
-                Attempt::DeadlineExceeded
+                Err(_) if per_try => {
+                    in_flight.finished(true);
+                    Attempt::Failed {
+                        outcome: Outcome::Timeout,
+                        status: StatusCode::GATEWAY_TIMEOUT,
+                        reason: "timeout",
+                    }
+                }
+                Err(_) => {
+                    in_flight.finished(true);
+                    Attempt::DeadlineExceeded
+                }
             }
         }
     }
