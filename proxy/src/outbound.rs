@@ -465,13 +465,20 @@ impl HttpOutbound {
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 parts.headers.insert(header::UPGRADE, protocol.clone());
             }
+            // The request's own head goes to the upstream with the first attempt, and a copy
+            // stays for retries. hyper parses the response's headers into the emptied map of
+            // the request it sent, and reserves room there by the size of the map's index
+            // table: a clone keeps the table but has room for its own entries only, so that
+            // sending clones made every response's headers grow it twice (callgrind).
+            let kept = parts.clone();
+            let mut first_head = Some(parts);
             // Borrowed from the request but when it names none.
-            let authority = match serve::authority(&parts) {
+            let authority = match serve::authority(&kept) {
                 Some(authority) => std::borrow::Cow::Borrowed(authority),
                 None => std::borrow::Cow::Owned(self.orig.to_string()),
             };
             let policy = dest.retry_policy();
-            let idempotent = resilience::is_idempotent(&parts.method);
+            let idempotent = resilience::is_idempotent(&kept.method);
             let body = RequestBody::new(pool::incoming(body));
             // A timeout too long for the clock is no deadline (the config builder caps it anyway).
             let deadline = dest.timeout.and_then(|t| started.checked_add(t));
@@ -518,10 +525,11 @@ impl HttpOutbound {
                         "body-not-replayable",
                     );
                 };
+                let head = first_head.take().unwrap_or_else(|| kept.clone());
                 let attempt = send
                     .attempt(
                         &endpoint,
-                        Request::from_parts(parts.clone(), request_body),
+                        Request::from_parts(head, request_body),
                         attempt_at,
                     )
                     .await;
