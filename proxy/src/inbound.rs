@@ -381,8 +381,8 @@ impl HttpInbound {
     }
 
     /// Answers one request; like [`crate::outbound`]'s handler, its future owns its handle on
-    /// the handler, so that it is the service's future itself, and it is an async block so that
-    /// it holds the request once.
+    /// the handler, so that it is the one [`serve::serve_http`] boxes, and it is an async block
+    /// so that it holds no second copy of its request argument.
     #[allow(
         clippy::manual_async_fn,
         reason = "an `async fn` would hold its request argument twice"

@@ -404,10 +404,10 @@ enum Attempt {
 }
 
 impl HttpOutbound {
-    /// Answers one request. It owns its handle on the handler, so that the request's future is
-    /// the service's future itself, not one more level that would hold (and copy) it; and it is
-    /// an async block, not an `async fn`, so that it holds the request once (see
-    /// [`pool::Upstreams::send_h1_with`]).
+    /// Answers one request. It owns its handle on the handler, so that its future is the one
+    /// [`serve::serve_http`] boxes, not one more level around it that would hold (and copy) it;
+    /// and it is an async block, not an `async fn`, so that it holds no second copy of its
+    /// request argument (see [`pool::Upstreams::send_h1_with`]).
     #[allow(
         clippy::manual_async_fn,
         reason = "an `async fn` would hold its request argument twice"
@@ -466,10 +466,10 @@ impl HttpOutbound {
                 parts.headers.insert(header::UPGRADE, protocol.clone());
             }
             // The request's own head goes to the upstream with the first attempt, and a copy
-            // stays for retries. hyper parses the response's headers into the emptied map of
-            // the request it sent, and reserves room there by the size of the map's index
-            // table: a clone keeps the table but has room for its own entries only, so that
-            // sending clones made every response's headers grow it twice (callgrind).
+            // stays for retries. hyper's HTTP/1 client parses the response's headers into the
+            // emptied map of the request it sent, and reserves room there by the size of the
+            // map's index table: a clone keeps the table but has room for its own entries only,
+            // so that sending clones made every response's headers grow it twice (callgrind).
             let kept = parts.clone();
             let mut first_head = Some(parts);
             // Borrowed from the request but when it names none.
