@@ -23,6 +23,7 @@
 //! `keel-client-id` it did not verify, and never accept a connection before the first
 //! configuration.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -175,19 +176,31 @@ fn authorized_tcp(
     }
 }
 
-/// Copies a connection to the app at `app`, both ways.
-async fn to_app<S>(shared: &Shared, stream: S, app: SocketAddr, label: ConnProtocol)
+/// Copies a connection to the app at `app`, both ways. An async block, so that the stream is
+/// held once (an `async fn` keeps its arguments twice).
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold the stream twice"
+)]
+fn to_app<'a, S>(
+    shared: &'a Shared,
+    mut stream: S,
+    app: SocketAddr,
+    label: ConnProtocol,
+) -> impl Future<Output = ()> + Send + 'a
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'a,
 {
-    match pool::connect(app, APP_CONNECT_TIMEOUT).await {
-        Ok(upstream) => {
-            let (sent, received) = serve::copy_bidirectional(stream, upstream).await;
-            shared
-                .metrics
-                .bytes(Direction::inbound, label, sent, received);
+    async move {
+        match pool::connect(app, APP_CONNECT_TIMEOUT).await {
+            Ok(mut upstream) => {
+                let (sent, received) = serve::copy_bidirectional(&mut stream, &mut upstream).await;
+                shared
+                    .metrics
+                    .bytes(Direction::inbound, label, sent, received);
+            }
+            Err(e) => tracing::debug!(%app, error = %e, "local app unreachable"),
         }
-        Err(e) => tracing::debug!(%app, error = %e, "local app unreachable"),
     }
 }
 
@@ -213,25 +226,35 @@ async fn mesh_client_hello(stream: &TcpStream, shared: &Shared) -> Hello {
             Ok(Ok(n)) => n,
             Ok(Err(_)) | Err(_) => return Hello::Foreign,
         };
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut bytes = &buf[..peeked];
-        if acceptor.read_tls(&mut bytes).is_err() {
-            return Hello::Foreign;
-        }
-        match acceptor.accept() {
-            Ok(Some(accepted)) => {
-                let ours = accepted.client_hello().server_name() == Some(tls.server_name());
-                return if ours { Hello::Mesh } else { Hello::Foreign };
-            }
-            Ok(None) if peeked < MAX_CLIENT_HELLO && peeked > 0 => {
+        match read_client_hello(&buf[..peeked], tls.server_name()) {
+            Some(hello) => return hello,
+            None if peeked < MAX_CLIENT_HELLO && peeked > 0 => {
                 // The ClientHello spans more segments than have arrived.
                 if peeked == seen {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 seen = peeked;
             }
-            _ => return Hello::Foreign,
+            None => return Hello::Foreign,
         }
+    }
+}
+
+/// What the ClientHello at the start of `bytes` is for, or none while it is incomplete. Not
+/// inline in [`mesh_client_hello`]: the acceptor (2.3 KB) would be kept in every inbound
+/// connection's future across the wait for more bytes.
+fn read_client_hello(mut bytes: &[u8], server_name: &str) -> Option<Hello> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    if acceptor.read_tls(&mut bytes).is_err() {
+        return Some(Hello::Foreign);
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => {
+            let ours = accepted.client_hello().server_name() == Some(server_name);
+            Some(if ours { Hello::Mesh } else { Hello::Foreign })
+        }
+        Ok(None) => None,
+        Err(_) => Some(Hello::Foreign),
     }
 }
 
@@ -243,41 +266,9 @@ async fn mesh(
     app: SocketAddr,
     drain: Drain,
 ) {
-    let Some(config) = shared.tls.as_ref().and_then(|t| t.server_config()) else {
-        tracing::debug!(%client, "mesh mTLS before this proxy has a certificate; refused");
-        shared.metrics.refused(Refusal::no_identity);
+    let Some((tls, peer, carried)) = mesh_handshake(&shared, stream, client).await else {
         return;
     };
-    let accepted = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(config).accept(stream),
-    )
-    .await;
-    let tls = match accepted {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::debug!(%client, error = %e, "mTLS handshake refused");
-            shared.metrics.refused(Refusal::handshake);
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%client, "mTLS handshake timed out");
-            shared.metrics.refused(Refusal::handshake);
-            return;
-        }
-    };
-    let (_, session) = tls.get_ref();
-    // The verifier accepted exactly one SPIFFE ID of the trust domain; read it back.
-    let peer = session
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(|leaf| crate::tls::identity_of(leaf).ok())
-        .map(Arc::new);
-    let Some(peer) = peer else {
-        shared.metrics.refused(Refusal::handshake);
-        return;
-    };
-    let carried = Carried::from_alpn(session.alpn_protocol());
     let _conn = shared
         .metrics
         .connection(Direction::inbound, ConnProtocol::mtls);
@@ -305,6 +296,56 @@ async fn mesh(
             tracing::debug!(%client, %peer, "mTLS without an agreed protocol (ALPN); closing");
         }
     }
+}
+
+/// The mesh mTLS handshake on `stream`: the TLS stream, the client's verified identity and
+/// the protocol it carries, or none (counted as refused). A function of its own, so that what
+/// the handshake leaves in locals is not kept in the connection's future while it is served.
+async fn mesh_handshake(
+    shared: &Shared,
+    stream: TcpStream,
+    client: SocketAddr,
+) -> Option<(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    Arc<SpiffeId>,
+    Option<Carried>,
+)> {
+    let Some(config) = shared.tls.as_ref().and_then(|t| t.server_config()) else {
+        tracing::debug!(%client, "mesh mTLS before this proxy has a certificate; refused");
+        shared.metrics.refused(Refusal::no_identity);
+        return None;
+    };
+    let accepted = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(stream),
+    )
+    .await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%client, error = %e, "mTLS handshake refused");
+            shared.metrics.refused(Refusal::handshake);
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%client, "mTLS handshake timed out");
+            shared.metrics.refused(Refusal::handshake);
+            return None;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    // The verifier accepted exactly one SPIFFE ID of the trust domain; read it back.
+    let peer = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| crate::tls::identity_of(leaf).ok())
+        .map(Arc::new);
+    let Some(peer) = peer else {
+        shared.metrics.refused(Refusal::handshake);
+        return None;
+    };
+    let carried = Carried::from_alpn(session.alpn_protocol());
+    Some((tls, peer, carried))
 }
 
 /// One inbound HTTP connection's request handler, shared by its requests' futures.
