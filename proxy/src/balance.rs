@@ -118,10 +118,22 @@ impl EndpointStats {
         if stored == 0 {
             return None;
         }
+        let weight = self.decay_weight(self.nanos_since_epoch(now));
+        Some(Self::decayed(stored, weight))
+    }
+
+    /// How much of the stored estimate is left at `now_ns`: `exp(-elapsed / EWMA_DECAY)` for the
+    /// time since its last sample.
+    fn decay_weight(&self, now_ns: u64) -> f64 {
         let at = self.ewma_at.load(Ordering::Relaxed);
-        let elapsed = self.nanos_since_epoch(now).saturating_sub(at) as f64;
-        // At least 1 ns, so that costs stay finite and comparable after a very long idle.
-        Some((stored as f64 * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()).max(1.0))
+        let elapsed = now_ns.saturating_sub(at) as f64;
+        (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()
+    }
+
+    /// The stored estimate with `weight` of it left; at least 1 ns, so that costs stay finite
+    /// and comparable after a very long idle.
+    fn decayed(stored: u64, weight: f64) -> f64 {
+        (stored as f64 * weight).max(1.0)
     }
 
     /// Folds a sample taken at `now` into the peak EWMA: a sample above the (decayed) estimate
@@ -130,21 +142,22 @@ impl EndpointStats {
     /// sees a slightly wrong decay for one comparison, which is harmless.
     fn observe_at(&self, sample: Duration, now: Instant) {
         let sample = sample.as_nanos() as f64;
-        let next = match self.ewma_at(now) {
-            None => sample,
-            Some(decayed) if sample > decayed => sample,
-            Some(_) => {
-                let stored = self.ewma_ns.load(Ordering::Relaxed) as f64;
-                let at = self.ewma_at.load(Ordering::Relaxed);
-                let elapsed = self.nanos_since_epoch(now).saturating_sub(at) as f64;
-                let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
-                stored * w + sample * (1.0 - w)
+        let now_ns = self.nanos_since_epoch(now);
+        let stored = self.ewma_ns.load(Ordering::Relaxed);
+        let next = if stored == 0 {
+            sample
+        } else {
+            // One weight for both the peak test and the blend.
+            let weight = self.decay_weight(now_ns);
+            if sample > Self::decayed(stored, weight) {
+                sample
+            } else {
+                stored as f64 * weight + sample * (1.0 - weight)
             }
         };
         // 0 means "no sample": a sample of 0 ns is stored as 1 ns.
         self.ewma_ns.store((next as u64).max(1), Ordering::Relaxed);
-        self.ewma_at
-            .store(self.nanos_since_epoch(now), Ordering::Relaxed);
+        self.ewma_at.store(now_ns, Ordering::Relaxed);
     }
 
     /// Records how an attempt that took `elapsed` ended: its latency, or, if it failed, at least

@@ -193,6 +193,29 @@ fn host_set(lb: &LoadBalancer, endpoints: &[Endpoint]) -> HostSet {
     HostSet::new(lb, hosts)
 }
 
+/// A sample below the decayed estimate is blended in by the time since the last one; one above
+/// it replaces the estimate.
+#[test]
+fn peak_ewma_blends_a_lower_sample_and_takes_a_higher_one() {
+    let t0 = Instant::now();
+    let stats = EndpointStats::new(t0);
+    assert_eq!(stats.ewma_at(t0), None, "no estimate before a sample");
+    stats.observe_at(Duration::from_millis(10), t0);
+    // One decay period later, e^-1 of the estimate is left: 10 ms decays to 3.68 ms, and a
+    // 2 ms sample (lower) is blended in: 10 * e^-1 + 2 * (1 - e^-1) = 4.94 ms.
+    let t1 = t0 + EWMA_DECAY;
+    let decayed = stats.ewma_at(t1).expect("an estimate");
+    assert!((decayed - 10e6 * (-1f64).exp()).abs() < 10.0, "{decayed}");
+    stats.observe_at(Duration::from_millis(2), t1);
+    let blended = 10e6 * (-1f64).exp() + 2e6 * (1.0 - (-1f64).exp());
+    let got = stats.ewma_at(t1).expect("an estimate");
+    assert!((got - blended).abs() < 10.0, "{got} against {blended}");
+    // A 20 ms sample is above the estimate: it becomes the estimate at once.
+    stats.observe_at(Duration::from_millis(20), t1);
+    let got = stats.ewma_at(t1).expect("an estimate");
+    assert!((got - 20e6).abs() < 1.0, "{got}");
+}
+
 #[test]
 fn peak_ewma_decays_so_a_once_slow_endpoint_is_tried_again() {
     let set = host_set(&LoadBalancer::PeakEwma, &[endpoint(1, 1), endpoint(2, 1)]);
