@@ -70,6 +70,11 @@ pub struct Options {
     /// wrk's connections (it always runs one thread: `-t1`).
     #[arg(long, default_value_t = 64)]
     pub wrk_connections: u32,
+    /// Connections of one more wrk run (as long as the first), after the other loads: its
+    /// throughput, CPU per request, and each sidecar's RSS halfway through it, with that many
+    /// client connections open; 0 skips it.
+    #[arg(long, default_value_t = 1000)]
+    pub many_connections: u32,
     /// h2load's duration (whole seconds); 0s skips the HTTP/2 measurement.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub h2load_duration: Duration,
@@ -244,6 +249,14 @@ impl Options {
         }
     }
 
+    /// The wrk run with [`Options::many_connections`] connections, if there is one.
+    fn many_wrk(&self) -> Option<Wrk> {
+        (self.many_connections > 0).then(|| Wrk {
+            connections: self.many_connections,
+            ..self.wrk(self.wrk_duration)
+        })
+    }
+
     fn h2load(&self) -> Option<H2load> {
         (!self.h2load_duration.is_zero()).then_some(H2load {
             threads: 1,
@@ -407,8 +420,10 @@ pub struct SidecarUsage {
     pub cpu_open_loop: Vec<Duration>,
     /// Once ready, before any load.
     pub idle: Memory,
-    /// After every load of the case.
+    /// After every load of the case but the many-connection run.
     pub loaded: Memory,
+    /// During the many-connection run, if there was one: CPU time, and memory halfway through.
+    pub many: Option<(CpuTime, Memory)>,
 }
 
 /// One case of one run.
@@ -419,6 +434,8 @@ pub struct Measurement {
     pub run: usize,
     pub wrk: WrkReport,
     pub h2load: Option<H2loadReport>,
+    /// The wrk run with `--many-connections`, if there was one.
+    pub many_wrk: Option<WrkReport>,
     /// One per rate, in the order of the rates.
     pub open_loop: Vec<openloop::Report>,
     pub sidecars: Vec<SidecarUsage>,
@@ -467,6 +484,24 @@ impl Measurement {
         let cpu = self.cpu_wrk(None)?;
         let total = cpu.total().as_secs_f64();
         (total > 0.0).then(|| cpu.system.as_secs_f64() * 100.0 / total)
+    }
+
+    /// Microseconds of CPU per request of all sidecars together during the many-connection run.
+    fn cpu_per_request_many(&self) -> Option<f64> {
+        let cpu = self
+            .selected(None)
+            .filter_map(|s| s.many.map(|(cpu, _)| cpu.total()))
+            .reduce(|a, b| a + b)?;
+        Some(cpu.as_secs_f64() * 1e6 / self.many_wrk?.requests.max(1) as f64)
+    }
+
+    /// KiB of `role`'s RSS per client connection halfway through the many-connection run, over
+    /// its RSS once ready.
+    fn kib_per_connection(&self, role: Role, connections: u32) -> Option<f64> {
+        let sidecar = self.sidecar(role)?;
+        let (_, open) = sidecar.many?;
+        let added = open.rss_kib as f64 - sidecar.idle.rss_kib as f64;
+        Some(added / f64::from(connections.max(1)))
     }
 
     fn cpu_wrk(&self, role: Option<Role>) -> Option<CpuTime> {
@@ -773,9 +808,16 @@ pub async fn run(options: &Options, command: String) -> anyhow::Result<String> {
         load: format!(
             "`{wrk}` after a {warmup} warm-up; {h2}; open loop (`openloop`, {conns} keep-alive \
              HTTP/1.1 connections, latency from each request's intended send time) at {rates} \
-             req/s for {duration} each after a {warmup} warm-up; nginx answers a fixed \
+             req/s for {duration} each after a {warmup} warm-up; {many}; nginx answers a fixed \
              {body}-byte body (bench/dataplane/nginx.conf)",
-            wrk = wrk_label(options),
+            wrk = wrk_label(&options.wrk(options.wrk_duration)),
+            many = match options.many_wrk() {
+                Some(many) => format!(
+                    "then `{}`, each sidecar's RSS read halfway through it",
+                    wrk_label(&many)
+                ),
+                None => "no many-connection run".to_owned(),
+            },
             h2 = match options.h2load() {
                 Some(h2) => format!("`{}` (HTTP/2, h2c)", h2.label()),
                 None => "no HTTP/2 run".to_owned(),
@@ -830,8 +872,7 @@ async fn run_discovery(
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn wrk_label(options: &Options) -> String {
-    let wrk = options.wrk(options.wrk_duration);
+fn wrk_label(wrk: &Wrk) -> String {
     format!(
         "wrk -t{} -c{} -d{}s",
         wrk.threads,

@@ -125,7 +125,7 @@ pub fn render(
     row(
         format!(
             "max throughput HTTP/1.1, `{}` (req/s)",
-            super::wrk_label(options)
+            super::wrk_label(&options.wrk(options.wrk_duration))
         ),
         table.cells(0, false, |m| Some(m.wrk.requests_per_second)),
     );
@@ -133,6 +133,15 @@ pub fn render(
         row(
             format!("max throughput HTTP/2, `{}` (req/s)", h2.label()),
             table.cells(0, false, |m| Some(m.h2load?.requests_per_second)),
+        );
+    }
+    if let Some(many) = options.many_wrk() {
+        row(
+            format!(
+                "max throughput HTTP/1.1 with many connections, `{}` (req/s)",
+                super::wrk_label(&many)
+            ),
+            table.cells(0, false, |m| Some(m.many_wrk?.requests_per_second)),
         );
     }
     for (i, rate) in rates.iter().enumerate() {
@@ -177,6 +186,15 @@ pub fn render(
             table.cells(1, false, |m| m.cpu_per_request_h2load()),
         );
     }
+    if let Some(many) = options.many_wrk() {
+        row(
+            format!(
+                "proxy CPU per request, HTTP/1.1 max load with {} connections, all sidecars (µs)",
+                many.connections
+            ),
+            table.cells(1, false, |m| m.cpu_per_request_many()),
+        );
+    }
     for (i, rate) in rates.iter().enumerate() {
         row(
             format!("proxy CPU per request at {rate} req/s, all sidecars (µs)"),
@@ -203,6 +221,25 @@ pub fn render(
             format!("{} peak RSS, VmHWM (MiB)", role.title()),
             table.cells(1, false, |m| Some(mib(m.sidecar(role)?.loaded.hwm_kib))),
         );
+        if let Some(many) = options.many_wrk() {
+            let n = many.connections;
+            row(
+                format!(
+                    "{} RSS halfway through `{}`: {n} client connections open (MiB)",
+                    role.title(),
+                    super::wrk_label(&many)
+                ),
+                table.cells(1, false, |m| Some(mib(m.sidecar(role)?.many?.1.rss_kib))),
+            );
+            row(
+                format!(
+                    "{} RSS per client connection then, over its RSS idle (KiB; its upstream \
+                     connections included)",
+                    role.title()
+                ),
+                table.cells(1, false, |m| m.kib_per_connection(role, n)),
+            );
+        }
     }
     for (i, rate) in rates.iter().enumerate() {
         row(
@@ -320,6 +357,21 @@ fn ratios(out: &mut String, table: &Table<'_>, options: &Options) {
     row("client sidecar RSS after the load", &|c| {
         table.median(c, |m| Some(m.sidecar(Role::Client)?.loaded.rss_kib as f64))
     });
+    if let Some(many) = options.many_wrk() {
+        let n = many.connections;
+        row(
+            &format!("max throughput HTTP/1.1 with {n} connections"),
+            &|c| table.median(c, |m| Some(m.many_wrk?.requests_per_second)),
+        );
+        row(
+            &format!("proxy CPU per request, HTTP/1.1 max load with {n} connections"),
+            &|c| table.median(c, |m| m.cpu_per_request_many()),
+        );
+        row(
+            &format!("client sidecar RSS per client connection, {n} open"),
+            &|c| table.median(c, |m| m.kib_per_connection(Role::Client, n)),
+        );
+    }
 }
 
 /// What mTLS between the sidecars adds to each proxy's pair: the latency of the pair with mTLS
@@ -647,7 +699,10 @@ impl Table<'_> {
             .map(|case| {
                 let runs = self.measurements.iter().filter(|m| m.case == *case);
                 let (repeated, kept) = runs.fold((0, 0), |(repeated, kept), m| {
-                    let loads = 1 + usize::from(m.h2load.is_some()) + m.open_loop.len();
+                    let loads = 1
+                        + usize::from(m.h2load.is_some())
+                        + usize::from(m.many_wrk.is_some())
+                        + m.open_loop.len();
                     (repeated + m.repeated.runs, kept + loads)
                 });
                 format!("{repeated} of {}", repeated + kept)
@@ -662,7 +717,10 @@ impl Table<'_> {
                 let runs = self.measurements.iter().filter(|m| m.case == *case);
                 let (wrk, h2, open_loop) = runs.fold((0, 0, 0), |(wrk, h2, open_loop), m| {
                     (
-                        wrk + m.wrk.socket_errors + m.wrk.bad_status + m.repeated.wrk_errors,
+                        wrk + m.wrk.socket_errors
+                            + m.wrk.bad_status
+                            + m.many_wrk.map_or(0, |w| w.socket_errors + w.bad_status)
+                            + m.repeated.wrk_errors,
                         h2 + m.h2load.map_or(0, |h| h.failed) + m.repeated.h2load_errors,
                         open_loop
                             + m.repeated.open_loop_errors

@@ -333,6 +333,34 @@ impl Testbed {
         }
         let loaded = memories(&sidecars)?;
 
+        // Last, so that it changes none of the figures above (the peak RSS among them).
+        let (many_wrk, many) = match options.many_wrk() {
+            Some(many) => {
+                let attempts = steal::least_disturbed(limit, procfs::host_steal, async || {
+                    let halfway = async {
+                        tokio::time::sleep(many.duration / 2).await;
+                        memories(&sidecars)
+                    };
+                    let load = async {
+                        let (report, open) = tokio::join!(self.wrk(pod, &url, &many), halfway);
+                        Ok((report?, open?))
+                    };
+                    with_cpu(&sidecars, load).await
+                })
+                .await?;
+                for ((report, _), _) in &attempts.set_aside {
+                    repeated.runs += 1;
+                    repeated.wrk_errors += report.socket_errors + report.bad_status;
+                    answered += report.requests;
+                }
+                let ((report, open), spent) = attempts.kept;
+                answered += report.requests;
+                let usage = spent.into_iter().zip(open).map(Some).collect();
+                (Some(report), usage)
+            }
+            None => (None, vec![None; sidecars.len()]),
+        };
+
         for sidecar in &sidecars {
             sidecar.check_carried(answered, case.mtls()).await?;
         }
@@ -349,8 +377,9 @@ impl Testbed {
             .zip(cpu_h2load)
             .zip(cpu_open_loop)
             .zip(idle.into_iter().zip(loaded))
+            .zip(many)
             .map(
-                |((((sidecar, cpu_wrk), cpu_h2load), cpu_open_loop), (idle, loaded))| {
+                |(((((sidecar, cpu_wrk), cpu_h2load), cpu_open_loop), (idle, loaded)), many)| {
                     SidecarUsage {
                         role: sidecar.role,
                         cpu_wrk,
@@ -358,6 +387,7 @@ impl Testbed {
                         cpu_open_loop,
                         idle,
                         loaded,
+                        many,
                     }
                 },
             )
@@ -367,6 +397,7 @@ impl Testbed {
             run,
             wrk,
             h2load,
+            many_wrk,
             open_loop,
             sidecars: usage,
             upstream_cpu_wrk,
