@@ -195,6 +195,9 @@ where
         match pool::connect(app, APP_CONNECT_TIMEOUT).await {
             Ok(mut upstream) => {
                 let (sent, received) = serve::copy_bidirectional(&mut stream, &mut upstream).await;
+                // Both sides closed before the bytes are counted, as when the copy owned them.
+                drop(upstream);
+                drop(stream);
                 shared
                     .metrics
                     .bytes(Direction::inbound, label, sent, received);

@@ -236,6 +236,10 @@ async fn opaque(
         None => serve::copy_bidirectional(&mut stream, &mut upstream).await,
         Some(timeout) => copy_until_idle(&mut stream, &mut upstream, timeout).await,
     };
+    // Both sides closed before the endpoint's in-flight count and the circuit breaker's
+    // permit are given back.
+    drop(upstream);
+    drop(stream);
     shared
         .metrics
         .bytes(Direction::outbound, label, sent, received);

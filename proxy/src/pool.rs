@@ -276,6 +276,9 @@ where
             Some(Ok(())) => {}
             None => tracing::debug!(%addr, "upstream connection closed after its idle timeout"),
         }
+        // The connection first: its socket closes and its senders see it closed before the
+        // permit is free again and the pool forgets it.
+        drop(conn);
         drop(permit);
         ended();
     }
