@@ -930,3 +930,77 @@ async fn a_route_to_a_service_hidden_from_some_of_its_callers_is_rejected() {
         "spec.routes[0].destinations[0].service"
     );
 }
+
+/// What the code under test logs, as text.
+#[derive(Clone, Default)]
+struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("logs")).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// A proxy whose connection vanishes (its sidecar killed with its pod) is how most proxies
+/// leave: the control plane records why, and logs it at INFO. Warnings are for streams that
+/// failed, so that a rollout does not fill the log with them.
+#[tokio::test]
+async fn a_vanished_proxy_is_recorded_without_a_warning() {
+    let logs = CapturedLogs::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_mesh(dir.path());
+    let cp = start_control_plane(dir.path()).await.expect("start");
+    // The proxy reaches the control plane through a relay; closing the relay's sockets is what
+    // the kernel does when it kills the proxy: the connection ends with no gRPC or HTTP/2 word.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let relay_addr = relay.local_addr().expect("addr");
+    let upstream = cp.discovery_addr;
+    let relaying = tokio::spawn(async move {
+        let (mut proxy_side, _) = relay.accept().await.expect("accept");
+        let mut control_plane_side = tokio::net::TcpStream::connect(upstream)
+            .await
+            .expect("connect");
+        let _ = tokio::io::copy_bidirectional(&mut proxy_side, &mut control_plane_side).await;
+    });
+    let client = synced_client(relay_addr, "frontend-1").await;
+    relaying.abort();
+    wait_for(|| !cp.registry.recently_disconnected().is_empty()).await;
+    let gone = cp.registry.recently_disconnected();
+    let reason = gone[0].end_reason.as_deref().unwrap_or_default();
+    let text = logs.text();
+    assert!(
+        !reason.is_empty(),
+        "no reason recorded for a proxy that vanished\n{text}"
+    );
+    assert!(
+        text.contains("INFO") && text.contains("proxy connection lost"),
+        "{text}"
+    );
+    assert!(!text.contains("WARN"), "{text}");
+    drop(client);
+}

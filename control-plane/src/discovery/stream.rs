@@ -399,6 +399,22 @@ pub(super) fn unreadable_request(n: u64, status: &Status) -> Option<Status> {
     })
 }
 
+/// Why a stream ended other than by the proxy closing it.
+#[derive(Debug)]
+enum Ended {
+    /// The proxy's connection went away without a word: the sidecar was killed, its pod
+    /// deleted, or the network between them cut.
+    Lost(String),
+    /// The stream failed: the proxy sent what cannot be served, or the control plane stops.
+    Failed(String),
+}
+
+impl From<String> for Ended {
+    fn from(reason: String) -> Self {
+        Ended::Failed(reason)
+    }
+}
+
 /// Runs a stream until the proxy goes away. The first request has already been read.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn serve(
@@ -458,7 +474,9 @@ pub(super) async fn serve(
             let _ = responses
                 .send(Err(Status::unavailable("the control plane is shutting down")))
                 .await;
-            Err("the control plane is shutting down".to_owned())
+            Err(Ended::Failed(
+                "the control plane is shutting down".to_owned(),
+            ))
         }
     };
     let reason = match end {
@@ -466,7 +484,12 @@ pub(super) async fn serve(
             tracing::info!(stream = id, node = %stream.node.id, "proxy disconnected");
             None
         }
-        Err(reason) => {
+        // How most proxies leave: their pod is deleted and the sidecar killed with it.
+        Err(Ended::Lost(reason)) => {
+            tracing::info!(stream = id, node = %stream.node.id, %reason, "proxy connection lost");
+            Some(reason)
+        }
+        Err(Ended::Failed(reason)) => {
             tracing::warn!(stream = id, node = %stream.node.id, %reason, "discovery stream ended");
             Some(reason)
         }
@@ -481,7 +504,7 @@ impl ProxyStream {
         requests: &mut Streaming<DiscoveryRequest>,
         snapshots: &mut watch::Receiver<Arc<Snapshot>>,
         responses: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Ended> {
         self.handle_or_end(first, responses).await?;
         loop {
             let refusals = std::mem::take(&mut self.refusals);
@@ -508,7 +531,7 @@ impl ProxyStream {
                 responses
                     .send(Ok(response))
                     .await
-                    .map_err(|_| "the proxy stopped reading".to_owned())?;
+                    .map_err(|_| Ended::Lost("the proxy stopped reading".to_owned()))?;
             }
             tokio::select! {
                 request = requests.message() => match request {
@@ -521,18 +544,21 @@ impl ProxyStream {
                         let Some(answer) = unreadable_request(self.requests + 1, &status) else {
                             // The proxy went away (reset, connection lost): no fault of its
                             // requests, nobody to answer, nothing to record against it.
-                            return Err(format!("receive failed: {}", status.message()));
+                            return Err(Ended::Lost(format!(
+                                "receive failed: {}",
+                                status.message()
+                            )));
                         };
                         let reason = answer.message().to_owned();
                         self.registry.error(self.id, reason.clone());
                         // The proxy learns why its stream ends.
                         let _ = responses.send(Err(answer)).await;
-                        return Err(reason);
+                        return Err(Ended::Failed(reason));
                     }
                 },
                 changed = snapshots.changed() => {
                     if changed.is_err() {
-                        return Err("the store is gone".to_owned());
+                        return Err(Ended::Failed("the store is gone".to_owned()));
                     }
                     self.snapshot = snapshots.borrow_and_update().clone();
                     // Most changes (an endpoint moving) leave this proxy's own resources as
