@@ -477,10 +477,10 @@ impl HttpOutbound {
                 parts.headers.insert(header::UPGRADE, protocol.clone());
             }
             // The request's own head goes to the upstream with the first attempt, and a copy
-            // stays for retries. hyper's HTTP/1 client parses the response's headers into the
-            // emptied map of the request it sent, and reserves room there by the size of the
-            // map's index table: a clone keeps the table but has room for its own entries only,
-            // so that sending clones made every response's headers grow it twice (callgrind).
+            // stays for retries. hyper's clients parse a response's headers into the emptied
+            // map of the request they sent, and reserve room there by the size of the map's
+            // index table: a clone keeps the table but has room for its own entries only, so
+            // that sending clones made every response's headers grow it twice (callgrind).
             let kept = parts.clone();
             let mut first_head = Some(parts);
             // Borrowed from the request but when it names none.

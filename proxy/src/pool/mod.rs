@@ -4,7 +4,8 @@
 //! sidecar-to-sidecar hop: a busy pair of pods shares one connection). HTTP/1 upstreams get a
 //! pool of idle keep-alive connections per address; a connection goes back to the pool when its
 //! response body has been read to the end, and is dropped otherwise. Bodies are streamed, never
-//! buffered whole.
+//! buffered whole. Plaintext HTTP/1 goes through [`http1`], driven by the request's own task;
+//! upgrades and HTTP/1 over mTLS through hyper's client, a task per connection.
 //!
 //! A caller may pass [`Connect`] options: the idle timeout closes a connection that carried no
 //! request for that long (an HTTP/1 connection at most the pool's own limit, by default
@@ -24,7 +25,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ use http::{HeaderMap, Request, Response, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{http1 as hyper_http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keel_proto::spiffe::SpiffeId;
 use rustc_hash::FxBuildHasher;
@@ -43,6 +44,8 @@ use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
 use crate::tls::{Carried, MeshConnectError, MeshTls};
+
+pub mod http1;
 
 /// A connection to an upstream: plain TCP, or mTLS to another sidecar.
 pub type UpstreamIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
@@ -81,11 +84,12 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long an HTTP/1 connection may wait in the pool for its next request, by default (the
 /// sidecar's `--http1-pool-idle-timeout`); a service's shorter `idleTimeout` wins. Linkerd's
 /// proxy uses the same 3 s, for the same two reasons: the pool is a stack, so a connection left
-/// idle that long was not needed, and a burst's connections each cost the sidecar about 33 KiB
-/// of buffers and queues (hyper's read and write buffers, its request queue; measured with
-/// valgrind's massif) and the upstream a socket; and it stays below the keep-alive timeouts of
-/// common servers (5 s for Node.js and Apache httpd), so the pool does not reuse a connection
-/// that the upstream is closing at that moment.
+/// idle that long was not needed, and it costs the upstream a socket and a worker's attention
+/// (and the sidecar a socket; a connection of hyper's client, over mTLS, also its buffers,
+/// about 33 KiB by valgrind's massif); and it stays below the keep-alive timeouts of common
+/// servers (5 s for Node.js and Apache httpd), so the pool does not reuse a connection that the
+/// upstream is closing at that moment. A plaintext connection is closed within a quarter of
+/// this after it passes (see [`sweep_http1`]): 3.75 s at most, still below them.
 pub const DEFAULT_H1_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
@@ -116,14 +120,14 @@ pub enum UpstreamError {
     Request {
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// The connection failed before the request was written: it can go elsewhere unchanged.
     #[error("request to {addr} not sent: {source}")]
     Unsent {
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// A circuit breaker refused a connection to `addr` or a wait for one.
     #[error("{limit} reached for {addr}")]
@@ -299,11 +303,23 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, U
 type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<Body>, Arc<Activity>)>>>;
 
 /// An idle HTTP/1 connection.
-type IdleH1 = (http1::SendRequest<Body>, Arc<Activity>);
+type IdleH1 = (hyper_http1::SendRequest<Body>, Arc<Activity>);
+
+/// An idle plaintext HTTP/1 connection, and when it is closed if still idle.
+struct IdleHttp1 {
+    conn: http1::Connection,
+    deadline: Instant,
+}
 
 /// Pooled upstream connections.
 pub struct Upstreams {
     // FxHash: looked up twice per request (take, give back); keys are endpoint addresses.
+    /// Idle plaintext HTTP/1 connections ([`http1`]), most recently used last.
+    idle_http1: Mutex<HashMap<SocketAddr, Vec<IdleHttp1>, FxBuildHasher>>,
+    /// Whether a task is closing the idle ones past their deadline.
+    sweeping: AtomicBool,
+    /// Idle HTTP/1 connections of hyper's client: over mTLS, or kept after an upgrade that the
+    /// upstream declined.
     idle_h1: Mutex<HashMap<PeerKey, Vec<IdleH1>, FxBuildHasher>>,
     h2: Mutex<HashMap<PeerKey, H2Slot, FxBuildHasher>>,
     /// The proxy's mTLS state, when it has an identity.
@@ -327,6 +343,8 @@ impl Upstreams {
     /// idle timeout).
     pub fn new(tls: Option<Arc<MeshTls>>, h1_idle_limit: Duration) -> Arc<Upstreams> {
         Arc::new(Upstreams {
+            idle_http1: Mutex::default(),
+            sweeping: AtomicBool::new(false),
             idle_h1: Mutex::default(),
             h2: Mutex::default(),
             tls,
@@ -375,6 +393,29 @@ impl Upstreams {
 
     /// [`Upstreams::send_h1`] with an idle timeout and circuit breakers for new connections.
     ///
+    /// Plaintext requests go through [`http1`]; an upgrade (`Upgrade`, or `CONNECT`), which
+    /// hands the connection over to [`hyper::upgrade`], and HTTP/1 over mTLS through hyper's
+    /// client.
+    pub fn send_h1_with(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        options: Connect<'_>,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> {
+        let through_hyper = options.peer.is_some()
+            || req.method() == http::Method::CONNECT
+            || req.headers().contains_key(header::UPGRADE);
+        if through_hyper {
+            futures::future::Either::Left(self.send_h1_hyper(addr, options, req))
+        } else {
+            futures::future::Either::Right(self.send_http1(addr, options, req))
+        }
+    }
+
+    /// Sends a plaintext request with [`http1`], on an idle connection or a new one. A request
+    /// the connection gives back (nothing of it written, or a reused connection closed before
+    /// answering an idempotent request without a body) goes once more, on a new connection.
+    ///
     /// A function returning an async block rather than an `async fn`: an `async fn`'s future
     /// holds its arguments twice (as captured and as moved into its body), and the request
     /// would make that future, and every future around it, 240 bytes larger.
@@ -382,7 +423,113 @@ impl Upstreams {
         clippy::manual_async_fn,
         reason = "an `async fn` would hold its request argument twice"
     )]
-    pub fn send_h1_with(
+    fn send_http1(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        options: Connect<'_>,
+        mut req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> {
+        async move {
+            let idle_limit = options
+                .idle_timeout
+                .map_or(self.h1_idle_limit, |t| t.min(self.h1_idle_limit));
+            let mut fresh = false;
+            loop {
+                let conn = match (!fresh).then(|| self.take_http1(addr)).flatten() {
+                    Some(conn) => conn,
+                    // Boxed for the reason `new_h1` is.
+                    None => Box::pin(self.new_http1(addr, options)).await?,
+                };
+                match conn.send(req).await {
+                    Ok(response) => {
+                        return Ok(response.map(|inner| {
+                            let mut body = PooledBody {
+                                inner,
+                                pool: Arc::downgrade(self),
+                                addr,
+                                idle_limit,
+                            };
+                            // No body to read (204, 304, HEAD, content-length: 0).
+                            body.release();
+                            body.boxed_unsync()
+                        }));
+                    }
+                    Err(e) => match e.request {
+                        Some(again) if !fresh => {
+                            req = again;
+                            fresh = true;
+                        }
+                        Some(_) if !e.written => {
+                            return Err(UpstreamError::Unsent {
+                                addr,
+                                source: e.error.into(),
+                            });
+                        }
+                        _ => {
+                            return Err(UpstreamError::Request {
+                                addr,
+                                source: e.error.into(),
+                            });
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    /// The most recently used idle plaintext connection to `addr` that is still usable.
+    fn take_http1(&self, addr: SocketAddr) -> Option<http1::Connection> {
+        let mut idle = lock(&self.idle_http1);
+        let list = idle.get_mut(&addr)?;
+        while let Some(IdleHttp1 { conn, .. }) = list.pop() {
+            if conn.is_usable() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Opens a plaintext connection to `addr`, within the circuit breakers.
+    async fn new_http1(
+        &self,
+        addr: SocketAddr,
+        options: Connect<'_>,
+    ) -> Result<http1::Connection, UpstreamError> {
+        let _pending = options.admit(addr, |a| a.pending())?;
+        let permit = options.admit(addr, |a| a.connection())?;
+        let stream = connect(addr, options.timeout).await?;
+        Ok(http1::Connection::new(stream, permit))
+    }
+
+    /// Pools a plaintext connection whose exchange ended cleanly, until `idle_limit` from now.
+    fn give_back_http1(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        conn: http1::Connection,
+        idle_limit: Duration,
+    ) {
+        let deadline = Instant::now() + idle_limit;
+        {
+            let mut idle = lock(&self.idle_http1);
+            let list = idle.entry(addr).or_default();
+            if list.len() >= MAX_IDLE_PER_ADDR {
+                return;
+            }
+            list.push(IdleHttp1 { conn, deadline });
+        }
+        if !self.sweeping.load(Ordering::Acquire) && !self.sweeping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(sweep_http1(Arc::downgrade(self), self.h1_idle_limit));
+        }
+    }
+
+    /// hyper's client: a task per connection, reached through its channel.
+    ///
+    /// An async block, not an `async fn`, for the reason [`Upstreams::send_http1`] is one.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would hold its request argument twice"
+    )]
+    fn send_h1_hyper(
         self: &Arc<Self>,
         addr: SocketAddr,
         options: Connect<'_>,
@@ -408,13 +555,13 @@ impl Upstreams {
                             Some(_) => {
                                 return Err(UpstreamError::Unsent {
                                     addr,
-                                    source: e.into_error(),
+                                    source: e.into_error().into(),
                                 });
                             }
                             None => {
                                 return Err(UpstreamError::Request {
                                     addr,
-                                    source: e.into_error(),
+                                    source: e.into_error().into(),
                                 });
                             }
                         }
@@ -468,7 +615,7 @@ impl Upstreams {
         let stream = self
             .connect(addr, options.peer, Carried::Http1, options.timeout)
             .await?;
-        let (sender, conn) = http1::Builder::new()
+        let (sender, conn) = hyper_http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
@@ -499,7 +646,7 @@ impl Upstreams {
         key: PeerKey,
         response: Response<Incoming>,
         keep_alive: bool,
-        sender: http1::SendRequest<Body>,
+        sender: hyper_http1::SendRequest<Body>,
         activity: Arc<Activity>,
     ) -> Response<Body> {
         let (parts, body) = response.into_parts();
@@ -595,7 +742,7 @@ impl Upstreams {
                 Err(mut e) => {
                     activity.end();
                     let unsent = e.take_message().is_some();
-                    let source = e.into_error();
+                    let source = e.into_error().into();
                     Err(if unsent {
                         UpstreamError::Unsent { addr, source }
                     } else {
@@ -674,9 +821,79 @@ impl Upstreams {
 
     /// Open HTTP/2 connections and idle HTTP/1 connections, for status.
     pub fn counts(&self) -> (usize, usize) {
-        let idle = lock(&self.idle_h1).values().map(Vec::len).sum();
+        let idle = lock(&self.idle_h1).values().map(Vec::len).sum::<usize>()
+            + lock(&self.idle_http1).values().map(Vec::len).sum::<usize>();
         let h2 = lock(&self.h2).len();
         (h2, idle)
+    }
+}
+
+/// Closes idle plaintext HTTP/1 connections past their deadline, a few times per pool limit
+/// (`limit`), until the pool has none left: so that an idle connection lives between its limit and
+/// a quarter more, and a pool with none costs no timer.
+async fn sweep_http1(pool: Weak<Upstreams>, limit: Duration) {
+    let tick = (limit / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut idle = lock(&pool.idle_http1);
+        idle.retain(|_, list| {
+            list.retain(|entry| entry.deadline > now);
+            !list.is_empty()
+        });
+        if idle.is_empty() {
+            // Under the lock: a connection given back after this starts a new sweep.
+            pool.sweeping.store(false, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// A plaintext HTTP/1 response body that gives its connection back to the pool as soon as the
+/// response is complete.
+struct PooledBody {
+    inner: http1::ResponseBody,
+    pool: Weak<Upstreams>,
+    addr: SocketAddr,
+    idle_limit: Duration,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(conn) = self.inner.take_reusable()
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.give_back_http1(self.addr, conn, self.idle_limit);
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // A reader that trusts `is_end_stream` (hyper's server does) stops polling after the last
+        // frame: the connection goes back with it.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+        polled.map(|frame| frame.map(|frame| frame.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -986,6 +1203,54 @@ mod tests {
             let body = resp.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(&body[..], b"ok");
         }
+    }
+
+    /// An upstream that answers a connection's first request and closes it on reading the
+    /// second, without a word: the close races the request, as when an upstream's keep-alive
+    /// timeout fires just as the pool reuses the connection. An idempotent request without a
+    /// body goes again on a new connection; a POST fails, since the upstream may have acted on it.
+    #[tokio::test]
+    async fn a_request_on_a_connection_closed_as_it_went_out_is_resent_only_when_safe() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    let _ = stream.read(&mut buf).await;
+                });
+            }
+        });
+        let pool = Upstreams::new(None, Duration::from_secs(60));
+        let send = |method: http::Method| {
+            let mut req = get();
+            *req.method_mut() = method;
+            pool.send_h1(addr, None, Duration::from_secs(5), req)
+        };
+        let first = send(http::Method::GET).await.expect("first");
+        first.into_body().collect().await.expect("body");
+        let again = send(http::Method::GET)
+            .await
+            .expect("resent on a new connection");
+        let body = again.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        let error = send(http::Method::POST).await.expect_err("not resent");
+        assert!(!error.before_request(), "{error}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     /// The pool's HTTP/1 limit closes a connection that waits too long for its next request,
