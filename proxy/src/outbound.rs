@@ -394,6 +394,17 @@ impl Destination {
     }
 }
 
+/// A service port without its name: a request needs only its numbers, and cloning the name
+/// would allocate on every request.
+fn unnamed(port: &ServicePort) -> ServicePort {
+    ServicePort {
+        name: None,
+        port: port.port,
+        target_port: port.target_port,
+        protocol: port.protocol,
+    }
+}
+
 /// What to answer if no retry follows: the proxy's error (status and reason), or the upstream's
 /// response.
 type LastAnswer = Result<(StatusCode, &'static str), (Response<Body>, balance::InFlight)>;
@@ -703,7 +714,7 @@ impl HttpOutbound {
         let Some((index, route)) = route else {
             return Some(Destination {
                 service: target.service.clone(),
-                port: target.port.clone(),
+                port: unnamed(target.port),
                 timeout: None,
                 routes: None,
             });
@@ -717,7 +728,7 @@ impl HttpOutbound {
             .or_else(|| service.service.ports.first())?;
         Some(Destination {
             service: service.clone(),
-            port: port.clone(),
+            port: unnamed(port),
             timeout: route.timeout,
             routes: Some((target.service.routes.clone(), index)),
         })

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use keel_proto::v1::{self as pb, DiscoveryResponse};
 use prost::Message;
+use rustc_hash::FxBuildHasher;
 
 use super::error::{ConfigError, FieldError, Problem};
 use super::resources::{
@@ -380,7 +381,7 @@ fn assemble(state: &State, local_namespace: &str, generation: u64) -> Result<Con
     }
 
     // A VIP and port lead to exactly one service: a second claim is a conflict.
-    let mut by_addr: HashMap<SocketAddr, PortRef> = HashMap::new();
+    let mut by_addr: HashMap<SocketAddr, PortRef, FxBuildHasher> = HashMap::default();
     for service in services.values() {
         for vip in &service.service.vips {
             for (index, port) in service.service.ports.iter().enumerate() {
@@ -418,7 +419,7 @@ fn assemble(state: &State, local_namespace: &str, generation: u64) -> Result<Con
             }
         }
     }
-    let mut by_host: HashMap<String, Vec<HostEntry>> = HashMap::new();
+    let mut by_host: HashMap<String, Vec<HostEntry>, FxBuildHasher> = HashMap::default();
     for ((host, port), candidates) in claims {
         let chosen = match candidates.as_slice() {
             [only] => Some(*only),

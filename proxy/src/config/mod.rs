@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::{ArcSwap, Guard};
 use keel_proto::v1::type_url;
+use rustc_hash::FxBuildHasher;
 use serde::{Serialize, Serializer};
 use tokio::sync::watch;
 
@@ -229,8 +230,10 @@ pub struct Config {
     local_namespace: String,
     mesh: Arc<MeshSettings>,
     services: BTreeMap<String, Arc<ServiceConfig>>,
-    by_addr: HashMap<SocketAddr, PortRef>,
-    by_host: HashMap<String, Vec<HostEntry>>,
+    // FxHash: looked up on every request; the keys come from the configuration, and a request
+    // only probes with its own.
+    by_addr: HashMap<SocketAddr, PortRef, FxBuildHasher>,
+    by_host: HashMap<String, Vec<HostEntry>, FxBuildHasher>,
     authorization: Vec<Arc<AuthorizationPolicy>>,
     versions: BTreeMap<ResourceKind, TypeVersions>,
     unresolved: Vec<Unresolved>,
