@@ -41,8 +41,11 @@ impl H2load {
 /// What one `h2load` run reported.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct H2loadReport {
-    /// Requests answered ("N succeeded").
+    /// Requests answered ("N succeeded"), whatever their status.
     pub succeeded: u64,
+    /// Of those, the ones answered 2xx ("status codes: N 2xx"): what a proxy's 2xx counter
+    /// must have counted.
+    pub answered_2xx: u64,
     /// Requests that failed or errored, and answers that were not 2xx.
     pub failed: u64,
     pub requests_per_second: f64,
@@ -64,6 +67,7 @@ pub fn parse(output: &str) -> Result<H2loadReport, ParseError> {
     let mut rate = None;
     let mut counts = None;
     let mut not_2xx = 0;
+    let mut answered_2xx = None;
     for line in output.lines().map(str::trim) {
         if let Some(rest) = line.strip_prefix("finished in ") {
             // "finished in 10.00s, 81234.50 req/s, 2.81MB/s"
@@ -85,16 +89,23 @@ pub fn parse(output: &str) -> Result<H2loadReport, ParseError> {
             ));
         } else if let Some(rest) = line.strip_prefix("status codes: ") {
             // "status codes: 100 2xx, 0 3xx, 0 4xx, 0 5xx"
+            let count = |part: &str| part.split_whitespace().next()?.parse::<u64>().ok();
             not_2xx = rest
                 .split(", ")
                 .filter(|part| !part.ends_with(" 2xx"))
-                .filter_map(|part| part.split_whitespace().next()?.parse::<u64>().ok())
+                .filter_map(count)
                 .sum();
+            answered_2xx = rest
+                .split(", ")
+                .find(|part| part.ends_with(" 2xx"))
+                .and_then(count);
         }
     }
     let (succeeded, failed) = counts.ok_or_else(|| missing("\"requests:\" line"))?;
+    let succeeded = succeeded.ok_or_else(|| missing("succeeded count"))?;
     Ok(H2loadReport {
-        succeeded: succeeded.ok_or_else(|| missing("succeeded count"))?,
+        succeeded,
+        answered_2xx: answered_2xx.unwrap_or(succeeded.saturating_sub(not_2xx)),
         failed: failed + not_2xx,
         requests_per_second: rate.ok_or_else(|| missing("req/s"))?,
     })
@@ -112,11 +123,12 @@ Main benchmark duration is started for client #0.
 
 finished in 10.00s, 81234.50 req/s, 2.81MB/s
 requests: 812345 total, 812505 started, 812345 done, 812340 succeeded, 5 failed, 5 errored, 0 timeout
-status codes: 812340 2xx, 0 3xx, 0 4xx, 3 5xx
+status codes: 812337 2xx, 0 3xx, 0 4xx, 3 5xx
 traffic: 28.12MB (29485123) total, 1.55MB (1624690) headers (space savings 95.12%), 21.70MB (22754660) data
 ";
         let report = parse(output).unwrap();
         assert_eq!(report.succeeded, 812340);
+        assert_eq!(report.answered_2xx, 812337);
         assert_eq!(report.failed, 13);
         assert_eq!(report.requests_per_second, 81234.50);
         assert!(parse("connect: Connection refused").is_err());

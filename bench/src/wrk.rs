@@ -39,6 +39,14 @@ pub struct WrkReport {
     pub bad_status: u64,
 }
 
+impl WrkReport {
+    /// Requests answered with a good status: what a proxy's 2xx counter must have counted
+    /// (the benchmark's upstream answers nothing else).
+    pub fn answered_2xx(&self) -> u64 {
+        self.requests.saturating_sub(self.bad_status)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("unexpected wrk output (no {missing}):\n{output}")]
 pub struct ParseError {
@@ -117,6 +125,7 @@ Requests/sec:    100.00
 ";
         let report = parse(output).unwrap();
         assert_eq!((report.socket_errors, report.bad_status), (10, 7));
+        assert_eq!(report.answered_2xx(), 993);
         assert!(parse("unable to connect to 10.0.0.1:80 Connection refused").is_err());
     }
 

@@ -285,10 +285,10 @@ impl Testbed {
         for (report, _, _) in &wrk.set_aside {
             repeated.runs += 1;
             repeated.wrk_errors += report.socket_errors + report.bad_status;
-            answered += report.requests;
+            answered += report.answered_2xx();
         }
         let (wrk, cpu_wrk, upstream_cpu_wrk) = wrk.kept;
-        answered += wrk.requests;
+        answered += wrk.answered_2xx();
         let total = |spent: Vec<CpuTime>| spent.into_iter().map(CpuTime::total);
 
         let (h2load, cpu_h2load) = match options.h2load().filter(|_| case.takes_http2()) {
@@ -300,10 +300,10 @@ impl Testbed {
                 for (report, _) in &attempts.set_aside {
                     repeated.runs += 1;
                     repeated.h2load_errors += report.failed;
-                    answered += report.succeeded;
+                    answered += report.answered_2xx;
                 }
                 let (report, spent) = attempts.kept;
-                answered += report.succeeded;
+                answered += report.answered_2xx;
                 (Some(report), total(spent).map(Some).collect())
             }
             None => (None, vec![None; sidecars.len()]),
@@ -351,10 +351,10 @@ impl Testbed {
                 for ((report, _), _) in &attempts.set_aside {
                     repeated.runs += 1;
                     repeated.wrk_errors += report.socket_errors + report.bad_status;
-                    answered += report.requests;
+                    answered += report.answered_2xx();
                 }
                 let ((report, open), spent) = attempts.kept;
-                answered += report.requests;
+                answered += report.answered_2xx();
                 let usage = spent.into_iter().zip(open).map(Some).collect();
                 (Some(report), usage)
             }
