@@ -216,6 +216,12 @@ impl Writer {
             (RequestFraming::Empty, payload.then_some(Added::Length(0)))
         } else if let Some(n) = body.size_hint().exact() {
             (RequestFraming::Length(n), Some(Added::Length(n)))
+        } else if matches!(parts.method, Method::GET | Method::HEAD) {
+            // A body of unknown length that is most likely empty (an HTTP/2 client's GET that
+            // ends its stream with an empty DATA frame): sent without one, as hyper's client
+            // does, rather than chunked, which some servers refuse for these methods. A byte of
+            // body fails the request.
+            (RequestFraming::Empty, None)
         } else {
             (RequestFraming::Chunked, Some(Added::Chunked))
         };
@@ -626,6 +632,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
         &mut fields,
     );
     let len = match parsed {
+        // A read may complete a head past the limit that the one before left unfinished.
+        Ok(httparse::Status::Complete(len)) if len > MAX_RESPONSE_HEAD => {
+            return Err(Error::HeadTooLarge);
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(e) => return Err(Error::Head(e)),
@@ -714,9 +724,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
     } else {
         BodyFraming::UntilClose
     };
+    // An HTTP/1.0 message has no Transfer-Encoding: its framing is faulty, and the connection is
+    // closed after it (RFC 9112 §6.1).
     let keep_alive = !close
         && framing != BodyFraming::UntilClose
-        && (version == Version::HTTP_11 || keep_alive_token);
+        && (version == Version::HTTP_11 || (keep_alive_token && !transfer_encoding));
     Ok(Parsed::Final(Head {
         status,
         version,
@@ -1332,6 +1344,28 @@ mod tests {
         ));
     }
 
+    /// However the bytes arrive: one read may complete a head that the one before left
+    /// unfinished under the limit.
+    #[test]
+    fn a_complete_head_over_the_limit_is_refused() {
+        let mut head = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        head.resize(MAX_RESPONSE_HEAD + 10, b'a');
+        head.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+        let mut buf = BytesMut::from(&head[..]);
+        assert!(matches!(
+            parse_head(&mut buf, false),
+            Err(Error::HeadTooLarge)
+        ));
+        // At the limit, it is taken.
+        let mut head = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        let tail = b"\r\ncontent-length: 0\r\n\r\n";
+        head.resize(MAX_RESPONSE_HEAD - tail.len(), b'a');
+        head.extend_from_slice(tail);
+        let mut buf = BytesMut::from(&head[..]);
+        assert!(matches!(parse_head(&mut buf, false), Ok(Parsed::Final(_))));
+        assert!(buf.is_empty());
+    }
+
     #[tokio::test]
     async fn too_many_header_fields_are_refused() {
         let (conn, mut upstream) = connected().await;
@@ -1404,6 +1438,9 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"[..],
             b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, CLOSE\r\ncontent-length: 2\r\n\r\nok",
             b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            // HTTP/1.0 has no transfer codings: the framing is faulty (RFC 9112 §6.1).
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n\
+              2\r\nok\r\n0\r\n\r\n",
             // Bytes past the response: the upstream is out of step with the requests.
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
         ] {
@@ -1495,6 +1532,41 @@ mod tests {
             "POST /ping HTTP/1.1\r\nhost: svc\r\ncontent-length: 0\r\n\r\n"
         );
         response.expect("response");
+    }
+
+    /// As hyper's client: a GET or HEAD whose body's length is unknown (an HTTP/2 client's GET
+    /// that ends its stream with an empty DATA frame) goes without one, not chunked; a byte of
+    /// body fails it.
+    #[tokio::test]
+    async fn a_get_with_a_body_of_unknown_length_is_sent_without_one() {
+        let body = |data: &'static [u8]| {
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+                vec![Ok(Frame::data(Bytes::from_static(data)))];
+            StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
+        };
+        for method in [Method::GET, Method::HEAD] {
+            let (conn, mut upstream) = connected().await;
+            let req = request(method.clone(), "/", body(b""));
+            let (head, response) = exchange(
+                conn,
+                &mut upstream,
+                req,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            )
+            .await;
+            assert_eq!(head, format!("{method} / HTTP/1.1\r\nhost: svc\r\n\r\n"));
+            let mut response = response.expect("response");
+            assert!(response.body_mut().take_reusable().is_some());
+        }
+        let (conn, mut upstream) = connected().await;
+        let served = async {
+            read_head(&mut upstream).await;
+        };
+        let ((), response) = tokio::join!(served, conn.send(request(Method::GET, "/", body(b"x"))));
+        assert!(matches!(
+            response.expect_err("refused").error,
+            Error::RequestLength("longer")
+        ));
     }
 
     #[tokio::test]

@@ -305,10 +305,14 @@ type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<Body>, Arc<Activ
 /// An idle HTTP/1 connection.
 type IdleH1 = (hyper_http1::SendRequest<Body>, Arc<Activity>);
 
-/// An idle plaintext HTTP/1 connection, and when it is closed if still idle.
+/// An idle plaintext HTTP/1 connection, since when, and for how long it may stay so.
 struct IdleHttp1 {
     conn: http1::Connection,
-    deadline: Instant,
+    /// When it went back to the pool.
+    since: Instant,
+    /// How long it may wait there: the pool's limit, or the shorter idle timeout of the service
+    /// whose request gave it back.
+    limit: Duration,
 }
 
 /// Pooled upstream connections.
@@ -316,7 +320,7 @@ pub struct Upstreams {
     // FxHash: looked up twice per request (take, give back); keys are endpoint addresses.
     /// Idle plaintext HTTP/1 connections ([`http1`]), most recently used last.
     idle_http1: Mutex<HashMap<SocketAddr, Vec<IdleHttp1>, FxBuildHasher>>,
-    /// Whether a task is closing the idle ones past their deadline.
+    /// Whether a task is closing the idle ones past their limit.
     sweeping: AtomicBool,
     /// Idle HTTP/1 connections of hyper's client: over mTLS, or kept after an upgrade that the
     /// upstream declined.
@@ -435,7 +439,10 @@ impl Upstreams {
                 .map_or(self.h1_idle_limit, |t| t.min(self.h1_idle_limit));
             let mut fresh = false;
             loop {
-                let conn = match (!fresh).then(|| self.take_http1(addr)).flatten() {
+                let conn = match (!fresh)
+                    .then(|| self.take_http1(addr, idle_limit))
+                    .flatten()
+                {
                     Some(conn) => conn,
                     // Boxed for the reason `new_h1` is.
                     None => Box::pin(self.new_http1(addr, options)).await?,
@@ -477,11 +484,22 @@ impl Upstreams {
         }
     }
 
-    /// The most recently used idle plaintext connection to `addr` that is still usable.
-    fn take_http1(&self, addr: SocketAddr) -> Option<http1::Connection> {
+    /// The most recently used idle plaintext connection to `addr` that is still usable and has
+    /// waited less than its own limit and `idle_limit` (the taking request's). The sweep closes a
+    /// connection only some time after its limit has passed, so a limit shorter than the pool's
+    /// is checked here; with the pool's limit on both sides, the clock is not read.
+    fn take_http1(&self, addr: SocketAddr, idle_limit: Duration) -> Option<http1::Connection> {
+        let mut now = None;
         let mut idle = lock(&self.idle_http1);
         let list = idle.get_mut(&addr)?;
-        while let Some(IdleHttp1 { conn, .. }) = list.pop() {
+        while let Some(IdleHttp1 { conn, since, limit }) = list.pop() {
+            let limit = limit.min(idle_limit);
+            if limit < self.h1_idle_limit {
+                let now = *now.get_or_insert_with(Instant::now);
+                if now.saturating_duration_since(since) >= limit {
+                    continue;
+                }
+            }
             if conn.is_usable() {
                 return Some(conn);
             }
@@ -508,14 +526,18 @@ impl Upstreams {
         conn: http1::Connection,
         idle_limit: Duration,
     ) {
-        let deadline = Instant::now() + idle_limit;
+        let since = Instant::now();
         {
             let mut idle = lock(&self.idle_http1);
             let list = idle.entry(addr).or_default();
             if list.len() >= MAX_IDLE_PER_ADDR {
                 return;
             }
-            list.push(IdleHttp1 { conn, deadline });
+            list.push(IdleHttp1 {
+                conn,
+                since,
+                limit: idle_limit,
+            });
         }
         if !self.sweeping.load(Ordering::Acquire) && !self.sweeping.swap(true, Ordering::AcqRel) {
             tokio::spawn(sweep_http1(Arc::downgrade(self), self.h1_idle_limit));
@@ -828,9 +850,10 @@ impl Upstreams {
     }
 }
 
-/// Closes idle plaintext HTTP/1 connections past their deadline, a few times per pool limit
+/// Closes idle plaintext HTTP/1 connections past their limit, a few times per pool limit
 /// (`limit`), until the pool has none left: so that an idle connection lives between its limit and
-/// a quarter more, and a pool with none costs no timer.
+/// a quarter more, and a pool with none costs no timer. One given back under a service's shorter
+/// limit is not taken once that has passed ([`Upstreams::take_http1`]), and goes at the next sweep.
 async fn sweep_http1(pool: Weak<Upstreams>, limit: Duration) {
     let tick = (limit / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
     loop {
@@ -841,7 +864,7 @@ async fn sweep_http1(pool: Weak<Upstreams>, limit: Duration) {
         let now = Instant::now();
         let mut idle = lock(&pool.idle_http1);
         idle.retain(|_, list| {
-            list.retain(|entry| entry.deadline > now);
+            list.retain(|entry| now.saturating_duration_since(entry.since) < entry.limit);
             !list.is_empty()
         });
         if idle.is_empty() {
@@ -1294,6 +1317,50 @@ mod tests {
             Some(2),
             "the second request went out on a new connection"
         );
+    }
+
+    /// A service's idle timeout shorter than the pool's limit holds between sweeps: a connection
+    /// idle past it is not reused (the upstream may be closing it), whichever request takes it.
+    #[tokio::test]
+    async fn a_service_idle_timeout_shorter_than_the_pool_limit_is_kept() {
+        let (addr, accepted, _) = hello_upstream().await;
+        // The pool's limit is long: no sweep runs during the test.
+        let pool = Upstreams::new(None, Duration::from_secs(60));
+        let with_idle_timeout = |idle_timeout| Connect {
+            timeout: Duration::from_secs(5),
+            idle_timeout,
+            admission: None,
+            peer: None,
+        };
+        let short = with_idle_timeout(Some(Duration::from_millis(100)));
+        let pool = &pool;
+        let send = move |options| async move {
+            let resp = pool
+                .send_h1_with(addr, options, get())
+                .await
+                .expect("response");
+            resp.into_body().collect().await.expect("body");
+        };
+        send(short).await;
+        send(short).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused within 100 ms");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send(short).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "not reused after 100 ms"
+        );
+        // Given back under the short limit, not reused by a request under the pool's own.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send(with_idle_timeout(None)).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        // Given back under the pool's limit, not reused by a request under a short one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send(short).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        send(with_idle_timeout(None)).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 4, "a fresh one is reused");
     }
 
     #[tokio::test]
