@@ -1097,6 +1097,13 @@ mod tests {
         request(Method::GET, path, super::super::empty())
     }
 
+    /// A request body of known length.
+    fn full(data: &'static [u8]) -> Body {
+        Full::new(Bytes::from_static(data))
+            .map_err(|e| match e {})
+            .boxed_unsync()
+    }
+
     /// Sends `req` on `conn` while the upstream reads its head and answers `answer`.
     async fn exchange(
         conn: Connection,
@@ -1246,6 +1253,11 @@ mod tests {
                 b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n",
             ),
             (Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+            // What a GET would have had: no body to frame, so no ambiguity.
+            (
+                Method::HEAD,
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 10\r\n\r\n",
+            ),
         ] {
             let (conn, mut upstream) = connected().await;
             let req = request(method.clone(), "/", super::super::empty());
@@ -1274,6 +1286,67 @@ mod tests {
         assert_eq!(response.status(), StatusCode::CREATED);
         assert!(response.headers().get("link").is_none());
         assert_eq!(read_body(response.body_mut()).await.expect("body").0, b"ok");
+        // An interim response is an answer: a close after it does not give the request back.
+        let (conn, mut upstream) = connected().await;
+        let served = async {
+            read_head(&mut upstream).await;
+            upstream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .expect("write");
+            drop(upstream);
+        };
+        let ((), response) = tokio::join!(served, conn.send(get("/")));
+        let error = response.expect_err("closed");
+        assert!(matches!(error.error, Error::ClosedBeforeHead));
+        assert!(error.request.is_none());
+    }
+
+    /// The last transfer coding decides, over all the fields: chunked, or the body runs to the
+    /// close.
+    #[tokio::test]
+    async fn the_last_transfer_coding_decides_the_framing() {
+        for (codings, chunked) in [
+            (
+                &b"transfer-encoding: gzip\r\ntransfer-encoding: chunked"[..],
+                true,
+            ),
+            (
+                b"transfer-encoding: chunked\r\ntransfer-encoding: gzip",
+                false,
+            ),
+            (b"transfer-encoding: chunked, gzip", false),
+        ] {
+            let (conn, mut upstream) = connected().await;
+            let body: &[u8] = if chunked {
+                b"2\r\nok\r\n0\r\n\r\n"
+            } else {
+                b"ok"
+            };
+            let served = async {
+                read_head(&mut upstream).await;
+                let mut answer = b"HTTP/1.1 200 OK\r\n".to_vec();
+                answer.extend_from_slice(codings);
+                answer.extend_from_slice(b"\r\n\r\n");
+                answer.extend_from_slice(body);
+                upstream.write_all(&answer).await.expect("write");
+                // Kept open when chunked: the body ends without the close.
+                if chunked {
+                    Some(upstream)
+                } else {
+                    drop(upstream);
+                    None
+                }
+            };
+            let read = async {
+                let mut response = conn.send(get("/")).await.expect("response");
+                let body = read_body(response.body_mut()).await;
+                (body, response.body_mut().take_reusable().is_some())
+            };
+            let (_upstream, (body, reusable)) = tokio::join!(served, read);
+            assert_eq!(body.expect("body").0, b"ok", "{codings:?}");
+            assert_eq!(reusable, chunked, "{codings:?}");
+        }
     }
 
     #[tokio::test]
@@ -1464,9 +1537,7 @@ mod tests {
     async fn a_request_body_is_sent_with_its_length_or_chunked() {
         // A body of known size: content-length.
         let (conn, mut upstream) = connected().await;
-        let body = Full::new(Bytes::from_static(b"{\"a\":1}"))
-            .map_err(|e| match e {})
-            .boxed_unsync();
+        let body = full(b"{\"a\":1}");
         let served = async {
             let head = read_head(&mut upstream).await;
             let mut body = [0u8; 7];
@@ -1571,21 +1642,44 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_body_unlike_its_length_is_an_error() {
+        for (data, length, says) in [(&b"abc"[..], "2", "longer"), (b"ab", "5", "shorter")] {
+            let (conn, mut upstream) = connected().await;
+            let mut req = request(Method::POST, "/", full(data));
+            req.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static(length));
+            let served = async {
+                read_head(&mut upstream).await;
+            };
+            // Bounded: the upstream never answers, so a request sent as if whole would wait.
+            let sent = tokio::time::timeout(Duration::from_secs(10), conn.send(req));
+            let ((), response) = tokio::join!(served, sent);
+            let error = response
+                .expect("refused in time")
+                .expect_err("refused")
+                .error;
+            assert!(
+                matches!(error, Error::RequestLength(s) if s == says),
+                "{data:?}: {error}"
+            );
+        }
+    }
+
+    /// An exchange dropped while it waits for its answer (the client went away, or a timeout
+    /// fired) closes its connection: nothing else can read the answer meant for it.
+    #[tokio::test]
+    async fn a_dropped_exchange_closes_its_connection() {
         let (conn, mut upstream) = connected().await;
-        let body = Full::new(Bytes::from_static(b"abc"))
-            .map_err(|e| match e {})
-            .boxed_unsync();
-        let mut req = request(Method::POST, "/", body);
-        req.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
         let served = async {
             read_head(&mut upstream).await;
         };
-        let ((), response) = tokio::join!(served, conn.send(req));
-        assert!(matches!(
-            response.expect_err("refused").error,
-            Error::RequestLength("longer")
-        ));
+        let (_, waited) = tokio::join!(
+            served,
+            tokio::time::timeout(Duration::from_millis(100), conn.send(get("/")))
+        );
+        assert!(waited.is_err(), "no answer came");
+        let mut rest = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), upstream.read(&mut rest)).await;
+        assert_eq!(read.expect("closed in time").expect("read"), 0);
     }
 
     #[tokio::test]
@@ -1644,27 +1738,36 @@ mod tests {
         assert!(!conn.is_usable());
     }
 
+    /// A connection that has carried one exchange, and its upstream's side.
+    async fn reused() -> (Connection, TcpStream) {
+        let (conn, mut upstream) = connected().await;
+        let (_, response) = exchange(
+            conn,
+            &mut upstream,
+            get("/"),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        let conn = response
+            .expect("first")
+            .body_mut()
+            .take_reusable()
+            .expect("reusable");
+        (conn, upstream)
+    }
+
     /// The upstream closes a reused connection as the request goes out on it: an idempotent
-    /// request without a body comes back to be sent again; anything else does not.
+    /// request without a body comes back to be sent again; anything else does not (a PUT's
+    /// body is gone).
     #[tokio::test]
     async fn a_reused_connection_closed_without_an_answer_gives_back_only_safe_requests() {
         for (req, resend) in [
             (get("/"), true),
             (request(Method::POST, "/", super::super::empty()), false),
+            (request(Method::PUT, "/", full(b"{}")), false),
         ] {
-            let (conn, mut upstream) = connected().await;
-            let (_, response) = exchange(
-                conn,
-                &mut upstream,
-                get("/"),
-                b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
-            )
-            .await;
-            let conn = response
-                .expect("first")
-                .body_mut()
-                .take_reusable()
-                .expect("reusable");
+            let (conn, mut upstream) = reused().await;
+            let method = req.method().clone();
             let served = async {
                 read_head(&mut upstream).await;
                 drop(upstream);
@@ -1672,8 +1775,11 @@ mod tests {
             let ((), response) = tokio::join!(served, conn.send(req));
             let error = response.expect_err("closed");
             assert!(error.written);
-            assert!(matches!(error.error, Error::ClosedBeforeHead));
             assert_eq!(error.request.is_some(), resend);
+            // The PUT's body may meet the close as a reset instead.
+            if method != Method::PUT {
+                assert!(matches!(error.error, Error::ClosedBeforeHead), "{error:?}");
+            }
         }
         // On a new connection, nothing comes back: the upstream saw the request.
         let (conn, mut upstream) = connected().await;
