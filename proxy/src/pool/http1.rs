@@ -1104,6 +1104,13 @@ mod tests {
             .boxed_unsync()
     }
 
+    /// A request body of unknown length: one data frame.
+    fn streamed(data: &'static [u8]) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            vec![Ok(Frame::data(Bytes::from_static(data)))];
+        StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
+    }
+
     /// Sends `req` on `conn` while the upstream reads its head and answers `answer`.
     async fn exchange(
         conn: Connection,
@@ -1587,37 +1594,27 @@ mod tests {
         assert!(response.body_mut().take_reusable().is_some());
     }
 
+    /// A request without body bytes says so as servers expect: an empty POST with
+    /// `content-length: 0`; a GET or HEAD whose body's length is unknown (an HTTP/2 client's GET
+    /// that ends its stream with an empty DATA frame) with no framing at all, as hyper's client
+    /// sends it, not chunked. A byte of body fails such a GET.
     #[tokio::test]
-    async fn an_empty_post_says_it_has_no_body() {
-        let (conn, mut upstream) = connected().await;
-        let req = request(Method::POST, "/ping", super::super::empty());
-        let (head, response) = exchange(
-            conn,
-            &mut upstream,
-            req,
-            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
-        )
-        .await;
-        assert_eq!(
-            head,
-            "POST /ping HTTP/1.1\r\nhost: svc\r\ncontent-length: 0\r\n\r\n"
-        );
-        response.expect("response");
-    }
-
-    /// As hyper's client: a GET or HEAD whose body's length is unknown (an HTTP/2 client's GET
-    /// that ends its stream with an empty DATA frame) goes without one, not chunked; a byte of
-    /// body fails it.
-    #[tokio::test]
-    async fn a_get_with_a_body_of_unknown_length_is_sent_without_one() {
-        let body = |data: &'static [u8]| {
-            let frames: Vec<Result<Frame<Bytes>, BoxError>> =
-                vec![Ok(Frame::data(Bytes::from_static(data)))];
-            StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
-        };
-        for method in [Method::GET, Method::HEAD] {
+    async fn requests_without_a_body_say_so_as_servers_expect() {
+        for (req, expected) in [
+            (
+                request(Method::POST, "/ping", super::super::empty()),
+                "POST /ping HTTP/1.1\r\nhost: svc\r\ncontent-length: 0\r\n\r\n",
+            ),
+            (
+                request(Method::GET, "/", streamed(b"")),
+                "GET / HTTP/1.1\r\nhost: svc\r\n\r\n",
+            ),
+            (
+                request(Method::HEAD, "/", streamed(b"")),
+                "HEAD / HTTP/1.1\r\nhost: svc\r\n\r\n",
+            ),
+        ] {
             let (conn, mut upstream) = connected().await;
-            let req = request(method.clone(), "/", body(b""));
             let (head, response) = exchange(
                 conn,
                 &mut upstream,
@@ -1625,15 +1622,16 @@ mod tests {
                 b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
             )
             .await;
-            assert_eq!(head, format!("{method} / HTTP/1.1\r\nhost: svc\r\n\r\n"));
+            assert_eq!(head, expected);
             let mut response = response.expect("response");
-            assert!(response.body_mut().take_reusable().is_some());
+            assert!(response.body_mut().take_reusable().is_some(), "{expected}");
         }
         let (conn, mut upstream) = connected().await;
         let served = async {
             read_head(&mut upstream).await;
         };
-        let ((), response) = tokio::join!(served, conn.send(request(Method::GET, "/", body(b"x"))));
+        let req = request(Method::GET, "/", streamed(b"x"));
+        let ((), response) = tokio::join!(served, conn.send(req));
         assert!(matches!(
             response.expect_err("refused").error,
             Error::RequestLength("longer")
