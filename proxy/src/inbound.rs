@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
-use hyper::body::Incoming;
 use keel_proto::spiffe::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -394,7 +393,7 @@ impl HttpInbound {
     }
 
     /// Why the access policies refuse `req`, if they do.
-    fn denied(&self, req: &Request<Incoming>) -> Option<String> {
+    fn denied(&self, req: &Request<Body>) -> Option<String> {
         let config = self.shared.config.current();
         let policies = config.authorization_policies();
         if policies.is_empty() {
@@ -433,7 +432,7 @@ impl HttpInbound {
     )]
     fn request(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
         async move {
             let started = Instant::now();
@@ -485,7 +484,7 @@ impl HttpInbound {
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 parts.headers.insert(header::UPGRADE, protocol.clone());
             }
-            let mut out = Request::from_parts(parts, pool::incoming(body));
+            let mut out = Request::from_parts(parts, body);
             let sent = if as_http1 {
                 *out.version_mut() = Version::HTTP_11;
                 serve::set_host(&mut out, &authority);

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
-use hyper::body::Incoming;
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -436,7 +435,7 @@ impl HttpOutbound {
     )]
     fn request(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
         async move {
             let started = Instant::now();
@@ -501,7 +500,7 @@ impl HttpOutbound {
             };
             let policy = dest.retry_policy();
             let idempotent = resilience::is_idempotent(&kept.method);
-            let body = RequestBody::new(pool::incoming(body));
+            let body = RequestBody::new(body);
             // A timeout too long for the clock is no deadline (the config builder caps it anyway).
             let deadline = dest.timeout.and_then(|t| started.checked_add(t));
             let traffic = &dest.service.traffic_policy;
@@ -697,7 +696,7 @@ impl HttpOutbound {
 
     /// Resolves the service (by authority, then by original destination), the route and the
     /// weighted destination.
-    fn destination(&self, config: &Config, req: &Request<Incoming>) -> Option<Destination> {
+    fn destination(&self, config: &Config, req: &Request<Body>) -> Option<Destination> {
         let authority = serve::request_authority(req);
         let by_authority = authority.and_then(|a| config.by_authority(a, self.orig.port()));
         let target = by_authority.or_else(|| config.by_addr(self.orig))?;
@@ -738,7 +737,7 @@ impl HttpOutbound {
     async fn passthrough(
         &self,
         config: &Config,
-        req: Request<Incoming>,
+        req: Request<Body>,
         started: Instant,
     ) -> Response<Body> {
         let labels = RequestLabels {
@@ -757,7 +756,7 @@ impl HttpOutbound {
         pool::strip_hop_by_hop(&mut parts.headers);
         let authority =
             serve::authority(&parts).map_or_else(|| self.orig.to_string(), str::to_owned);
-        let mut out = Request::from_parts(parts, pool::incoming(body));
+        let mut out = Request::from_parts(parts, body);
         *out.version_mut() = Version::HTTP_11;
         serve::set_host(&mut out, &authority);
         *out.uri_mut() = serve::origin_form(out.uri());

@@ -381,14 +381,14 @@ fn encode_head(parts: &Parts, add: Option<Added>, out: &mut BytesMut) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+pub(crate) fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
-fn put_decimal(out: &mut BytesMut, mut n: u64) {
+pub(crate) fn put_decimal(out: &mut BytesMut, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -402,7 +402,7 @@ fn put_decimal(out: &mut BytesMut, mut n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-fn put_hex(out: &mut BytesMut, mut n: u64) {
+pub(crate) fn put_hex(out: &mut BytesMut, mut n: u64) {
     let mut digits = [0u8; 16];
     let mut i = digits.len();
     loop {
@@ -418,7 +418,7 @@ fn put_hex(out: &mut BytesMut, mut n: u64) {
 
 /// The value of a message's `Content-Length` fields: `None` without one; an error unless every
 /// value (a field may list several, comma-separated) is the same decimal number.
-fn content_length(values: header::GetAll<'_, HeaderValue>) -> Result<Option<u64>, ()> {
+pub(crate) fn content_length(values: header::GetAll<'_, HeaderValue>) -> Result<Option<u64>, ()> {
     let mut length = None;
     for value in values {
         for item in value.as_bytes().split(|&b| b == b',') {

@@ -32,6 +32,8 @@ use crate::config::ConfigStore;
 use crate::metrics::Metrics;
 use crate::pool::{self, Body, BoxError, Upstreams};
 
+mod http1;
+
 /// The largest request head accepted from a client, on either HTTP version, counted as HTTP/2
 /// counts a header list (see [`head_too_large`]); beyond it the client gets 431 with
 /// `keel-error: headers-too-large`. The sidecar-to-sidecar hop allows the same, so what the
@@ -194,7 +196,8 @@ where
 /// HTTP/1: a client may half-close (shut its write side) once its request is sent and still
 /// gets the response. One that has sent part of a request head and nothing more for
 /// `head_timeout` gets 408 with `keel-error: request-timeout`; an idle keep-alive connection is
-/// closed after that long without a word, as HTTP/1.1 allows.
+/// closed after that long without a word, as HTTP/1.1 allows. Requests without a body are
+/// served by [`http1`]; a connection's first other request hands it to hyper's server.
 ///
 /// The connection is built before the returned future, which holds it once: an `async fn`
 /// would keep `stream` as its argument besides the copy inside the connection, and lay the
@@ -209,22 +212,11 @@ pub fn serve_http<S, F, Fut>(
 ) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
+    F: Fn(Request<Body>) -> Fut + Send + Sync + Unpin + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let io = TokioIo::new(stream);
-    let service = service_fn(move |req| {
-        // Boxed: the request's future is several KB (it holds the upstream send, its connect
-        // and its timeout), and hyper moves the service's future by value: the HTTP/1
-        // dispatcher stores it, the HTTP/2 server spawns a task per stream holding it. Without
-        // the box those copies were 13-19% of a sidecar's instructions in the pair (callgrind).
-        // Allocated first and then written, so that the optimizer can build the future in the
-        // box: `Box::pin(handler(req))` built it on the stack and copied all of it in, a copy
-        // gone from the release build's profile this way (callgrind).
-        let answer = Box::into_pin(Box::write(Box::new_uninit(), handler(req)));
-        async move { Ok::<_, Infallible>(answer.await) }
-    });
     if http2 {
+        let service = hyper_service(handler);
         // Boxed: `graceful_shutdown` needs it pinned, and pinning it in the future would move
         // it there a second time.
         let mut conn = Box::pin(
@@ -232,7 +224,7 @@ where
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
                 .max_header_list_size(MAX_HEAD_BYTES as u32 + 4096)
-                .serve_connection(io, service),
+                .serve_connection(TokioIo::new(stream), service),
         );
         futures::future::Either::Left(async move {
             tokio::select! {
@@ -244,46 +236,78 @@ where
             }
         })
     } else {
-        let mut conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(head_timeout)
-            .half_close(true)
-            .max_buf_size(HYPER_MAX_HEAD_BYTES)
-            .max_headers(HYPER_MAX_HEADERS)
-            .serve_connection(io, service)
-            .with_upgrades();
-        futures::future::Either::Right(async move {
-            let served = tokio::select! {
-                served = &mut conn => served,
-                _ = drain.signaled() => {
-                    Pin::new(&mut conn).graceful_shutdown();
-                    (&mut conn).await
-                }
-            };
-            match served {
-                Err(e) if e.is_timeout() => {
-                    // hyper closes without a word; a client that was sending a head is told
-                    // why. What it sent is still in the connection's read buffer.
-                    // Boxed, and the stream moved straight in: rare, and inline it would
-                    // double the connection's future.
-                    let answer = conn
-                        .into_parts()
-                        .filter(|parts| !parts.read_buf.is_empty())
-                        .map(|parts| {
-                            Box::pin(answer_raw(
-                                parts.io.into_inner(),
-                                StatusCode::REQUEST_TIMEOUT,
-                                "request-timeout",
-                                None,
-                            ))
-                        });
-                    if let Some(answer) = answer {
-                        answer.await;
-                    }
-                }
-                served => log_end(served),
+        futures::future::Either::Right(http1::serve(stream, head_timeout, drain, handler))
+    }
+}
+
+/// `handler` as hyper's service: each request's body becomes a [`Body`].
+fn hyper_service<F, Fut>(
+    handler: F,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Send
++ 'static
+where
+    F: Fn(Request<Body>) -> Fut + Send + Sync + Unpin + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    service_fn(move |req: Request<Incoming>| {
+        // Boxed: the request's future is several KB (it holds the upstream send, its connect
+        // and its timeout), and hyper moves the service's future by value: the HTTP/1
+        // dispatcher stores it, the HTTP/2 server spawns a task per stream holding it. Without
+        // the box those copies were 13-19% of a sidecar's instructions in the pair (callgrind).
+        // Allocated first and then written, so that the optimizer can build the future in the
+        // box: `Box::pin(handler(req))` built it on the stack and copied all of it in, a copy
+        // gone from the release build's profile this way (callgrind).
+        let answer = Box::into_pin(Box::write(
+            Box::new_uninit(),
+            handler(req.map(pool::incoming)),
+        ));
+        async move { Ok::<_, Infallible>(answer.await) }
+    })
+}
+
+/// Serves the rest of an HTTP/1 connection with hyper's server: `io` starts with what
+/// [`http1::serve`] read of the request it handed over.
+async fn serve_hyper_http1<S, F, Fut>(io: S, head_timeout: Duration, mut drain: Drain, handler: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Body>) -> Fut + Send + Sync + Unpin + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .half_close(true)
+        .max_buf_size(HYPER_MAX_HEAD_BYTES)
+        .max_headers(HYPER_MAX_HEADERS)
+        .serve_connection(TokioIo::new(io), hyper_service(handler))
+        .with_upgrades();
+    let served = tokio::select! {
+        served = &mut conn => served,
+        _ = drain.signaled() => {
+            Pin::new(&mut conn).graceful_shutdown();
+            (&mut conn).await
+        }
+    };
+    match served {
+        Err(e) if e.is_timeout() => {
+            // hyper closes without a word; a client that was sending a head is told why. What
+            // it sent is still in the connection's read buffer.
+            if let Some(parts) = conn.into_parts().filter(|parts| !parts.read_buf.is_empty()) {
+                answer_raw(
+                    parts.io.into_inner(),
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request-timeout",
+                    None,
+                )
+                .await;
             }
-        })
+        }
+        served => log_end(served),
     }
 }
 
