@@ -346,11 +346,26 @@ fn encode_frame(
     Ok(())
 }
 
-/// A framing header the encoder adds.
-#[derive(Clone, Copy)]
-enum Added {
+/// A framing field an encoder adds to a message head.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Added {
     Length(u64),
+    /// As a field line of its own: after other `Transfer-Encoding` lines, its value joins their
+    /// list as the last coding (RFC 9110 §5.3).
     Chunked,
+}
+
+impl Added {
+    pub(crate) fn put(self, out: &mut BytesMut) {
+        match self {
+            Added::Length(n) => {
+                out.extend_from_slice(b"content-length: ");
+                put_decimal(out, n);
+                out.extend_from_slice(b"\r\n");
+            }
+            Added::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+    }
 }
 
 fn encode_head(parts: &Parts, add: Option<Added>, out: &mut BytesMut) {
@@ -369,14 +384,8 @@ fn encode_head(parts: &Parts, add: Option<Added>, out: &mut BytesMut) {
     for (name, value) in &parts.headers {
         put_field(out, name, value);
     }
-    match add {
-        Some(Added::Length(n)) => {
-            out.extend_from_slice(b"content-length: ");
-            put_decimal(out, n);
-            out.extend_from_slice(b"\r\n");
-        }
-        Some(Added::Chunked) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        None => {}
+    if let Some(add) = add {
+        add.put(out);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -388,7 +397,7 @@ pub(crate) fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderVal
     out.extend_from_slice(b"\r\n");
 }
 
-pub(crate) fn put_decimal(out: &mut BytesMut, mut n: u64) {
+fn put_decimal(out: &mut BytesMut, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {

@@ -287,6 +287,10 @@ where
         .serve_connection(TokioIo::new(io), hyper_service(handler))
         .with_upgrades();
     let served = tokio::select! {
+        // The connection first: one handed over with a request already read must take that
+        // request in before draining asks it to finish, or hyper, with nothing read yet, would
+        // close without answering it.
+        biased;
         served = &mut conn => served,
         _ = drain.signaled() => {
             Pin::new(&mut conn).graceful_shutdown();
