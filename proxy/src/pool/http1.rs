@@ -425,6 +425,21 @@ pub(crate) fn put_hex(out: &mut BytesMut, mut n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
+/// Whether a comma-separated field value lists `token` (case-insensitively).
+pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Whether the last coding a `Transfer-Encoding` value lists is chunked.
+pub(crate) fn last_coding_is_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
 /// The value of a message's `Content-Length` fields: `None` without one; an error unless every
 /// value (a field may list several, comma-separated) is the same decimal number.
 pub(crate) fn content_length(values: header::GetAll<'_, HeaderValue>) -> Result<Option<u64>, ()> {
@@ -695,11 +710,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
         if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
             // The last coding decides: chunked, or the body runs to the close.
-            chunked = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            chunked = last_coding_is_chunked(value.as_bytes());
         } else if name == header::CONTENT_LENGTH {
             has_length = true;
         } else if name == header::CONNECTION {

@@ -924,9 +924,7 @@ fn connection_close(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+        .any(|v| http1::has_token(v.as_bytes(), b"close"))
 }
 
 /// An HTTP/2 response body that marks its stream done (for the connection's idle timeout) when

@@ -37,7 +37,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::{Drain, HYPER_MAX_HEAD_BYTES, MAX_HEADERS, answer_raw};
-use crate::pool::http1::{Added, content_length, put_field, put_hex};
+use crate::pool::http1::{
+    Added, content_length, has_token, last_coding_is_chunked, put_field, put_hex,
+};
 use crate::pool::{self, Body};
 
 /// The least room a read is given in the connection's buffer.
@@ -72,107 +74,144 @@ enum Head {
 }
 
 /// Serves an HTTP/1 connection; see the module's documentation.
-pub(super) async fn serve<S, F, Fut>(
+///
+/// Not an `async fn`: one would hold `stream` twice, as its argument and as the local it is
+/// served from (1208 bytes each over mTLS, `-Zprint-type-sizes`).
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` would hold its stream argument twice"
+)]
+pub(super) fn serve<S, F, Fut>(
     mut stream: S,
     head_timeout: Duration,
     drain: Drain,
     handler: F,
-) where
+) -> impl Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Body>) -> Fut + Send + Sync + Unpin + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let mut buf = BytesMut::new();
-    let mut out = BytesMut::new();
-    // One timer for the connection, moved only when it fires before the head's deadline: a
-    // request costs a clock read, not a timer of its own.
-    let mut deadline = Instant::now() + head_timeout;
-    let sleep = tokio::time::sleep_until(deadline);
-    tokio::pin!(sleep);
-    let mut watch = drain.clone();
-    let signaled = watch.signaled();
-    tokio::pin!(signaled);
-    let mut drained = false;
-    // How much of `buf` is known to hold no complete head: a head arriving in pieces is parsed
-    // again only once a piece brings a blank line, so a client that sends it a byte at a time
-    // costs time in its length, not in its square.
-    let mut searched = 0;
-    loop {
-        let (request, meta) = loop {
-            if !buf.is_empty() {
-                let head = if searched == 0 || head_ends_after(&buf, searched) {
-                    parse(&mut buf)
-                } else {
-                    Head::Partial
-                };
-                match head {
-                    Head::Parsed(request, meta) => {
-                        searched = 0;
-                        break (request, meta);
-                    }
-                    Head::Partial if buf.len() < HYPER_MAX_HEAD_BYTES => searched = buf.len(),
-                    Head::Bad => {
-                        answer_raw(stream, StatusCode::BAD_REQUEST, "bad-request", None).await;
-                        return;
-                    }
-                    Head::Partial | Head::Hyper => {
-                        let io = Rewind {
-                            read: buf.freeze(),
-                            io: stream,
+    async move {
+        let mut buf = BytesMut::new();
+        let mut out = BytesMut::new();
+        // One timer for the connection, moved only when it fires before the head's deadline: a
+        // request costs a clock read, not a timer of its own.
+        let mut deadline = Instant::now() + head_timeout;
+        let sleep = tokio::time::sleep_until(deadline);
+        tokio::pin!(sleep);
+        let mut watch = drain.clone();
+        let signaled = watch.signaled();
+        tokio::pin!(signaled);
+        let mut drained = false;
+        // How much of `buf` is known to hold no complete head: a head arriving in pieces is parsed
+        // again only once a piece brings a blank line, so a client that sends it a byte at a time
+        // costs time in its length, not in its square.
+        let mut searched = 0;
+        loop {
+            let (request, meta) = loop {
+                if !buf.is_empty() {
+                    // Decided in a block of its own, so that the head (248 bytes) is not laid
+                    // out across the awaits below.
+                    let hand_over = {
+                        let head = if searched == 0 || head_ends_after(&buf, searched) {
+                            parse(&mut buf)
+                        } else {
+                            Head::Partial
                         };
-                        Box::pin(super::serve_hyper_http1(io, head_timeout, drain, handler)).await;
-                        return;
-                    }
-                }
-            } else if drained {
-                let _ = stream.shutdown().await;
-                return;
-            }
-            if buf.capacity() - buf.len() < READ_ROOM {
-                buf.reserve(READ_ROOM);
-            }
-            tokio::select! {
-                biased;
-                read = stream.read_buf(&mut buf) => match read {
-                    Ok(0) => {
-                        // The client is done: so is the connection, as hyper closes it.
-                        let _ = stream.shutdown().await;
-                        return;
-                    }
-                    Err(_) => return,
-                    Ok(_) => {}
-                },
-                () = &mut sleep => {
-                    if Instant::now() < deadline {
-                        sleep.as_mut().reset(deadline);
-                        continue;
-                    }
-                    if !buf.is_empty() {
-                        answer_raw(stream, StatusCode::REQUEST_TIMEOUT, "request-timeout", None)
+                        match head {
+                            Head::Parsed(request, meta) => {
+                                searched = 0;
+                                break (request, meta);
+                            }
+                            Head::Partial if buf.len() < HYPER_MAX_HEAD_BYTES => {
+                                searched = buf.len();
+                                None
+                            }
+                            Head::Bad => Some(false),
+                            Head::Partial | Head::Hyper => Some(true),
+                        }
+                    };
+                    match hand_over {
+                        None => {}
+                        Some(false) => {
+                            // Boxed, as the 408 below.
+                            Box::pin(answer_raw(
+                                stream,
+                                StatusCode::BAD_REQUEST,
+                                "bad-request",
+                                None,
+                            ))
                             .await;
+                            return;
+                        }
+                        Some(true) => {
+                            let io = Rewind {
+                                read: buf.freeze(),
+                                io: stream,
+                            };
+                            Box::pin(super::serve_hyper_http1(io, head_timeout, drain, handler))
+                                .await;
+                            return;
+                        }
                     }
+                } else if drained {
+                    let _ = stream.shutdown().await;
                     return;
-                },
-                () = &mut signaled, if !drained => drained = true,
+                }
+                if buf.capacity() - buf.len() < READ_ROOM {
+                    buf.reserve(READ_ROOM);
+                }
+                tokio::select! {
+                    biased;
+                    read = stream.read_buf(&mut buf) => match read {
+                        Ok(0) => {
+                            // The client is done: so is the connection, as hyper closes it.
+                            let _ = stream.shutdown().await;
+                            return;
+                        }
+                        Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    () = &mut sleep => {
+                        if Instant::now() < deadline {
+                            sleep.as_mut().reset(deadline);
+                            continue;
+                        }
+                        if !buf.is_empty() {
+                            // Boxed: rare, and inline its future (2.7 KB over mTLS) would be
+                            // laid out in every connection's.
+                            Box::pin(answer_raw(
+                                stream,
+                                StatusCode::REQUEST_TIMEOUT,
+                                "request-timeout",
+                                None,
+                            ))
+                            .await;
+                        }
+                        return;
+                    },
+                    () = &mut signaled, if !drained => drained = true,
+                }
+            };
+            // Boxed as in hyper's service (see `super::hyper_service`): the future is several KB.
+            let answer = Box::into_pin(Box::write(Box::new_uninit(), handler(request)));
+            let (parts, body) = answer.await.into_parts();
+            let close = meta.close || drain.is_draining();
+            match respond(&mut stream, &mut out, parts, body, meta, close).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = stream.shutdown().await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "HTTP/1 connection ended with an error");
+                    return;
+                }
             }
-        };
-        // Boxed as in hyper's service (see `super::hyper_service`): the future is several KB.
-        let answer = Box::into_pin(Box::write(Box::new_uninit(), handler(request)));
-        let response = answer.await;
-        let close = meta.close || drained || drain.is_draining();
-        match respond(&mut stream, &mut out, response, meta, close).await {
-            Ok(true) => {}
-            Ok(false) => {
-                let _ = stream.shutdown().await;
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "HTTP/1 connection ended with an error");
-                return;
-            }
+            // The next head has as long again, from now.
+            deadline = Instant::now() + head_timeout;
         }
-        // The next head has as long again, from now.
-        deadline = Instant::now() + head_timeout;
     }
 }
 
@@ -291,13 +330,6 @@ fn head_ends_after(buf: &[u8], from: usize) -> bool {
     tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
-/// Whether a comma-separated field value lists `token` (case-insensitively).
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
 /// How a response's body goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
@@ -308,17 +340,18 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `response`. Returns whether the connection takes another request: not when `close`,
+/// Writes a response, given as its parts and body (an async fn taking the `Response` would
+/// hold it twice). Returns whether the connection takes another request: not when `close`,
 /// when the response says `Connection: close`, or when its body failed or did not match its
 /// length (what was written of it stands; the client sees the message cut short).
 async fn respond<S: AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut BytesMut,
-    response: Response<Body>,
+    parts: http::response::Parts,
+    mut body: Body,
     meta: Meta,
     close: bool,
 ) -> io::Result<bool> {
-    let (parts, mut body) = response.into_parts();
     let status = parts.status;
     if status.is_informational() {
         // Not a final answer: the client would take the next response for this request's.
@@ -348,8 +381,7 @@ async fn respond<S: AsyncWrite + Unpin>(
         } else if *name == header::CONNECTION {
             said_close |= has_token(value.as_bytes(), b"close");
         } else if *name == header::TRANSFER_ENCODING {
-            let last = value.as_bytes().rsplit(|&b| b == b',').next();
-            coding = Some(last.is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked")));
+            coding = Some(last_coding_is_chunked(value.as_bytes()));
         }
     }
     let close = close || said_close;
@@ -368,13 +400,14 @@ async fn respond<S: AsyncWrite + Unpin>(
             (!chunked_last).then_some(Added::Chunked),
         ),
         (false, None, Ok(Some(n))) => (Framing::Length(n), true, None),
-        (false, None, declared) => match body
+        // No Content-Length, or a malformed one, dropped.
+        (false, None, _) => match body
             .size_hint()
             .exact()
             .or_else(|| body.is_end_stream().then_some(0))
         {
             Some(n) => (Framing::Length(n), false, Some(Added::Length(n))),
-            None => (Framing::Chunked, declared.is_ok(), Some(Added::Chunked)),
+            None => (Framing::Chunked, false, Some(Added::Chunked)),
         },
     };
     let keep_coding = !(no_content || status == StatusCode::NOT_MODIFIED);

@@ -344,9 +344,7 @@ pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
         .headers()
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        .any(|v| pool::http1::has_token(v.as_bytes(), b"upgrade"));
     if !asks || req.version() == http::Version::HTTP_2 {
         return None;
     }
