@@ -587,13 +587,16 @@ async fn a_retry_that_would_miss_the_deadline_returns_the_real_answer() -> anyho
     for e in &mut eps {
         e.mode = Mode::Fail;
     }
-    // Back-offs are uniform in [0, 10 s): almost every request meets one that ends past its 1 s
-    // timeout within its five retries.
+    // Back-offs are uniform in [0, 1000 s): a request's first retry is refused for the deadline
+    // but once in a thousand times. A retry that is made runs into the deadline (a 504, rightly)
+    // when its back-off ends less than one attempt's duration before it: for a 50 ms attempt on a
+    // loaded machine, one request in twenty thousand, where 10 s back-offs made it one in two
+    // hundred.
     let routes = "  routes:
   - name: all
     destinations: [{service: web}]
     timeout: 1s
-    retries: {attempts: 5, retryOn: [retriable-status-codes], retriableStatusCodes: [503], backoffBase: 10s, backoffMax: 10s}
+    retries: {attempts: 5, retryOn: [retriable-status-codes], retriableStatusCodes: [503], backoffBase: 1000s, backoffMax: 1000s}
 ";
     let fleet = Fleet::start(spec(eps, "  loadBalancer: {policy: ROUND_ROBIN}\n", routes)).await?;
     let target = fleet.target();
