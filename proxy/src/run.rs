@@ -87,8 +87,9 @@ pub struct RunArgs {
     /// connection as opaque TCP (server-speaks-first protocols).
     #[arg(long, env = "KEEL_DETECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub detect_timeout: Duration,
-    /// How long an HTTP/1 client may take to send a request head (it is then answered 408), and
-    /// how long an idle HTTP/1 keep-alive connection is kept.
+    /// How long an HTTP/1 client may take to send a request head, and a body of at most 16 KiB
+    /// with it (it is then answered 408), and how long an idle HTTP/1 keep-alive connection is
+    /// kept.
     #[arg(long, env = "KEEL_HTTP_HEAD_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub http_head_timeout: Duration,
     /// How long an HTTP/1 connection to an upstream may wait in the pool for its next request

@@ -443,19 +443,27 @@ pub(crate) fn last_coding_is_chunked(value: &[u8]) -> bool {
 /// The value of a message's `Content-Length` fields: `None` without one; an error unless every
 /// value (a field may list several, comma-separated) is the same decimal number.
 pub(crate) fn content_length(values: header::GetAll<'_, HeaderValue>) -> Result<Option<u64>, ()> {
-    let mut length = None;
-    for value in values {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return Err(());
-            }
-            let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(());
-            }
-            length = Some(n);
+    values.into_iter().try_fold(None, |length, value| {
+        with_content_length(length, value.as_bytes())
+    })
+}
+
+/// The length found so far (`None` before the first field) with one more `Content-Length`
+/// field's value: an error unless every value it lists is that same decimal number.
+pub(crate) fn with_content_length(
+    mut length: Option<u64>,
+    value: &[u8],
+) -> Result<Option<u64>, ()> {
+    for item in value.split(|&b| b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+            return Err(());
         }
+        let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if length.is_some_and(|l| l != n) {
+            return Err(());
+        }
+        length = Some(n);
     }
     Ok(length)
 }
@@ -698,6 +706,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
     let mut transfer_encoding = false;
     let mut chunked = false;
     let mut has_length = false;
+    // The Content-Length fields' value: an error when they are malformed or disagree.
+    let mut length = Ok(None);
     let mut close = false;
     let mut keep_alive_token = false;
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
@@ -713,6 +723,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
             chunked = last_coding_is_chunked(value.as_bytes());
         } else if name == header::CONTENT_LENGTH {
             has_length = true;
+            length = length.and_then(|l| with_content_length(l, value.as_bytes()));
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',') {
                 let token = token.trim_ascii();
@@ -736,7 +747,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
             BodyFraming::UntilClose
         }
     } else if has_length {
-        match content_length(headers.get_all(header::CONTENT_LENGTH)) {
+        match length {
             Ok(Some(0)) => BodyFraming::Done,
             Ok(Some(n)) => BodyFraming::Length(n),
             Ok(None) | Err(()) => return Err(Error::Framing("malformed content-length")),

@@ -1,19 +1,25 @@
-//! HTTP/1 from clients: requests without a body served in the connection's own future, the rest
-//! by hyper's server.
+//! HTTP/1 from clients: requests without a body or with a small one served in the connection's
+//! own future, the rest by hyper's server.
 //!
-//! hyper's server runs every request through a dispatcher built for every case (request bodies,
-//! `Expect`, upgrades, half-closes) and encodes each response with checks of its own: in the
-//! sidecar's one hop, that was a third of the instructions per request (callgrind). Most
-//! requests in a mesh are a head and nothing more. A request that is HTTP/1.1, whose head is
-//! whole in what was read, with no body (no `Content-Length` but 0, no `Transfer-Encoding`), no
-//! `Expect` and no upgrade (`CONNECT`, `Upgrade`, `Connection: upgrade`) is parsed with httparse,
-//! answered, and its response encoded and written here, head and body in one write when the body
-//! is ready.
+//! hyper's server runs every request through a dispatcher built for every case (streamed request
+//! bodies, `Expect`, upgrades, half-closes) and encodes each response with checks of its own: in
+//! the sidecar's one hop, that was a third of the instructions per request (callgrind). Most
+//! requests in a mesh are a head and nothing more, or a head and a small body. A request that is
+//! HTTP/1.1, with no `Expect` and no upgrade (`CONNECT`, `Upgrade`, `Connection: upgrade`), and
+//! with no body or one of at most [`SMALL_BODY`] bytes by `Content-Length` (no
+//! `Transfer-Encoding`), is parsed with httparse once its head and body are whole in what was
+//! read, answered, and its response encoded and written here, head and body in one write when the
+//! body is ready. A small body is read whole before the request goes on, as nginx reads a request
+//! body into its buffer before it sends it upstream (`client_body_buffer_size`, 16 KiB, and
+//! `proxy_request_buffering`, on): the upstream gets it in one write, and a retry has it at hand.
+//! The head's timeout covers that body too.
 //!
 //! The first request that is anything else, and any head that httparse refuses or that outgrows
 //! the limits, hands the connection, with what was read of it, to hyper's server for the rest of
-//! its life ([`super::serve_hyper_http1`]): bodies, `Expect: 100-continue`, upgrades, HTTP/1.0
-//! and the bare 400 and 431 answers are hyper's, as before.
+//! its life ([`super::serve_hyper_http1`]): chunked bodies and longer ones (streamed, with no
+//! timeout of their own), `Expect: 100-continue`, upgrades, HTTP/1.0, and the bare 400 and 431
+//! answers are hyper's. So is a `Content-Length` that lists values (`5, 5`), which hyper's
+//! server refuses, as it does repeated fields that disagree.
 //!
 //! The rules kept here are hyper's server's: a response to `HEAD`, a 1xx, a 204 and a 304 carry
 //! no body; otherwise its `Content-Length`, else the body's exact length, else chunked (trailers
@@ -38,12 +44,15 @@ use tokio::time::Instant;
 
 use super::{Drain, HYPER_MAX_HEAD_BYTES, MAX_HEADERS, answer_raw};
 use crate::pool::http1::{
-    Added, content_length, has_token, last_coding_is_chunked, put_field, put_hex,
+    Added, has_token, last_coding_is_chunked, put_field, put_hex, with_content_length,
 };
 use crate::pool::{self, Body};
 
 /// The least room a read is given in the connection's buffer.
 const READ_ROOM: usize = 4 << 10;
+/// The longest request body read whole with its head and served here; a longer one goes to
+/// hyper's server, which streams it.
+pub(super) const SMALL_BODY: usize = 16 << 10;
 /// Response bytes gathered before a write; a data frame at least this large is written from
 /// where it is rather than copied behind the head.
 const WRITE_BATCH: usize = 16 << 10;
@@ -67,6 +76,8 @@ enum Head {
     Parsed(Request<Body>, Meta),
     /// Not all of it is here yet.
     Partial,
+    /// The head is whole, its small body not yet: parse again once `buf` holds this many bytes.
+    Body(usize),
     /// Not for this module: hyper's server takes the connection.
     Hyper,
     /// Passed by httparse, refused by `http`'s types.
@@ -108,12 +119,17 @@ where
         // again only once a piece brings a blank line, so a client that sends it a byte at a time
         // costs time in its length, not in its square.
         let mut searched = 0;
+        // What `buf` must hold before the request at its start is parsed again: its head and
+        // its small body.
+        let mut need = 0;
         loop {
             let (request, meta) = loop {
                 if !buf.is_empty() {
                     // Decided in a block of its own, so that the head (248 bytes) is not laid
                     // out across the awaits below.
-                    let hand_over = {
+                    let hand_over = if buf.len() < need {
+                        None
+                    } else {
                         let head = if searched == 0 || head_ends_after(&buf, searched) {
                             parse(&mut buf)
                         } else {
@@ -122,7 +138,13 @@ where
                         match head {
                             Head::Parsed(request, meta) => {
                                 searched = 0;
+                                need = 0;
                                 break (request, meta);
+                            }
+                            Head::Body(whole) => {
+                                searched = 0;
+                                need = whole;
+                                None
                             }
                             Head::Partial if buf.len() < HYPER_MAX_HEAD_BYTES => {
                                 searched = buf.len();
@@ -159,8 +181,9 @@ where
                     let _ = stream.shutdown().await;
                     return;
                 }
-                if buf.capacity() - buf.len() < READ_ROOM {
-                    buf.reserve(READ_ROOM);
+                let room = READ_ROOM.max(need.saturating_sub(buf.len()));
+                if buf.capacity() - buf.len() < room {
+                    buf.reserve(room);
                 }
                 tokio::select! {
                     biased;
@@ -257,6 +280,7 @@ fn parse(buf: &mut BytesMut) -> Head {
     let path_len = path.len();
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let count = req.headers.len();
+    let mut length = None;
     for (span, field) in spans.iter_mut().zip(req.headers.iter()) {
         let name = field.name.as_bytes();
         let value = field.value;
@@ -272,7 +296,16 @@ fn parse(buf: &mut BytesMut) -> Head {
                 meta.close |= has_token(value, b"close");
                 has_token(value, b"upgrade")
             }
-            14 => name.eq_ignore_ascii_case(b"content-length") && value != b"0",
+            // A list, lengths that disagree and lengths that are not numbers get hyper's 400.
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                match with_content_length(length, value) {
+                    Ok(found) if !value.contains(&b',') => {
+                        length = found;
+                        false
+                    }
+                    _ => true,
+                }
+            }
             17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
             _ => false,
         };
@@ -286,13 +319,26 @@ fn parse(buf: &mut BytesMut) -> Head {
             value.len() as u32,
         );
     }
+    let body_len = match length {
+        None => 0,
+        Some(n) if n <= SMALL_BODY as u64 => n as usize,
+        Some(_) => return Head::Hyper,
+    };
+    if buf.len() - len < body_len {
+        return Head::Body(len + body_len);
+    }
     let head = buf.split_to(len).freeze();
+    let body = if body_len == 0 {
+        pool::empty()
+    } else {
+        pool::full(buf.split_to(body_len).freeze())
+    };
     // httparse has checked the target's and the fields' bytes; these cannot fail on what it
     // passes, and a request they refused would be one hyper refuses too.
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at..path_at + path_len)) else {
         return Head::Bad;
     };
-    let mut request = Request::new(pool::empty());
+    let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
@@ -309,8 +355,8 @@ fn parse(buf: &mut BytesMut) -> Head {
         else {
             return Head::Bad;
         };
-        // Repeated `Content-Length: 0` fields are one, as hyper keeps them: some servers refuse
-        // a repeated Content-Length.
+        // Repeated `Content-Length` fields (all of one value, as checked above) are one, as
+        // hyper keeps them: some servers refuse a repeated Content-Length.
         if name == header::CONTENT_LENGTH {
             if length_seen {
                 continue;
@@ -370,12 +416,14 @@ async fn respond<S: AsyncWrite + Unpin>(
     let no_content = status == StatusCode::NO_CONTENT;
     let bodiless = meta.head || no_content || status == StatusCode::NOT_MODIFIED;
     // One pass over the fields for what decides the framing and the closing.
-    let (mut has_length, mut has_date, mut said_close) = (false, false, false);
+    let (mut has_date, mut said_close) = (false, false);
+    // The Content-Length fields' value: none, or an error when they are malformed or disagree.
+    let mut declared = Ok(None);
     // Whether there is a Transfer-Encoding, and whether its last coding is chunked.
     let mut coding: Option<bool> = None;
     for (name, value) in headers {
         if *name == header::CONTENT_LENGTH {
-            has_length = true;
+            declared = declared.and_then(|length| with_content_length(length, value.as_bytes()));
         } else if *name == header::DATE {
             has_date = true;
         } else if *name == header::CONNECTION {
@@ -385,10 +433,6 @@ async fn respond<S: AsyncWrite + Unpin>(
         }
     }
     let close = close || said_close;
-    let declared = match has_length {
-        true => content_length(headers.get_all(header::CONTENT_LENGTH)),
-        false => Ok(None),
-    };
     // The framing, whether the response's Content-Length fields are written, and what is added.
     // A Transfer-Encoding wins over a Content-Length (RFC 9112 §6.3) and keeps its codings,
     // chunked added last; a malformed Content-Length is not passed on.
@@ -1095,13 +1139,60 @@ mod tests {
         assert_eq!(seen.lock().unwrap().len(), 1);
     }
 
+    /// Whether the handler is called before the last byte of a `len`-byte body is sent: hyper's
+    /// server calls it at the head, this module once the body is whole.
+    async fn called_before_the_body_is_whole(len: usize) -> bool {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (_trigger, drain) = DrainTrigger::new();
+        let called = Arc::new(AtomicUsize::new(0));
+        let calls = called.clone();
+        tokio::spawn(serve(server, TIMEOUT, drain, move |req: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                ok(if body.len() == len { "whole" } else { "short" })
+            }
+        }));
+        let (mut read, mut write) = tokio::io::split(client);
+        let head = format!("POST / HTTP/1.1\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n");
+        write.write_all(head.as_bytes()).await.unwrap();
+        write.write_all(&vec![b'x'; len - 1]).await.unwrap();
+        // Long enough for hyper's dispatcher, which needs a few polls; this module is never
+        // called early however long it is given.
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+        let early = called.load(Ordering::SeqCst) == 1;
+        write.write_all(b"x").await.unwrap();
+        let mut answer = String::new();
+        read.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.ends_with("whole"), "{len}: {answer}");
+        early
+    }
+
     #[tokio::test]
-    async fn requests_with_a_body_an_upgrade_or_an_old_version_go_to_hyper() {
+    async fn bodies_up_to_the_small_limit_are_read_whole_and_longer_ones_streamed_by_hyper() {
+        assert!(!called_before_the_body_is_whole(1).await);
+        assert!(!called_before_the_body_is_whole(SMALL_BODY).await);
+        assert!(called_before_the_body_is_whole(SMALL_BODY + 1).await);
+    }
+
+    #[tokio::test]
+    async fn requests_with_a_large_body_an_upgrade_or_an_old_version_go_to_hyper() {
+        let large = "x".repeat(SMALL_BODY + 1);
+        let large_request = format!(
+            "POST /p HTTP/1.1\r\ncontent-length: {}\r\n\r\n{large}",
+            large.len()
+        );
+        let large_seen = format!(
+            r#"POST /p HTTP/1.1 [content-length={}] "{large}""#,
+            large.len()
+        );
         let cases: [(&str, &str, &str); 5] = [
             (
-                "a body by length",
-                "POST /p HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello",
-                r#"POST /p HTTP/1.1 [content-length=5] "hello""#,
+                "a body by length past the small ones",
+                &large_request,
+                &large_seen,
             ),
             (
                 "a chunked body",
@@ -1136,15 +1227,83 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn repeated_empty_lengths_reach_the_handler_as_one() {
+    async fn repeated_lengths_reach_the_handler_as_one_and_lengths_that_disagree_get_400() {
         let (_, seen) = exchange(
-            b"GET / HTTP/1.1\r\ncontent-length: 0\r\nContent-Length: 0\r\n\r\n",
+            b"GET / HTTP/1.1\r\ncontent-length: 0\r\nContent-Length: 0\r\n\r\n\
+              POST / HTTP/1.1\r\ncontent-length: 2\r\nContent-Length: 2\r\n\r\nhi",
             |_| ok(""),
         )
         .await;
         assert_eq!(
             *seen.lock().unwrap(),
-            [r#"GET / HTTP/1.1 [content-length=0] """#]
+            [
+                r#"GET / HTTP/1.1 [content-length=0] """#,
+                r#"POST / HTTP/1.1 [content-length=2] "hi""#
+            ]
+        );
+        for request in [
+            "POST / HTTP/1.1\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nhi!",
+            "POST / HTTP/1.1\r\ncontent-length: 2, 3\r\n\r\nhi!",
+            "POST / HTTP/1.1\r\ncontent-length: 2, 2\r\n\r\nhi",
+            "POST / HTTP/1.1\r\ncontent-length: +2\r\n\r\nhi",
+        ] {
+            let (read, seen) = exchange(request.as_bytes(), |_| ok("")).await;
+            assert!(seen.lock().unwrap().is_empty(), "{request:?}");
+            assert!(
+                read.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+                "{request:?}: {read}"
+            );
+        }
+    }
+
+    /// A small body is read whole before the handler sees the request (hyper's server would call
+    /// it at the head), and the connection goes on with the next request.
+    #[tokio::test]
+    async fn a_small_body_is_read_whole_with_its_head_and_served_here() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (_trigger, drain) = DrainTrigger::new();
+        let called = Seen::default();
+        let log = called.clone();
+        tokio::spawn(serve(server, TIMEOUT, drain, move |req: Request<Body>| {
+            let log = log.clone();
+            let exact = req.body().size_hint().exact();
+            log.lock()
+                .unwrap()
+                .push(format!("{} {exact:?}", req.method()));
+            async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                log.lock().unwrap().push(format!("{body:?}"));
+                ok("done")
+            }
+        }));
+        let (mut read, mut write) = tokio::io::split(client);
+        write
+            .write_all(b"POST /p HTTP/1.1\r\ncontent-length: 11\r\n\r\nhello")
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(called.lock().unwrap().is_empty(), "{called:?}");
+        write
+            .write_all(b" world\r\nGET /next HTTP/1.1\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answers = String::new();
+        read.read_to_string(&mut answers).await.unwrap();
+        assert_eq!(
+            answers.matches("HTTP/1.1 200 OK\r\n").count(),
+            2,
+            "{answers}"
+        );
+        assert_eq!(
+            *called.lock().unwrap(),
+            [
+                "POST Some(11)",
+                r#"b"hello world""#,
+                "GET Some(0)",
+                r#"b"""#
+            ]
         );
     }
 
@@ -1210,6 +1369,10 @@ mod tests {
     async fn a_head_cut_short_gets_408_and_an_idle_connection_is_closed_in_silence() {
         for (sent, expected) in [
             ("GET / HTTP/1.1\r\nhost: x", "HTTP/1.1 408 Request Timeout"),
+            (
+                "POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhel",
+                "HTTP/1.1 408 Request Timeout",
+            ),
             ("", ""),
         ] {
             let (mut client, server) = tokio::io::duplex(1 << 16);

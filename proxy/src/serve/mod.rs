@@ -59,8 +59,8 @@ pub struct Shared {
     /// How long protocol detection waits for a client's first bytes.
     pub detect_timeout: Duration,
     /// How long an HTTP/1 client may take to send a request head (the first, on a port declared
-    /// HTTP, counted from the connection's start), and how long an idle keep-alive connection
-    /// is kept.
+    /// HTTP, counted from the connection's start), with its body when that is one read whole
+    /// with the head (see [`http1`]), and how long an idle keep-alive connection is kept.
     pub head_timeout: Duration,
     /// The inbound listener's port: never a destination the proxy forwards to.
     pub inbound_port: u16,
@@ -196,8 +196,9 @@ where
 /// HTTP/1: a client may half-close (shut its write side) once its request is sent and still
 /// gets the response. One that has sent part of a request head and nothing more for
 /// `head_timeout` gets 408 with `keel-error: request-timeout`; an idle keep-alive connection is
-/// closed after that long without a word, as HTTP/1.1 allows. Requests without a body are
-/// served by [`http1`]; a connection's first other request hands it to hyper's server.
+/// closed after that long without a word, as HTTP/1.1 allows. Requests without a body or with
+/// a small one by length are served by [`http1`] (a small body is read whole with its head, in
+/// the head's time); a connection's first other request hands it to hyper's server.
 ///
 /// The connection is built before the returned future, which holds it once: an `async fn`
 /// would keep `stream` as its argument besides the copy inside the connection, and lay the
