@@ -1,28 +1,49 @@
 //! Closed-loop maximum throughput with `wrk` (Debian's package): the command line the benchmarks
 //! run and what they read from its report.
 
+use std::path::Path;
 use std::time::Duration;
 
-/// How `wrk` is run: `wrk -t<threads> -c<connections> -d<duration> --timeout <timeout> <url>`.
+/// How `wrk` is run: `wrk -t<threads> -c<connections> -d<duration> --timeout <timeout>
+/// [-s <script>] <url>`.
 #[derive(Debug, Clone)]
 pub struct Wrk {
     pub threads: u32,
     pub connections: u32,
     pub duration: Duration,
     pub timeout: Duration,
+    /// Each request a POST with a body of this many bytes (by `Content-Length`); 0: a GET.
+    pub body: usize,
 }
 
 impl Wrk {
-    /// The arguments after `wrk`, for `url`.
-    pub fn args(&self, url: &str) -> Vec<String> {
-        vec![
+    /// The arguments after `wrk`, for `url`; `script` is where [`Wrk::script`] was written, when
+    /// there is one.
+    pub fn args(&self, url: &str, script: Option<&Path>) -> Vec<String> {
+        let mut args = vec![
             format!("-t{}", self.threads),
             format!("-c{}", self.connections),
             format!("-d{}s", self.duration.as_secs().max(1)),
             "--timeout".to_owned(),
             format!("{}s", self.timeout.as_secs().max(1)),
-            url.to_owned(),
-        ]
+        ];
+        if let Some(script) = script {
+            args.extend(["-s".to_owned(), script.display().to_string()]);
+        }
+        args.push(url.to_owned());
+        args
+    }
+
+    /// The Lua script that makes every request a POST with [`Wrk::body`] bytes, if they are.
+    pub fn script(&self) -> Option<String> {
+        (self.body > 0).then(|| {
+            format!(
+                "wrk.method = \"POST\"\n\
+                 wrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n\
+                 wrk.body = string.rep(\"x\", {})\n",
+                self.body
+            )
+        })
     }
 }
 
@@ -131,15 +152,26 @@ Requests/sec:    100.00
 
     #[test]
     fn command_line() {
-        let wrk = Wrk {
+        let mut wrk = Wrk {
             threads: 1,
             connections: 64,
             duration: Duration::from_secs(10),
             timeout: Duration::from_secs(5),
+            body: 0,
         };
         assert_eq!(
-            wrk.args("http://x/").join(" "),
+            wrk.args("http://x/", None).join(" "),
             "-t1 -c64 -d10s --timeout 5s http://x/"
         );
+        assert_eq!(wrk.script(), None);
+        wrk.body = 3;
+        assert_eq!(
+            wrk.args("http://x/", Some(Path::new("/w/post.lua")))
+                .join(" "),
+            "-t1 -c64 -d10s --timeout 5s -s /w/post.lua http://x/"
+        );
+        let script = wrk.script().unwrap();
+        assert!(script.contains("wrk.method = \"POST\"\n"), "{script}");
+        assert!(script.contains("string.rep(\"x\", 3)"), "{script}");
     }
 }

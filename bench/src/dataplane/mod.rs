@@ -70,6 +70,10 @@ pub struct Options {
     /// wrk's connections (it always runs one thread: `-t1`).
     #[arg(long, default_value_t = 64)]
     pub wrk_connections: u32,
+    /// Both wrk runs' requests are POSTs with a body of this many bytes (by `Content-Length`)
+    /// instead of GETs; h2load's and the open loop's are unchanged.
+    #[arg(long, default_value_t = 0)]
+    pub wrk_body: usize,
     /// Connections of one more wrk run (as long as the first), after the other loads: its
     /// throughput, CPU per request, and each sidecar's RSS halfway through it, with that many
     /// client connections open; 0 skips it.
@@ -246,6 +250,7 @@ impl Options {
             connections: self.wrk_connections,
             duration,
             timeout: Duration::from_secs(5),
+            body: self.wrk_body,
         }
     }
 
@@ -809,8 +814,15 @@ pub async fn run(options: &Options, command: String) -> anyhow::Result<String> {
             "`{wrk}` after a {warmup} warm-up; {h2}; open loop (`openloop`, {conns} keep-alive \
              HTTP/1.1 connections, latency from each request's intended send time) at {rates} \
              req/s for {duration} each after a {warmup} warm-up; {many}; nginx answers a fixed \
-             {body}-byte body (bench/dataplane/nginx.conf)",
+             {body}-byte body (bench/dataplane/nginx.conf){post}",
             wrk = wrk_label(&options.wrk(options.wrk_duration)),
+            post = match options.wrk_body {
+                0 => String::new(),
+                n => format!(
+                    "; wrk's requests are POSTs of a {n}-byte body (`Content-Length`), the \
+                     script setting `wrk.method` and `wrk.body`"
+                ),
+            },
             many = match options.many_wrk() {
                 Some(many) => format!(
                     "then `{}`, each sidecar's RSS read halfway through it",
@@ -873,8 +885,12 @@ async fn run_discovery(
 }
 
 fn wrk_label(wrk: &Wrk) -> String {
+    let post = match wrk.body {
+        0 => String::new(),
+        n => format!(" -s wrk-post-{n}.lua"),
+    };
     format!(
-        "wrk -t{} -c{} -d{}s",
+        "wrk -t{} -c{} -d{}s{post}",
         wrk.threads,
         wrk.connections,
         wrk.duration.as_secs()

@@ -600,14 +600,26 @@ impl Testbed {
 
     /// Runs wrk in `pod` against `url`.
     async fn wrk(&self, pod: &Pod, url: &str, wrk: &Wrk) -> anyhow::Result<WrkReport> {
+        let script = match wrk.script() {
+            Some(text) => {
+                let path = self
+                    .network
+                    .workdir()
+                    .join(format!("wrk-post-{}.lua", wrk.body));
+                fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                Some(path)
+            }
+            None => None,
+        };
+        let args = wrk.args(url, script.as_deref());
         let mut command = tokio::process::Command::from(self.load_command(pod, "wrk"));
-        command.args(wrk.args(url)).kill_on_drop(true);
+        command.args(&args).kill_on_drop(true);
         let output = command.output().await.context("running wrk")?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         ensure!(
             output.status.success(),
             "wrk {} failed ({}): {}{}",
-            wrk.args(url).join(" "),
+            args.join(" "),
             output.status,
             stdout,
             String::from_utf8_lossy(&output.stderr)
