@@ -703,10 +703,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    let mut transfer_encoding = false;
-    let mut chunked = false;
-    let mut has_length = false;
-    // The Content-Length fields' value: an error when they are malformed or disagree.
+    // Whether there is a Transfer-Encoding, and whether its last coding is chunked (the last
+    // coding decides: chunked, or the body runs to the close).
+    let mut coding: Option<bool> = None;
+    // The Content-Length fields' value: none without one, an error when they are malformed or
+    // disagree.
     let mut length = Ok(None);
     let mut close = false;
     let mut keep_alive_token = false;
@@ -718,11 +719,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
             HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
                 .map_err(|_| Error::Head(httparse::Error::HeaderValue))?;
         if name == header::TRANSFER_ENCODING {
-            transfer_encoding = true;
-            // The last coding decides: chunked, or the body runs to the close.
-            chunked = last_coding_is_chunked(value.as_bytes());
+            coding = Some(last_coding_is_chunked(value.as_bytes()));
         } else if name == header::CONTENT_LENGTH {
-            has_length = true;
             length = length.and_then(|l| with_content_length(l, value.as_bytes()));
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',') {
@@ -735,31 +733,22 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
     }
     let no_body =
         head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-    let framing = if no_body {
-        BodyFraming::Done
-    } else if transfer_encoding {
-        if has_length {
+    let framing = match (no_body, coding, length) {
+        (true, _, _) => BodyFraming::Done,
+        (false, Some(_), Ok(Some(_)) | Err(())) => {
             return Err(Error::Framing("both transfer-encoding and content-length"));
         }
-        if chunked {
-            BodyFraming::Chunked(Chunk::Size)
-        } else {
-            BodyFraming::UntilClose
-        }
-    } else if has_length {
-        match length {
-            Ok(Some(0)) => BodyFraming::Done,
-            Ok(Some(n)) => BodyFraming::Length(n),
-            Ok(None) | Err(()) => return Err(Error::Framing("malformed content-length")),
-        }
-    } else {
-        BodyFraming::UntilClose
+        (false, Some(true), Ok(None)) => BodyFraming::Chunked(Chunk::Size),
+        (false, Some(false), Ok(None)) | (false, None, Ok(None)) => BodyFraming::UntilClose,
+        (false, None, Ok(Some(0))) => BodyFraming::Done,
+        (false, None, Ok(Some(n))) => BodyFraming::Length(n),
+        (false, None, Err(())) => return Err(Error::Framing("malformed content-length")),
     };
     // An HTTP/1.0 message has no Transfer-Encoding: its framing is faulty, and the connection is
     // closed after it (RFC 9112 §6.1).
     let keep_alive = !close
         && framing != BodyFraming::UntilClose
-        && (version == Version::HTTP_11 || (keep_alive_token && !transfer_encoding));
+        && (version == Version::HTTP_11 || (keep_alive_token && coding.is_none()));
     Ok(Parsed::Final(Head {
         status,
         version,
