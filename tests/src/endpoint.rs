@@ -1,5 +1,6 @@
 //! A service endpoint whose faults the test chooses: an HTTP server (HTTP/1.1 and HTTP/2) that
-//! answers every request with `x-served-by: <name>`, or fails, or hangs, as told. It runs as its
+//! answers every request with `x-served-by: <name>` and `x-seen: <what arrived>` (method,
+//! target, `Host`, `x-test` and body), or fails, or hangs, as told. It runs as its
 //! own process in a pod (`keel-test-endpoint`, or the failover benchmark re-executing itself) so
 //! that a test can kill it for real.
 //!
@@ -131,8 +132,29 @@ async fn answer(
         });
         return respond(200, &state.name, body.to_string());
     }
-    // Drain the request body, as a real application would before answering.
-    let _ = request.into_body().collect().await;
+    // What arrived, for tests of what the proxies forward: the request line's method and
+    // target, `Host`, `x-test`, and the body (read whole, as a real application would before
+    // answering).
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let field = |name| {
+        parts
+            .headers
+            .get(name)
+            .map_or("-".into(), |v| String::from_utf8_lossy(v.as_bytes()))
+    };
+    let seen = format!(
+        "{} {} host={} x-test={} body={}",
+        parts.method,
+        parts.uri,
+        field(http::header::HOST),
+        field(http::header::HeaderName::from_static("x-test")),
+        String::from_utf8_lossy(&body),
+    );
     let fail = match state.mode() {
         Mode::Ok => false,
         Mode::Fail => true,
@@ -146,13 +168,17 @@ async fn answer(
             false
         }
     };
-    if fail {
+    let mut response = if fail {
         state.failed.fetch_add(1, Ordering::Relaxed);
         respond(503, &state.name, "failing as told\n".into())
     } else {
         state.served.fetch_add(1, Ordering::Relaxed);
         respond(200, &state.name, format!("{}\n", state.name))
+    };
+    if let Ok(value) = http::HeaderValue::from_str(&seen) {
+        response.headers_mut().insert("x-seen", value);
     }
+    response
 }
 
 /// Serves on `listener` until the process ends.

@@ -682,6 +682,69 @@ async fn non_idempotent_requests_are_retried_only_when_the_route_says_so() -> an
     Ok(())
 }
 
+/// A request retried after a 503 reaches the next endpoint as the client sent it (method,
+/// target, `Host`, other fields, body), whether each attempt went over plaintext HTTP/1.1 (to an
+/// endpoint without a sidecar) or HTTP/2 (to a sidecar): b (HTTP/1.1) and c (HTTP/2) fail every
+/// request, d (HTTP/1.1) and e (HTTP/2) answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_reaches_the_next_endpoint_as_it_was_sent() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let mut eps: Vec<EndpointSpec> = [("b", false), ("c", true), ("d", false), ("e", true)]
+        .into_iter()
+        .map(|(n, meshed)| EndpointSpec::new(n, "r1", "zone-a", meshed))
+        .collect();
+    eps[0].mode = Mode::Fail;
+    eps[1].mode = Mode::Fail;
+    // Random picks, no ejection and a budget that refuses nothing: a request's attempts go to
+    // the endpoints in every order.
+    let policy = "  loadBalancer: {policy: RANDOM}
+  outlierDetection: {consecutive5xx: 0}
+  retryBudget: {percent: 100, minRetriesPerSecond: 1000}
+";
+    let routes = "  routes:
+  - name: all
+    destinations: [{service: web}]
+    retries: {attempts: 2, retryOn: [retriable-status-codes], retriableStatusCodes: [503], retryNonIdempotent: true}
+";
+    let fleet = Fleet::start(spec(eps, policy, routes)).await?;
+    let target = fleet.target();
+    const EACH: usize = 40;
+    let mut answered_by = BTreeMap::new();
+    for i in 0..EACH {
+        let (method, body) = if i % 2 == 0 {
+            (http::Method::POST, format!("body-{i}"))
+        } else {
+            (http::Method::GET, String::new())
+        };
+        let path = format!("/items/{i}?q={i}");
+        let (status, served_by, seen) =
+            echoed_request(&target, method.clone(), &path, &format!("v{i}"), &body).await?;
+        ensure!(status == 200, "{method} {path}: {status} from {served_by}");
+        let sent = format!(
+            "{method} {path} host={} x-test=v{i} body={body}",
+            target.host
+        );
+        ensure!(
+            seen == sent,
+            "{served_by} saw {seen:?}, the client sent {sent:?}"
+        );
+        *answered_by.entry(served_by).or_insert(0) += 1;
+    }
+    ensure!(
+        answered_by.keys().eq(["d", "e"].iter()),
+        "answered by {answered_by:?}"
+    );
+    let metrics = fleet.client_metrics().await?;
+    let retried = metrics.sum(
+        "keel_retries_total",
+        &[("service", fleet::SERVICE), ("reason", "status")],
+    );
+    // Half the first attempts go to b or c (retried once or twice): fewer than 10 retries in
+    // 40 requests is practically impossible.
+    ensure!(retried >= 10.0, "{retried} retries in {EACH} requests");
+    Ok(())
+}
+
 /// A circuit breaker of two requests in flight answers a burst against a slow service with
 /// immediate 503s naming the limit, counts them, and lets requests through again once the
 /// requests in flight finish.
@@ -757,6 +820,39 @@ async fn request(
     method: http::Method,
     path: &str,
 ) -> anyhow::Result<(u16, String, String)> {
+    let answer = exchange(target, method, path, &[], "{\"comment\": 1}").await?;
+    Ok((
+        answer.status.as_u16(),
+        field(&answer, "keel-error"),
+        field(&answer, "keel-circuit-breaker"),
+    ))
+}
+
+/// One request with an `x-test` field and a body on a new connection: status, `x-served-by`
+/// and `x-seen`.
+async fn echoed_request(
+    target: &keel_tests::traffic::Target,
+    method: http::Method,
+    path: &str,
+    x_test: &str,
+    body: &str,
+) -> anyhow::Result<(u16, String, String)> {
+    let answer = exchange(target, method, path, &[("x-test", x_test)], body).await?;
+    Ok((
+        answer.status.as_u16(),
+        field(&answer, "x-served-by"),
+        field(&answer, "x-seen"),
+    ))
+}
+
+/// Sends one request on a new connection and reads its whole answer.
+async fn exchange(
+    target: &keel_tests::traffic::Target,
+    method: http::Method,
+    path: &str,
+    fields: &[(&str, &str)],
+    body: &str,
+) -> anyhow::Result<http::response::Parts> {
     use http_body_util::{BodyExt, Full};
     let stream = keel_tests::netns::connect_from(&target.from, target.to).await?;
     let (mut sender, connection) =
@@ -764,28 +860,29 @@ async fn request(
     let task = tokio::spawn(async move {
         let _ = connection.await;
     });
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, target.host.as_str())
-        .body(Full::new(bytes::Bytes::from_static(b"{\"comment\": 1}")))?;
+        .header(http::header::HOST, target.host.as_str());
+    for (name, value) in fields {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(bytes::Bytes::from(body.to_owned())))?;
     let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
         .await
         .map_err(|_| anyhow!("no answer within 20s"))??;
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    };
-    let answer = (
-        response.status().as_u16(),
-        header("keel-error"),
-        header("keel-circuit-breaker"),
-    );
-    response.into_body().collect().await?;
+    let (parts, body) = response.into_parts();
+    body.collect().await?;
     task.abort();
-    Ok(answer)
+    Ok(parts)
+}
+
+/// A response field's value, or "" without one.
+fn field(response: &http::response::Parts, name: &str) -> String {
+    response
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
 }
