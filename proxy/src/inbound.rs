@@ -363,6 +363,8 @@ struct HttpInbound {
     /// connection ("" and none without a peer).
     peer_label: Arc<str>,
     peer_header: Option<HeaderValue>,
+    /// The client's address as the `x-forwarded-for` value, formatted once per connection.
+    forwarded_for: Option<HeaderValue>,
 }
 
 impl HttpInbound {
@@ -381,6 +383,7 @@ impl HttpInbound {
         let peer_header = HeaderValue::from_str(&peer_label)
             .ok()
             .filter(|_| peer.is_some());
+        let forwarded_for = HeaderValue::from_str(&client.ip().to_string()).ok();
         HttpInbound {
             shared,
             drain,
@@ -389,6 +392,7 @@ impl HttpInbound {
             peer,
             peer_label,
             peer_header,
+            forwarded_for,
         }
     }
 
@@ -472,11 +476,10 @@ impl HttpInbound {
             let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
             let as_http1 = downgrade || req.version() != Version::HTTP_2;
             let (mut parts, body) = req.into_parts();
-            if let Ok(ip) = HeaderValue::from_str(&self.client.ip().to_string()) {
-                parts.headers.append("x-forwarded-for", ip);
+            if let Some(ip) = &self.forwarded_for {
+                parts.headers.append("x-forwarded-for", ip.clone());
             }
-            let authority =
-                serve::authority(&parts).map_or_else(|| self.app.to_string(), str::to_owned);
+            let authority = serve::NamedAuthority::of(&parts, self.app);
             pool::strip_hop_by_hop(&mut parts.headers);
             if let Some(protocol) = &upgrade {
                 parts
@@ -484,20 +487,29 @@ impl HttpInbound {
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 parts.headers.insert(header::UPGRADE, protocol.clone());
             }
-            let mut out = Request::from_parts(parts, body);
             let sent = if as_http1 {
-                *out.version_mut() = Version::HTTP_11;
-                serve::set_host(&mut out, &authority);
-                *out.uri_mut() = serve::origin_form(out.uri());
+                parts.version = Version::HTTP_11;
+                serve::set_host(&mut parts.headers, authority.as_str());
+                serve::to_origin_form(&mut parts.uri);
                 self.shared
                     .upstreams
-                    .send_h1(self.app, None, APP_CONNECT_TIMEOUT, out)
+                    .send_h1(
+                        self.app,
+                        None,
+                        APP_CONNECT_TIMEOUT,
+                        Request::from_parts(parts, body),
+                    )
                     .await
             } else {
-                *out.uri_mut() = serve::absolute_uri(&authority, out.uri());
+                parts.uri = serve::absolute_uri(authority.as_str(), &parts.uri);
                 self.shared
                     .upstreams
-                    .send_h2(self.app, None, APP_CONNECT_TIMEOUT, out)
+                    .send_h2(
+                        self.app,
+                        None,
+                        APP_CONNECT_TIMEOUT,
+                        Request::from_parts(parts, body),
+                    )
                     .await
             };
             match sent {

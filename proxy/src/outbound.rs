@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
@@ -486,20 +487,13 @@ impl HttpOutbound {
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 parts.headers.insert(header::UPGRADE, protocol.clone());
             }
-            // The request's own head goes to the upstream with the first attempt, and a copy
-            // stays for retries. hyper's clients parse a response's headers into the emptied
-            // map of the request they sent, and reserve room there by the size of the map's
-            // index table: a clone keeps the table but has room for its own entries only, so
-            // that sending clones made every response's headers grow it twice (callgrind).
-            let kept = parts.clone();
-            let mut first_head = Some(parts);
-            // Borrowed from the request but when it names none.
-            let authority = match serve::authority(&kept) {
-                Some(authority) => std::borrow::Cow::Borrowed(authority),
-                None => std::borrow::Cow::Owned(self.orig.to_string()),
-            };
+            // The request's head stays here for retries; each attempt lends it to the pool or
+            // sends a copy (see `SendContext::attempt`). The authority is held apart, since an
+            // HTTP/1 attempt rewrites the head's URI.
+            let named = serve::NamedAuthority::of(&parts, self.orig);
+            let authority = named.as_str();
             let policy = dest.retry_policy();
-            let idempotent = resilience::is_idempotent(&kept.method);
+            let idempotent = resilience::is_idempotent(&parts.method);
             let body = RequestBody::new(body);
             // A timeout too long for the clock is no deadline (the config builder caps it anyway).
             let deadline = dest.timeout.and_then(|t| started.checked_add(t));
@@ -514,7 +508,7 @@ impl HttpOutbound {
                 shared: &self.shared,
                 balancer: &balancer,
                 port: &dest.port,
-                authority: &authority,
+                authority,
                 client_version,
                 upgrade: upgrade.is_some(),
                 options,
@@ -546,13 +540,8 @@ impl HttpOutbound {
                         "body-not-replayable",
                     );
                 };
-                let head = first_head.take().unwrap_or_else(|| kept.clone());
                 let attempt = send
-                    .attempt(
-                        &endpoint,
-                        Request::from_parts(head, request_body),
-                        attempt_at,
-                    )
+                    .attempt(&endpoint, &mut parts, request_body, attempt_at)
                     .await;
                 drop(retry_permit.take());
                 // What went wrong, if anything, and whether the policy retries it.
@@ -754,12 +743,11 @@ impl HttpOutbound {
         }
         let (mut parts, body) = req.into_parts();
         pool::strip_hop_by_hop(&mut parts.headers);
-        let authority =
-            serve::authority(&parts).map_or_else(|| self.orig.to_string(), str::to_owned);
-        let mut out = Request::from_parts(parts, body);
-        *out.version_mut() = Version::HTTP_11;
-        serve::set_host(&mut out, &authority);
-        *out.uri_mut() = serve::origin_form(out.uri());
+        let authority = serve::NamedAuthority::of(&parts, self.orig);
+        parts.version = Version::HTTP_11;
+        serve::set_host(&mut parts.headers, authority.as_str());
+        serve::to_origin_form(&mut parts.uri);
+        let out = Request::from_parts(parts, body);
         match self
             .shared
             .upstreams
@@ -810,8 +798,12 @@ struct SendContext<'a> {
 }
 
 impl SendContext<'_> {
-    /// Sends one attempt, starting `now`, to `endpoint`, within the per-try timeout and the
-    /// route's deadline.
+    /// Sends one attempt of the request with the head `head` and `body`, starting `now`, to
+    /// `endpoint`, within the per-try timeout and the route's deadline.
+    ///
+    /// An HTTP/1 attempt rewrites the head in place (version, `Host`, origin-form URI), which
+    /// suits any later attempt too, and lends it to [`pool::Upstreams::send_h1_kept`]; an
+    /// HTTP/2 attempt sends the head and leaves a copy in its place, for the reason given there.
     ///
     /// An async block, not an `async fn`, for the reason [`pool::Upstreams::send_h1_with`] is one.
     #[allow(
@@ -821,7 +813,8 @@ impl SendContext<'_> {
     fn attempt(
         &self,
         endpoint: &Arc<EndpointState>,
-        mut out: Request<Body>,
+        head: &mut Parts,
+        body: Body,
         now: Instant,
     ) -> impl Future<Output = Attempt> {
         async move {
@@ -832,6 +825,8 @@ impl SendContext<'_> {
             // The pool's future itself, not an async block around it: one level less to hold it
             // and copy it.
             let send = if h2 {
+                let kept = head.clone();
+                let mut out = Request::from_parts(std::mem::replace(head, kept), body);
                 if self.client_version != Version::HTTP_2 {
                     out.headers_mut()
                         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
@@ -840,10 +835,14 @@ impl SendContext<'_> {
                 *out.uri_mut() = serve::absolute_uri(self.authority, out.uri());
                 Either::Left(self.shared.upstreams.send_h2_with(addr, options, out))
             } else {
-                *out.version_mut() = Version::HTTP_11;
-                serve::set_host(&mut out, self.authority);
-                *out.uri_mut() = serve::origin_form(out.uri());
-                Either::Right(self.shared.upstreams.send_h1_with(addr, options, out))
+                head.version = Version::HTTP_11;
+                serve::set_host(&mut head.headers, self.authority);
+                serve::to_origin_form(&mut head.uri);
+                Either::Right(
+                    self.shared
+                        .upstreams
+                        .send_h1_kept(addr, options, head, body),
+                )
             };
             let to_deadline = self.deadline.map(|d| d.saturating_duration_since(now));
             let (limit, per_try) = match (self.per_try_timeout, to_deadline) {

@@ -37,7 +37,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
@@ -91,12 +91,13 @@ pub enum Error {
     RequestFraming,
 }
 
-/// An exchange that failed, with the request when it may be sent again elsewhere.
+/// An exchange that failed, with the request's body when the request may be sent again
+/// elsewhere (its head is the caller's, lent to [`Connection::send`]).
 #[derive(Debug)]
 pub struct SendError {
-    /// The request, when nothing of it was written, or when it is idempotent, has no body, and
-    /// a reused connection closed without a byte of answer.
-    pub request: Option<Request<Body>>,
+    /// The body, when nothing of the request was written, or when the request is idempotent,
+    /// has no body, and a reused connection closed without a byte of answer.
+    pub body: Option<Body>,
     /// Whether any of the request was written.
     pub written: bool,
     pub error: Error,
@@ -146,14 +147,15 @@ impl Connection {
         }
     }
 
-    /// Sends `req` (origin-form URI, `Host` set, no hop-by-hop headers) and resolves to the
-    /// response, whose body reads the rest of the exchange from the connection.
-    pub fn send(self, req: Request<Body>) -> Exchange {
-        let (parts, body) = req.into_parts();
+    /// Sends a request with the head `parts` (origin-form URI, `Host` set, no hop-by-hop
+    /// headers) and `body`, and resolves to the response, whose body reads the rest of the
+    /// exchange from the connection. The head is encoded at once and only lent: a caller that
+    /// may send the request again keeps it, and gets the body back when that is allowed.
+    pub fn send(self, parts: &Parts, body: Body) -> Exchange {
         let resendable = body.is_end_stream() && crate::resilience::is_idempotent(&parts.method);
         let head_request = parts.method == Method::HEAD;
-        let (writer, parts) = match Writer::new(&parts, body) {
-            Ok(writer) => (writer, parts),
+        let writer = match Writer::new(parts, body) {
+            Ok(writer) => writer,
             Err(error) => {
                 return Exchange {
                     state: ExchangeState::Refused(error),
@@ -165,7 +167,7 @@ impl Connection {
                 conn: self,
                 writer,
                 write_error: None,
-                parts: Some(parts),
+                answered: false,
                 buf: BytesMut::new(),
                 head_request,
                 resendable,
@@ -487,9 +489,8 @@ struct Sending {
     /// A write that failed: the upstream may still have answered, so the response is read
     /// before the error is reported.
     write_error: Option<Error>,
-    /// The request's head, until a byte of the response arrives: it goes back to the caller
-    /// when the request may be sent again.
-    parts: Option<Parts>,
+    /// Whether a byte of the response has arrived: then the request is not sent again.
+    answered: bool,
     buf: BytesMut,
     head_request: bool,
     resendable: bool,
@@ -506,16 +507,16 @@ impl Future for Exchange {
                     self.state = ExchangeState::Sending(sending);
                     Poll::Pending
                 }
-                Poll::Ready(Ok(head)) => Poll::Ready(Ok(sending.into_response(head))),
-                Poll::Ready(Err(error)) => Poll::Ready(Err(sending.into_error(error))),
+                Poll::Ready(Ok(head)) => Poll::Ready(Ok((*sending).into_response(head))),
+                Poll::Ready(Err(error)) => Poll::Ready(Err((*sending).into_error(error))),
             },
             ExchangeState::Refused(error) => Poll::Ready(Err(SendError {
-                request: None,
+                body: None,
                 written: false,
                 error,
             })),
             ExchangeState::Done => Poll::Ready(Err(SendError {
-                request: None,
+                body: None,
                 written: true,
                 error: Error::Io(io::Error::other("exchange polled after it ended")),
             })),
@@ -548,8 +549,7 @@ impl Sending {
         }
         loop {
             if !self.buf.is_empty() {
-                // A byte of answer: the request is not sent again.
-                self.parts = None;
+                self.answered = true;
                 match parse_head(&mut self.buf, self.head_request)? {
                     Parsed::Final(head) => return Poll::Ready(Ok(head)),
                     Parsed::Interim => continue,
@@ -584,14 +584,14 @@ impl Sending {
         self.writer.body.is_none() && self.writer.out.is_empty()
     }
 
-    fn into_response(self: Box<Self>, head: Head) -> Response<ResponseBody> {
+    fn into_response(self, head: Head) -> Response<ResponseBody> {
         let Sending {
             conn,
             writer,
             write_error,
             buf,
             ..
-        } = *self;
+        } = self;
         let done = writer.body.is_none() && writer.out.is_empty();
         let writer = (!done && write_error.is_none()).then_some(writer);
         // A request not all written is finished while the response is read, but the connection
@@ -615,30 +615,23 @@ impl Sending {
         response
     }
 
-    fn into_error(self: Box<Self>, error: Error) -> SendError {
+    fn into_error(self, error: Error) -> SendError {
         let Sending {
             conn,
             writer,
-            parts,
+            answered,
             resendable,
             ..
-        } = *self;
+        } = self;
         let written = writer.written;
         let closed = matches!(&error, Error::ClosedBeforeHead)
             || matches!(&error, Error::Io(e) if matches!(
                 e.kind(),
                 io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
             ));
-        let again = !written || (resendable && conn.reused && closed);
-        let request = match (again, parts) {
-            (true, Some(parts)) => {
-                let body = writer.body.unwrap_or_else(super::empty);
-                Some(Request::from_parts(parts, body))
-            }
-            _ => None,
-        };
+        let again = !answered && (!written || (resendable && conn.reused && closed));
         SendError {
-            request,
+            body: again.then(|| writer.body.unwrap_or_else(super::empty)),
             written,
             error,
         }
@@ -1075,6 +1068,7 @@ impl HttpBody for ResponseBody {
 mod tests {
     use std::time::Duration;
 
+    use http::Request;
     use http_body_util::{BodyExt, Full, StreamBody};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -1117,6 +1111,15 @@ mod tests {
         request(Method::GET, path, super::super::empty())
     }
 
+    /// [`Connection::send`] with a whole request, whose head the exchange's caller holds.
+    async fn send(
+        conn: Connection,
+        req: Request<Body>,
+    ) -> Result<Response<ResponseBody>, SendError> {
+        let (parts, body) = req.into_parts();
+        conn.send(&parts, body).await
+    }
+
     /// A request body of known length.
     fn full(data: &'static [u8]) -> Body {
         Full::new(Bytes::from_static(data))
@@ -1143,7 +1146,7 @@ mod tests {
             upstream.write_all(answer).await.expect("answer");
             head
         };
-        let (head, response) = tokio::join!(served, conn.send(req));
+        let (head, response) = tokio::join!(served, send(conn, req));
         (head, response)
     }
 
@@ -1236,7 +1239,7 @@ mod tests {
             }
         };
         let read = async {
-            let mut response = conn.send(get("/")).await.expect("response");
+            let mut response = send(conn, get("/")).await.expect("response");
             let body = read_body(response.body_mut()).await;
             (body, response.body_mut().take_reusable().is_some())
         };
@@ -1258,7 +1261,7 @@ mod tests {
             drop(upstream);
         };
         let read = async {
-            let mut response = conn.send(get("/")).await.expect("response");
+            let mut response = send(conn, get("/")).await.expect("response");
             let body = read_body(response.body_mut()).await;
             (body, response.body_mut().take_reusable().is_some())
         };
@@ -1323,10 +1326,10 @@ mod tests {
                 .expect("write");
             drop(upstream);
         };
-        let ((), response) = tokio::join!(served, conn.send(get("/")));
+        let ((), response) = tokio::join!(served, send(conn, get("/")));
         let error = response.expect_err("closed");
         assert!(matches!(error.error, Error::ClosedBeforeHead));
-        assert!(error.request.is_none());
+        assert!(error.body.is_none());
     }
 
     /// The last transfer coding decides, over all the fields: chunked, or the body runs to the
@@ -1366,7 +1369,7 @@ mod tests {
                 }
             };
             let read = async {
-                let mut response = conn.send(get("/")).await.expect("response");
+                let mut response = send(conn, get("/")).await.expect("response");
                 let body = read_body(response.body_mut()).await;
                 (body, response.body_mut().take_reusable().is_some())
             };
@@ -1418,7 +1421,7 @@ mod tests {
             let (_, response) = exchange(conn, &mut upstream, get("/"), answer).await;
             let error = response.expect_err("refused");
             assert!(error.written);
-            assert!(error.request.is_none());
+            assert!(error.body.is_none());
             assert!(
                 error.error.to_string().contains(says),
                 "{answer:?}: {}",
@@ -1437,7 +1440,7 @@ mod tests {
             // The proxy stops reading, so the write may not finish.
             let _ = tokio::time::timeout(Duration::from_secs(2), upstream.write_all(&answer)).await;
         };
-        let ((), response) = tokio::join!(served, conn.send(get("/")));
+        let ((), response) = tokio::join!(served, send(conn, get("/")));
         assert!(matches!(
             response.expect_err("refused").error,
             Error::HeadTooLarge
@@ -1495,7 +1498,7 @@ mod tests {
                 drop(upstream);
             };
             let read = async {
-                let mut response = conn.send(get("/")).await.expect("response");
+                let mut response = send(conn, get("/")).await.expect("response");
                 let body = read_body(response.body_mut()).await;
                 (body, response.body_mut().take_reusable().is_some())
             };
@@ -1576,7 +1579,7 @@ mod tests {
             (head, body)
         };
         let ((head, body), response) =
-            tokio::join!(served, conn.send(request(Method::POST, "/items", body)));
+            tokio::join!(served, send(conn, request(Method::POST, "/items", body)));
         assert_eq!(
             head,
             "POST /items HTTP/1.1\r\nhost: svc\r\ncontent-length: 7\r\n\r\n"
@@ -1608,7 +1611,7 @@ mod tests {
             String::from_utf8(sent).expect("utf-8")
         };
         let (sent, response) =
-            tokio::join!(served, conn.send(request(Method::PUT, "/items/1", body)));
+            tokio::join!(served, send(conn, request(Method::PUT, "/items/1", body)));
         assert_eq!(sent, expected);
         let mut response = response.expect("response");
         assert!(response.body_mut().take_reusable().is_some());
@@ -1651,7 +1654,7 @@ mod tests {
             read_head(&mut upstream).await;
         };
         let req = request(Method::GET, "/", streamed(b"x"));
-        let ((), response) = tokio::join!(served, conn.send(req));
+        let ((), response) = tokio::join!(served, send(conn, req));
         assert!(matches!(
             response.expect_err("refused").error,
             Error::RequestLength("longer")
@@ -1669,7 +1672,7 @@ mod tests {
                 read_head(&mut upstream).await;
             };
             // Bounded: the upstream never answers, so a request sent as if whole would wait.
-            let sent = tokio::time::timeout(Duration::from_secs(10), conn.send(req));
+            let sent = tokio::time::timeout(Duration::from_secs(10), send(conn, req));
             let ((), response) = tokio::join!(served, sent);
             let error = response
                 .expect("refused in time")
@@ -1692,7 +1695,7 @@ mod tests {
         };
         let (_, waited) = tokio::join!(
             served,
-            tokio::time::timeout(Duration::from_millis(100), conn.send(get("/")))
+            tokio::time::timeout(Duration::from_millis(100), send(conn, get("/")))
         );
         assert!(waited.is_err(), "no answer came");
         let mut rest = [0u8; 16];
@@ -1719,7 +1722,7 @@ mod tests {
                 .await
                 .expect("answer");
         };
-        let ((), response) = tokio::join!(served, conn.send(req));
+        let ((), response) = tokio::join!(served, send(conn, req));
         let mut response = response.expect("the early answer");
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(
@@ -1790,10 +1793,10 @@ mod tests {
                 read_head(&mut upstream).await;
                 drop(upstream);
             };
-            let ((), response) = tokio::join!(served, conn.send(req));
+            let ((), response) = tokio::join!(served, send(conn, req));
             let error = response.expect_err("closed");
             assert!(error.written);
-            assert_eq!(error.request.is_some(), resend);
+            assert_eq!(error.body.is_some(), resend);
             // The PUT's body may meet the close as a reset instead.
             if method != Method::PUT {
                 assert!(matches!(error.error, Error::ClosedBeforeHead), "{error:?}");
@@ -1805,8 +1808,8 @@ mod tests {
             read_head(&mut upstream).await;
             drop(upstream);
         };
-        let ((), response) = tokio::join!(served, conn.send(get("/")));
-        assert!(response.expect_err("closed").request.is_none());
+        let ((), response) = tokio::join!(served, send(conn, get("/")));
+        assert!(response.expect_err("closed").body.is_none());
     }
 
     #[test]

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::FutureExt;
+use http::request::Parts;
 use http::{HeaderMap, Request, Response, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -384,35 +385,65 @@ impl Upstreams {
     /// Sends an HTTP/1.1 request to `addr` (over mTLS when `peer` is set) on an idle pooled
     /// connection or a new one. The request's URI must be in origin form with its `Host` header
     /// set.
-    pub async fn send_h1(
+    pub fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
         peer: Option<&Arc<SpiffeId>>,
         connect_timeout: Duration,
         req: Request<Body>,
-    ) -> Result<Response<Body>, UpstreamError> {
+    ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> {
         self.send_h1_with(addr, Connect::timeout(connect_timeout).to_peer(peer), req)
-            .await
     }
 
     /// [`Upstreams::send_h1`] with an idle timeout and circuit breakers for new connections.
     ///
-    /// Plaintext requests go through [`http1`]; an upgrade (`Upgrade`, or `CONNECT`), which
-    /// hands the connection over to [`hyper::upgrade`], and HTTP/1 over mTLS through hyper's
-    /// client.
+    /// Plaintext requests go through [`http1`], upgrades and mTLS through hyper's client (see
+    /// [`through_hyper`]).
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would hold its request argument twice"
+    )]
     pub fn send_h1_with(
         self: &Arc<Self>,
         addr: SocketAddr,
         options: Connect<'_>,
         req: Request<Body>,
     ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> {
-        let through_hyper = options.peer.is_some()
-            || req.method() == http::Method::CONNECT
-            || req.headers().contains_key(header::UPGRADE);
-        if through_hyper {
+        if through_hyper(&options, req.method(), req.headers()) {
             futures::future::Either::Left(self.send_h1_hyper(addr, options, req))
         } else {
-            futures::future::Either::Right(self.send_http1(addr, options, req))
+            futures::future::Either::Right(async move {
+                let (head, body) = req.into_parts();
+                self.send_http1(addr, options, &head, body).await
+            })
+        }
+    }
+
+    /// [`Upstreams::send_h1_with`] for a caller that keeps the request's head to send it again
+    /// (a retry): [`http1`] encodes the head from the reference, so it is not copied; hyper's
+    /// client takes a request by value, so it gets the head and the caller a copy in its place.
+    ///
+    /// The copy is what stays, not what is sent: hyper's clients parse a response's fields into
+    /// the emptied map of the request they sent, reserving room there by the size of the map's
+    /// index table, and a copy keeps the table with room for its own entries only, so that
+    /// sending copies made every response's fields grow it twice (callgrind).
+    pub fn send_h1_kept<'a>(
+        self: &'a Arc<Self>,
+        addr: SocketAddr,
+        options: Connect<'a>,
+        head: &'a mut Parts,
+        body: Body,
+    ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + 'a {
+        if through_hyper(&options, &head.method, &head.headers) {
+            let kept = head.clone();
+            let sent = std::mem::replace(head, kept);
+            futures::future::Either::Left(self.send_h1_hyper(
+                addr,
+                options,
+                Request::from_parts(sent, body),
+            ))
+        } else {
+            futures::future::Either::Right(self.send_http1(addr, options, head, body))
         }
     }
 
@@ -421,18 +452,19 @@ impl Upstreams {
     /// answering an idempotent request without a body) goes once more, on a new connection.
     ///
     /// A function returning an async block rather than an `async fn`: an `async fn`'s future
-    /// holds its arguments twice (as captured and as moved into its body), and the request
-    /// would make that future, and every future around it, 240 bytes larger.
+    /// holds its arguments twice (as captured and as moved into its body), and the body would
+    /// make that future, and every future around it, larger.
     #[allow(
         clippy::manual_async_fn,
-        reason = "an `async fn` would hold its request argument twice"
+        reason = "an `async fn` would hold its body argument twice"
     )]
-    fn send_http1(
-        self: &Arc<Self>,
+    fn send_http1<'a>(
+        self: &'a Arc<Self>,
         addr: SocketAddr,
-        options: Connect<'_>,
-        mut req: Request<Body>,
-    ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> {
+        options: Connect<'a>,
+        head: &'a Parts,
+        mut body: Body,
+    ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + 'a {
         async move {
             let idle_limit = options
                 .idle_timeout
@@ -447,7 +479,7 @@ impl Upstreams {
                     // Boxed for the reason `new_h1` is.
                     None => Box::pin(self.new_http1(addr, options)).await?,
                 };
-                match conn.send(req).await {
+                match conn.send(head, body).await {
                     Ok(response) => {
                         return Ok(response.map(|inner| {
                             let mut body = PooledBody {
@@ -461,9 +493,9 @@ impl Upstreams {
                             body.boxed_unsync()
                         }));
                     }
-                    Err(e) => match e.request {
+                    Err(e) => match e.body {
                         Some(again) if !fresh => {
-                            req = again;
+                            body = again;
                             fresh = true;
                         }
                         Some(_) if !e.written => {
@@ -1021,6 +1053,14 @@ impl Drop for ReturnToPool {
         // Not read to the end: the connection cannot be reused.
         self.discard();
     }
+}
+
+/// Whether an HTTP/1 request goes through hyper's client rather than [`http1`]: over mTLS, or
+/// an upgrade (`Upgrade`, or `CONNECT`), which hands the connection over to [`hyper::upgrade`].
+fn through_hyper(options: &Connect<'_>, method: &http::Method, headers: &HeaderMap) -> bool {
+    options.peer.is_some()
+        || method == http::Method::CONNECT
+        || headers.contains_key(header::UPGRADE)
 }
 
 /// Headers that describe one connection, not the message; never forwarded (RFC 9110 §7.6.1),

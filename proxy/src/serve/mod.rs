@@ -377,11 +377,6 @@ pub fn splice_upgrade(
 }
 
 /// The authority a request is addressed to: the URI's, else the `Host` header.
-pub fn authority(parts: &Parts) -> Option<&str> {
-    authority_of(&parts.uri, &parts.headers)
-}
-
-/// [`authority`] of a whole request.
 pub fn request_authority<B>(req: &Request<B>) -> Option<&str> {
     authority_of(req.uri(), req.headers())
 }
@@ -403,18 +398,53 @@ pub fn absolute_uri(authority: &str, uri: &Uri) -> Uri {
         .unwrap_or_else(|_| uri.clone())
 }
 
-/// The path and query alone, as an HTTP/1.1 request line carries them.
-pub fn origin_form(uri: &Uri) -> Uri {
+/// Rewrites `uri` to the path and query alone, as an HTTP/1.1 request line carries them; one
+/// in that form already is left as it is.
+pub fn to_origin_form(uri: &mut Uri) {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return;
+    }
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    path.parse().unwrap_or_else(|_| Uri::from_static("/"))
+    *uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
 }
 
 /// Sets `Host` from `authority` unless the request has one.
-pub fn set_host<B>(req: &mut Request<B>, authority: &str) {
-    if !req.headers().contains_key(header::HOST)
+pub fn set_host(headers: &mut http::HeaderMap, authority: &str) {
+    if !headers.contains_key(header::HOST)
         && let Ok(value) = HeaderValue::from_str(authority)
     {
-        req.headers_mut().insert(header::HOST, value);
+        headers.insert(header::HOST, value);
+    }
+}
+
+/// The authority a request names (see [`request_authority`]), or else the address it was sent to, held
+/// apart from the request's head so that the head can be rewritten while it is in use. It
+/// shares the URI's or the `Host` field's bytes rather than copying them.
+#[derive(Debug, Clone)]
+pub enum NamedAuthority {
+    Uri(http::uri::Authority),
+    Host(HeaderValue),
+    Address(String),
+}
+
+impl NamedAuthority {
+    pub fn of(parts: &Parts, addr: SocketAddr) -> NamedAuthority {
+        if let Some(authority) = parts.uri.authority() {
+            return NamedAuthority::Uri(authority.clone());
+        }
+        match parts.headers.get(header::HOST) {
+            Some(host) if host.to_str().is_ok() => NamedAuthority::Host(host.clone()),
+            _ => NamedAuthority::Address(addr.to_string()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            NamedAuthority::Uri(authority) => authority.as_str(),
+            // Checked to be text when taken.
+            NamedAuthority::Host(host) => host.to_str().unwrap_or_default(),
+            NamedAuthority::Address(addr) => addr,
+        }
     }
 }
 
@@ -832,11 +862,48 @@ mod tests {
 
     #[test]
     fn uri_forms() {
-        let uri: Uri = "http://a.b:80/x?y=1".parse().expect("uri");
-        assert_eq!(origin_form(&uri), "/x?y=1");
+        let mut uri: Uri = "http://a.b:80/x?y=1".parse().expect("uri");
+        to_origin_form(&mut uri);
+        assert_eq!(uri, "/x?y=1");
+        to_origin_form(&mut uri);
+        assert_eq!(uri, "/x?y=1");
+        let mut star: Uri = "*".parse().expect("uri");
+        to_origin_form(&mut star);
+        assert_eq!(star, "*");
         assert_eq!(
             absolute_uri("svc.ns", &"/p".parse().expect("uri")),
             "http://svc.ns/p"
+        );
+    }
+
+    #[test]
+    fn a_named_authority_is_the_uri_s_then_host_then_the_address() {
+        let addr: SocketAddr = "10.0.0.1:8080".parse().expect("addr");
+        let named = |req: Request<()>| {
+            let (parts, ()) = req.into_parts();
+            NamedAuthority::of(&parts, addr).as_str().to_owned()
+        };
+        let both = Request::get("http://a.b:81/x")
+            .header(header::HOST, "c.d")
+            .body(())
+            .expect("request");
+        assert_eq!(named(both), "a.b:81");
+        let host = Request::get("/x")
+            .header(header::HOST, "c.d")
+            .body(())
+            .expect("request");
+        assert_eq!(named(host), "c.d");
+        let not_text = Request::get("/x")
+            .header(
+                header::HOST,
+                HeaderValue::from_bytes(b"\xff").expect("value"),
+            )
+            .body(())
+            .expect("request");
+        assert_eq!(named(not_text), "10.0.0.1:8080");
+        assert_eq!(
+            named(Request::get("/x").body(()).expect("request")),
+            "10.0.0.1:8080"
         );
     }
 
