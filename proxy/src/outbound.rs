@@ -510,6 +510,7 @@ impl HttpOutbound {
                 port: &dest.port,
                 authority,
                 client_version,
+                client_host: parts.headers.contains_key(header::HOST),
                 upgrade: upgrade.is_some(),
                 options,
                 per_try_timeout: policy.per_try_timeout,
@@ -791,6 +792,8 @@ struct SendContext<'a> {
     port: &'a ServicePort,
     authority: &'a str,
     client_version: Version,
+    /// Whether the client's head has a `Host` field (an HTTP/2 client's may not).
+    client_host: bool,
     upgrade: bool,
     options: Connect<'a>,
     per_try_timeout: Option<Duration>,
@@ -801,14 +804,16 @@ impl SendContext<'_> {
     /// Sends one attempt of the request with the head `head` and `body`, starting `now`, to
     /// `endpoint`, within the per-try timeout and the route's deadline.
     ///
-    /// An HTTP/1 attempt rewrites the head in place (version, `Host`, origin-form URI), which
-    /// suits any later attempt too, and lends it to [`pool::Upstreams::send_h1_kept`]; an
-    /// HTTP/2 attempt sends the head and leaves a copy in its place, for the reason given there.
+    /// An HTTP/1 attempt rewrites the head in place (version, `Host`, origin-form URI) and lends
+    /// it to [`pool::Upstreams::send_h1_kept`]. An HTTP/2 attempt sends the head and leaves a
+    /// copy in its place, for the reason given there; it sets the version and the URI itself,
+    /// and leaves out a `Host` that an HTTP/1 attempt added, so that every attempt carries the
+    /// client's fields.
     ///
     /// An async block, not an `async fn`, for the reason [`pool::Upstreams::send_h1_with`] is one.
     #[allow(
         clippy::manual_async_fn,
-        reason = "an `async fn` would hold its request argument twice"
+        reason = "an `async fn` would hold its body argument twice"
     )]
     fn attempt(
         &self,
@@ -830,6 +835,9 @@ impl SendContext<'_> {
                 if self.client_version != Version::HTTP_2 {
                     out.headers_mut()
                         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+                }
+                if !self.client_host {
+                    out.headers_mut().remove(header::HOST);
                 }
                 *out.version_mut() = Version::HTTP_2;
                 *out.uri_mut() = serve::absolute_uri(self.authority, out.uri());

@@ -417,9 +417,9 @@ pub fn set_host(headers: &mut http::HeaderMap, authority: &str) {
     }
 }
 
-/// The authority a request names (see [`request_authority`]), or else the address it was sent to, held
-/// apart from the request's head so that the head can be rewritten while it is in use. It
-/// shares the URI's or the `Host` field's bytes rather than copying them.
+/// The authority a request names (see [`request_authority`]), or else the address it was sent
+/// to, held apart from the request's head so that the head can be rewritten while it is in use.
+/// It shares the URI's or the `Host` field's bytes rather than copying them.
 #[derive(Debug, Clone)]
 pub enum NamedAuthority {
     Uri(http::uri::Authority),
