@@ -1,8 +1,8 @@
 //! A service endpoint whose faults the test chooses: an HTTP server (HTTP/1.1 and HTTP/2) that
 //! answers every request with `x-served-by: <name>` and `x-seen: <what arrived>` (method,
-//! target, `Host`, `x-test` and body), or fails, or hangs, as told. It runs as its
-//! own process in a pod (`keel-test-endpoint`, or the failover benchmark re-executing itself) so
-//! that a test can kill it for real.
+//! target, `Host`, `x-test` and the body, up to 256 bytes), or fails, or hangs, as told. It
+//! runs as its own process in a pod (`keel-test-endpoint`, or the failover benchmark
+//! re-executing itself) so that a test can kill it for real.
 //!
 //! Control, on the same port, answered whatever the mode:
 //! - `GET /_keel/mode/<mode>` sets the mode: `ok`, `fail` (503), `flaky` (503 half the time, at
@@ -101,6 +101,9 @@ impl State {
     }
 }
 
+/// The longest request body `x-seen` shows.
+const SEEN_BODY: usize = 256;
+
 fn respond(status: u16, name: &str, body: String) -> http::Response<Full<Bytes>> {
     let mut response = http::Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
@@ -132,15 +135,21 @@ async fn answer(
         });
         return respond(200, &state.name, body.to_string());
     }
-    // What arrived, for tests of what the proxies forward: the request line's method and
-    // target, `Host`, `x-test`, and the body (read whole, as a real application would before
-    // answering).
+    // What arrived, for tests of what the proxies forward: the method and target, `Host`,
+    // `x-test`, and the body (read whole, as a real application would before answering; shown
+    // up to SEEN_BODY bytes, else by its length).
     let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = match body.collect().await {
+        Ok(body) => {
+            let body = body.to_bytes();
+            if body.len() <= SEEN_BODY {
+                String::from_utf8_lossy(&body).into_owned()
+            } else {
+                format!("<{} bytes>", body.len())
+            }
+        }
+        Err(e) => format!("<unreadable: {e}>"),
+    };
     let field = |name| {
         parts
             .headers
@@ -148,12 +157,11 @@ async fn answer(
             .map_or("-".into(), |v| String::from_utf8_lossy(v.as_bytes()))
     };
     let seen = format!(
-        "{} {} host={} x-test={} body={}",
+        "{} {} host={} x-test={} body={body}",
         parts.method,
         parts.uri,
         field(http::header::HOST),
         field(http::header::HeaderName::from_static("x-test")),
-        String::from_utf8_lossy(&body),
     );
     let fail = match state.mode() {
         Mode::Ok => false,

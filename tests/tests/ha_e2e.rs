@@ -684,8 +684,9 @@ async fn non_idempotent_requests_are_retried_only_when_the_route_says_so() -> an
 
 /// A request retried after a 503 reaches the next endpoint as the client sent it (method,
 /// target, `Host`, other fields, body), whether each attempt went over plaintext HTTP/1.1 (to an
-/// endpoint without a sidecar) or HTTP/2 (to a sidecar): b (HTTP/1.1) and c (HTTP/2) fail every
-/// request, d (HTTP/1.1) and e (HTTP/2) answer.
+/// endpoint without a sidecar) or HTTP/2 (to a sidecar), and whatever the client's form: HTTP/1.1
+/// with an origin-form or an absolute-form target, or HTTP/2 without `Host`. b (HTTP/1.1) and c
+/// (HTTP/2) fail every request, d (HTTP/1.1) and e (HTTP/2) answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_request_reaches_the_next_endpoint_as_it_was_sent() -> anyhow::Result<()> {
     skip_unless_root!();
@@ -708,40 +709,64 @@ async fn a_retried_request_reaches_the_next_endpoint_as_it_was_sent() -> anyhow:
 ";
     let fleet = Fleet::start(spec(eps, policy, routes)).await?;
     let target = fleet.target();
-    const EACH: usize = 40;
+    let host = target.host.as_str();
+    // HTTP/2 clients twice as often: a sixth of their requests go to b before e, the case where
+    // an HTTP/1 attempt's `Host` could reach a later HTTP/2 one.
+    let clients = [
+        Client::Http1,
+        Client::Http1AbsoluteForm,
+        Client::Http2,
+        Client::Http2,
+    ];
+    const EACH: usize = 60;
     let mut answered_by = BTreeMap::new();
     for i in 0..EACH {
-        let (method, body) = if i % 2 == 0 {
-            (http::Method::POST, format!("body-{i}"))
-        } else {
+        let client = clients[i % clients.len()];
+        let (method, body) = if i % 3 == 0 {
             (http::Method::GET, String::new())
+        } else {
+            (http::Method::POST, format!("body-{i}"))
         };
         let path = format!("/items/{i}?q={i}");
-        let (status, served_by, seen) =
-            echoed_request(&target, method.clone(), &path, &format!("v{i}"), &body).await?;
-        ensure!(status == 200, "{method} {path}: {status} from {served_by}");
-        let sent = format!(
-            "{method} {path} host={} x-test=v{i} body={body}",
-            target.host
+        let answer = exchange(
+            &target,
+            client,
+            method.clone(),
+            &path,
+            &[("x-test", &format!("v{i}"))],
+            &body,
+        )
+        .await?;
+        let served_by = field(&answer, "x-served-by");
+        ensure!(
+            answer.status == 200,
+            "{client:?} {method} {path}: {} from {served_by}",
+            answer.status
         );
+        // An HTTP/2 client's request stays HTTP/2 to e's app (no sidecar turns it into
+        // HTTP/1.1): its target stays absolute and it has no `Host`. Every other hop to an app
+        // is HTTP/1.1, with an origin-form target and `Host`.
+        let (target_seen, host_seen) = match (client, served_by.as_str()) {
+            (Client::Http2, "e") => (format!("http://{host}{path}"), "-"),
+            _ => (path.clone(), host),
+        };
+        let sent = format!("{method} {target_seen} host={host_seen} x-test=v{i} body={body}");
+        let seen = field(&answer, "x-seen");
         ensure!(
             seen == sent,
-            "{served_by} saw {seen:?}, the client sent {sent:?}"
+            "{client:?}: {served_by} saw {seen:?}, expected {sent:?}"
         );
-        *answered_by.entry(served_by).or_insert(0) += 1;
+        *answered_by.entry((client, served_by)).or_insert(0) += 1;
     }
-    ensure!(
-        answered_by.keys().eq(["d", "e"].iter()),
-        "answered by {answered_by:?}"
-    );
+    ensure!(answered_by.len() == 6, "answered by {answered_by:?}");
     let metrics = fleet.client_metrics().await?;
     let retried = metrics.sum(
         "keel_retries_total",
         &[("service", fleet::SERVICE), ("reason", "status")],
     );
-    // Half the first attempts go to b or c (retried once or twice): fewer than 10 retries in
-    // 40 requests is practically impossible.
-    ensure!(retried >= 10.0, "{retried} retries in {EACH} requests");
+    // Half the first attempts go to b or c (retried once or twice): fewer than 15 retries in
+    // 60 requests is practically impossible.
+    ensure!(retried >= 15.0, "{retried} retries in {EACH} requests");
     Ok(())
 }
 
@@ -820,7 +845,7 @@ async fn request(
     method: http::Method,
     path: &str,
 ) -> anyhow::Result<(u16, String, String)> {
-    let answer = exchange(target, method, path, &[], "{\"comment\": 1}").await?;
+    let answer = exchange(target, Client::Http1, method, path, &[], "{\"comment\": 1}").await?;
     Ok((
         answer.status.as_u16(),
         field(&answer, "keel-error"),
@@ -828,52 +853,69 @@ async fn request(
     ))
 }
 
-/// One request with an `x-test` field and a body on a new connection: status, `x-served-by`
-/// and `x-seen`.
-async fn echoed_request(
-    target: &keel_tests::traffic::Target,
-    method: http::Method,
-    path: &str,
-    x_test: &str,
-    body: &str,
-) -> anyhow::Result<(u16, String, String)> {
-    let answer = exchange(target, method, path, &[("x-test", x_test)], body).await?;
-    Ok((
-        answer.status.as_u16(),
-        field(&answer, "x-served-by"),
-        field(&answer, "x-seen"),
-    ))
+/// How a test client sends its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Client {
+    /// HTTP/1.1, origin-form target, `Host`.
+    Http1,
+    /// HTTP/1.1, absolute-form target (as to a forward proxy), `Host`.
+    Http1AbsoluteForm,
+    /// HTTP/2 with prior knowledge: `:authority`, no `Host`.
+    Http2,
 }
 
 /// Sends one request on a new connection and reads its whole answer.
 async fn exchange(
     target: &keel_tests::traffic::Target,
+    client: Client,
     method: http::Method,
     path: &str,
     fields: &[(&str, &str)],
     body: &str,
 ) -> anyhow::Result<http::response::Parts> {
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     let stream = keel_tests::netns::connect_from(&target.from, target.to).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    let task = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, target.host.as_str());
+    let uri = match client {
+        Client::Http1 => path.to_owned(),
+        Client::Http1AbsoluteForm | Client::Http2 => format!("http://{}{path}", target.host),
+    };
+    let mut request = http::Request::builder().method(method).uri(uri);
+    if client != Client::Http2 {
+        request = request.header(http::header::HOST, target.host.as_str());
+    }
     for (name, value) in fields {
         request = request.header(*name, *value);
     }
     let request = request.body(Full::new(bytes::Bytes::from(body.to_owned())))?;
-    let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
+    if client == Client::Http2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await?;
+        let task = tokio::spawn(connection);
+        let answer = read_answer(sender.send_request(request)).await;
+        task.abort();
+        answer
+    } else {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let task = tokio::spawn(connection);
+        let answer = read_answer(sender.send_request(request)).await;
+        task.abort();
+        answer
+    }
+}
+
+/// Waits for a response and reads its body to the end.
+async fn read_answer(
+    sent: impl Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>>,
+) -> anyhow::Result<http::response::Parts> {
+    use http_body_util::BodyExt;
+    let response = tokio::time::timeout(Duration::from_secs(20), sent)
         .await
         .map_err(|_| anyhow!("no answer within 20s"))??;
     let (parts, body) = response.into_parts();
     body.collect().await?;
-    task.abort();
     Ok(parts)
 }
 
