@@ -479,7 +479,6 @@ impl HttpInbound {
             if let Some(ip) = &self.forwarded_for {
                 parts.headers.append("x-forwarded-for", ip.clone());
             }
-            let authority = serve::NamedAuthority::of(&parts, self.app);
             pool::strip_hop_by_hop(&mut parts.headers);
             if let Some(protocol) = &upgrade {
                 parts
@@ -489,7 +488,7 @@ impl HttpInbound {
             }
             let sent = if as_http1 {
                 parts.version = Version::HTTP_11;
-                serve::set_host(&mut parts.headers, authority.as_str());
+                serve::ensure_host(&mut parts, self.app);
                 serve::to_origin_form(&mut parts.uri);
                 self.shared
                     .upstreams
@@ -501,6 +500,7 @@ impl HttpInbound {
                     )
                     .await
             } else {
+                let authority = serve::NamedAuthority::of(&parts, self.app);
                 parts.uri = serve::absolute_uri(authority.as_str(), &parts.uri);
                 self.shared
                     .upstreams

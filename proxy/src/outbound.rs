@@ -510,7 +510,9 @@ impl HttpOutbound {
                 port: &dest.port,
                 authority,
                 client_version,
-                client_host: parts.headers.contains_key(header::HOST),
+                // Looked up only when the authority was not the Host field's.
+                client_host: matches!(named, serve::NamedAuthority::Host(_))
+                    || parts.headers.contains_key(header::HOST),
                 upgrade: upgrade.is_some(),
                 options,
                 per_try_timeout: policy.per_try_timeout,
@@ -744,9 +746,8 @@ impl HttpOutbound {
         }
         let (mut parts, body) = req.into_parts();
         pool::strip_hop_by_hop(&mut parts.headers);
-        let authority = serve::NamedAuthority::of(&parts, self.orig);
         parts.version = Version::HTTP_11;
-        serve::set_host(&mut parts.headers, authority.as_str());
+        serve::ensure_host(&mut parts, self.orig);
         serve::to_origin_form(&mut parts.uri);
         let out = Request::from_parts(parts, body);
         match self
@@ -806,7 +807,7 @@ impl SendContext<'_> {
     ///
     /// An HTTP/1 attempt rewrites the head in place (version, `Host`, origin-form URI) and lends
     /// it to [`pool::Upstreams::send_h1_kept`]. An HTTP/2 attempt sends the head and leaves a
-    /// copy in its place, for the reason given there; it sets the version and the URI itself,
+    /// copy in its place ([`pool::head_for_hyper`]); it sets the version and the URI itself,
     /// and leaves out a `Host` that an HTTP/1 attempt added, so that every attempt carries the
     /// client's fields.
     ///
@@ -830,8 +831,7 @@ impl SendContext<'_> {
             // The pool's future itself, not an async block around it: one level less to hold it
             // and copy it.
             let send = if h2 {
-                let kept = head.clone();
-                let mut out = Request::from_parts(std::mem::replace(head, kept), body);
+                let mut out = Request::from_parts(pool::head_for_hyper(head), body);
                 if self.client_version != Version::HTTP_2 {
                     out.headers_mut()
                         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));

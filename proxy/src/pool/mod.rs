@@ -421,12 +421,8 @@ impl Upstreams {
 
     /// [`Upstreams::send_h1_with`] for a caller that keeps the request's head to send it again
     /// (a retry): [`http1`] encodes the head from the reference, so it is not copied; hyper's
-    /// client takes a request by value, so it gets the head and the caller a copy in its place.
-    ///
-    /// The copy is what stays, not what is sent: hyper's clients parse a response's fields into
-    /// the emptied map of the request they sent, reserving room there by the size of the map's
-    /// index table, and a copy keeps the table with room for its own entries only, so that
-    /// sending copies made every response's fields grow it twice (callgrind).
+    /// client takes a request by value, so it gets the head and the caller a copy in its place
+    /// ([`head_for_hyper`]).
     pub fn send_h1_kept<'a>(
         self: &'a Arc<Self>,
         addr: SocketAddr,
@@ -435,12 +431,10 @@ impl Upstreams {
         body: Body,
     ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + 'a {
         if through_hyper(&options, &head.method, &head.headers) {
-            let kept = head.clone();
-            let sent = std::mem::replace(head, kept);
             futures::future::Either::Left(self.send_h1_hyper(
                 addr,
                 options,
-                Request::from_parts(sent, body),
+                Request::from_parts(head_for_hyper(head), body),
             ))
         } else {
             futures::future::Either::Right(self.send_http1(addr, options, head, body))
@@ -1053,6 +1047,17 @@ impl Drop for ReturnToPool {
         // Not read to the end: the connection cannot be reused.
         self.discard();
     }
+}
+
+/// A head the caller keeps for retries, to send with one of hyper's clients, which take it by
+/// value: the head itself, with a copy left in its place. The copy is what stays, not what is
+/// sent: hyper's clients parse a response's fields into the emptied map of the request they
+/// sent, reserving room there by the size of the map's index table, and a copy keeps the table
+/// with room for its own entries only, so that sending copies made every response's fields grow
+/// it twice (callgrind).
+pub fn head_for_hyper(head: &mut Parts) -> Parts {
+    let kept = head.clone();
+    std::mem::replace(head, kept)
 }
 
 /// Whether an HTTP/1 request goes through hyper's client rather than [`http1`]: over mTLS, or

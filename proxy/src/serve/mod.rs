@@ -417,6 +417,15 @@ pub fn set_host(headers: &mut http::HeaderMap, authority: &str) {
     }
 }
 
+/// Sets `Host`, unless the request has one, from the authority it names (its URI's), or else
+/// from `addr`, the address it was sent to. Nothing is looked up when it has one.
+pub fn ensure_host(parts: &mut Parts, addr: SocketAddr) {
+    if !parts.headers.contains_key(header::HOST) {
+        let authority = NamedAuthority::of(parts, addr);
+        set_host(&mut parts.headers, authority.as_str());
+    }
+}
+
 /// The authority a request names (see [`request_authority`]), or else the address it was sent
 /// to, held apart from the request's head so that the head can be rewritten while it is in use.
 /// It shares the URI's or the `Host` field's bytes rather than copying them.
@@ -905,6 +914,31 @@ mod tests {
             named(Request::get("/x").body(()).expect("request")),
             "10.0.0.1:8080"
         );
+    }
+
+    #[test]
+    fn a_missing_host_is_the_uri_s_authority_or_the_address() {
+        let addr: SocketAddr = "10.0.0.1:8080".parse().expect("addr");
+        let host = |req: Request<()>| {
+            let (mut parts, ()) = req.into_parts();
+            ensure_host(&mut parts, addr);
+            let hosts: Vec<_> = parts
+                .headers
+                .get_all(header::HOST)
+                .iter()
+                .cloned()
+                .collect();
+            hosts
+        };
+        let kept = Request::get("http://a.b/x")
+            .header(header::HOST, "c.d")
+            .body(())
+            .expect("request");
+        assert_eq!(host(kept), ["c.d"]);
+        let from_uri = Request::get("http://a.b:81/x").body(()).expect("request");
+        assert_eq!(host(from_uri), ["a.b:81"]);
+        let from_address = Request::get("/x").body(()).expect("request");
+        assert_eq!(host(from_address), ["10.0.0.1:8080"]);
     }
 
     #[test]
