@@ -806,10 +806,9 @@ impl SendContext<'_> {
     /// `endpoint`, within the per-try timeout and the route's deadline.
     ///
     /// An HTTP/1 attempt rewrites the head in place (version, `Host`, origin-form URI) and lends
-    /// it to [`pool::Upstreams::send_h1_kept`]. An HTTP/2 attempt sends the head and leaves a
-    /// copy in its place ([`pool::head_for_hyper`]); it sets the version and the URI itself,
-    /// and leaves out a `Host` that an HTTP/1 attempt added, so that every attempt carries the
-    /// client's fields.
+    /// it to [`pool::Upstreams::send_h1_kept`]. An HTTP/2 attempt sends a copy of the head, since
+    /// h2 takes one by value; it sets the copy's version and URI, and leaves out a `Host` that an
+    /// HTTP/1 attempt added, so that every attempt carries the client's fields.
     ///
     /// An async block, not an `async fn`, for the reason [`pool::Upstreams::send_h1_with`] is one.
     #[allow(
@@ -831,7 +830,7 @@ impl SendContext<'_> {
             // The pool's future itself, not an async block around it: one level less to hold it
             // and copy it.
             let send = if h2 {
-                let mut out = Request::from_parts(pool::head_for_hyper(head), body);
+                let mut out = Request::from_parts(head.clone(), body);
                 if self.client_version != Version::HTTP_2 {
                     out.headers_mut()
                         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));

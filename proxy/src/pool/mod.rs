@@ -4,8 +4,9 @@
 //! sidecar-to-sidecar hop: a busy pair of pods shares one connection). HTTP/1 upstreams get a
 //! pool of idle keep-alive connections per address; a connection goes back to the pool when its
 //! response body has been read to the end, and is dropped otherwise. Bodies are streamed, never
-//! buffered whole. Plaintext HTTP/1 goes through [`http1`], driven by the request's own task;
-//! upgrades and HTTP/1 over mTLS through hyper's client, a task per connection.
+//! buffered whole. Plaintext HTTP/1 goes through [`http1`] and HTTP/2 through [`http2`], both
+//! driven by the request's own task; upgrades and HTTP/1 over mTLS through hyper's client, a
+//! task per connection.
 //!
 //! A caller may pass [`Connect`] options: the idle timeout closes a connection that carried no
 //! request for that long (an HTTP/1 connection at most the pool's own limit, by default
@@ -31,14 +32,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::FutureExt;
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1 as hyper_http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::client::conn::http1 as hyper_http1;
+use hyper_util::rt::TokioIo;
 use keel_proto::spiffe::SpiffeId;
 use rustc_hash::FxBuildHasher;
 use tokio::net::TcpStream;
@@ -47,6 +47,7 @@ use tokio_util::either::Either;
 use crate::tls::{Carried, MeshConnectError, MeshTls};
 
 pub mod http1;
+pub mod http2;
 
 /// A connection to an upstream: plain TCP, or mTLS to another sidecar.
 pub type UpstreamIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
@@ -115,7 +116,7 @@ pub enum UpstreamError {
     Handshake {
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     #[error("request to {addr} failed: {source}")]
     Request {
@@ -301,7 +302,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, U
     }
 }
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<Body>, Arc<Activity>)>>>;
+type H2Slot = Arc<tokio::sync::Mutex<Option<http2::Connection>>>;
 
 /// An idle HTTP/1 connection.
 type IdleH1 = (hyper_http1::SendRequest<Body>, Arc<Activity>);
@@ -666,7 +667,10 @@ impl Upstreams {
         let (sender, conn) = hyper_http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+            .map_err(|source| UpstreamError::Handshake {
+                addr,
+                source: source.into(),
+            })?;
         let activity = Activity::new();
         let idle_timeout = options
             .idle_timeout
@@ -750,54 +754,33 @@ impl Upstreams {
                 .entry((addr, options.peer.cloned()))
                 .or_default()
                 .clone();
-            // A live connection with room for a stream: no waiting, nothing to admit.
+            // A live connection: nothing to admit, unless the request must wait for a stream.
             let ready = slot.try_lock().ok().and_then(|held| match held.as_ref() {
-                Some((sender, activity)) if !sender.is_closed() => {
-                    Some((sender.clone(), activity.clone()))
-                }
+                Some(conn) if !conn.is_closed() => Some(conn.clone()),
                 _ => None,
             });
-            let mut pending = None;
-            let (mut sender, activity) = match ready {
-                Some((mut sender, activity)) => {
-                    if sender.ready().now_or_never().is_none() {
-                        // At its concurrent stream limit: this request waits.
-                        pending = options.admit(addr, |a| a.pending())?;
-                    }
-                    (sender, activity)
-                }
+            let (conn, waiting) = match ready {
+                // At the peer's concurrent stream limit: this request waits for a stream.
+                Some(conn) if conn.is_full() => (conn, options.admit(addr, |a| a.pending())?),
+                Some(conn) => (conn, None),
                 None => {
-                    pending = options.admit(addr, |a| a.pending())?;
+                    let _pending = options.admit(addr, |a| a.pending())?;
                     // Boxed for the reason `new_h1` is: kilobytes, and rarely needed.
-                    Box::pin(self.h2_connection(addr, &slot, options)).await?
+                    let conn = Box::pin(self.h2_connection(addr, &slot, options)).await?;
+                    (conn, None)
                 }
             };
-            sender
-                .ready()
-                .await
-                .map_err(|source| UpstreamError::Handshake { addr, source })?;
-            drop(pending);
-            activity.begin();
-            match sender.try_send_request(req).await {
-                Ok(response) => Ok(response.map(|body| {
-                    IdleOnDrop {
-                        inner: body,
-                        activity: Some(activity),
-                    }
-                    .map_err(BoxError::from)
-                    .boxed_unsync()
-                })),
-                Err(mut e) => {
-                    activity.end();
-                    let unsent = e.take_message().is_some();
-                    let source = e.into_error().into();
-                    Err(if unsent {
-                        UpstreamError::Unsent { addr, source }
-                    } else {
-                        UpstreamError::Request { addr, source }
-                    })
-                }
-            }
+            let (head, body) = req.into_parts();
+            conn.send(head, body, waiting).await.map_err(|e| match e {
+                http2::SendError::Unsent(e) => UpstreamError::Unsent {
+                    addr,
+                    source: e.into(),
+                },
+                http2::SendError::Failed(e) => UpstreamError::Request {
+                    addr,
+                    source: e.into(),
+                },
+            })
         }
     }
 
@@ -808,40 +791,34 @@ impl Upstreams {
         addr: SocketAddr,
         slot: &H2Slot,
         options: Connect<'_>,
-    ) -> Result<(http2::SendRequest<Body>, Arc<Activity>), UpstreamError> {
+    ) -> Result<http2::Connection, UpstreamError> {
+        let mut held = slot.lock().await;
+        if let Some(conn) = held.as_ref()
+            && !conn.is_closed()
         {
-            let mut held = slot.lock().await;
-            match held.as_ref() {
-                Some((sender, activity)) if !sender.is_closed() => {
-                    Ok((sender.clone(), activity.clone()))
-                }
-                _ => {
-                    let permit = options.admit(addr, |a| a.connection())?;
-                    let stream = self
-                        .connect(addr, options.peer, Carried::Http2, options.timeout)
-                        .await?;
-                    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .keep_alive_interval(Duration::from_secs(30))
-                        .keep_alive_timeout(Duration::from_secs(10))
-                        .max_header_list_size(crate::serve::MAX_HEAD_BYTES as u32 + 4096)
-                        .handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                    let activity = Activity::new();
-                    tokio::spawn(drive(
-                        conn,
-                        addr,
-                        options.idle_timeout.or(Some(DEFAULT_IDLE_TIMEOUT)),
-                        activity.clone(),
-                        permit,
-                        || {},
-                    ));
-                    *held = Some((sender.clone(), activity.clone()));
-                    Ok((sender, activity))
-                }
-            }
+            return Ok(conn.clone());
         }
+        let permit = options.admit(addr, |a| a.connection())?;
+        let stream = self
+            .connect(addr, options.peer, Carried::Http2, options.timeout)
+            .await?;
+        let (conn, driven) =
+            http2::Connection::handshake(stream, crate::serve::MAX_HEAD_BYTES as u32 + 4096)
+                .await
+                .map_err(|source| UpstreamError::Handshake {
+                    addr,
+                    source: source.into(),
+                })?;
+        tokio::spawn(drive(
+            Box::pin(driven),
+            addr,
+            options.idle_timeout.or(Some(DEFAULT_IDLE_TIMEOUT)),
+            conn.activity().clone(),
+            permit,
+            || {},
+        ));
+        *held = Some(conn.clone());
+        Ok(conn)
     }
 
     fn give_back(&self, key: PeerKey, (sender, activity): IdleH1) {
@@ -953,41 +930,6 @@ fn connection_close(headers: &HeaderMap) -> bool {
         .any(|v| http1::has_token(v.as_bytes(), b"close"))
 }
 
-/// An HTTP/2 response body that marks its stream done (for the connection's idle timeout) when
-/// dropped.
-struct IdleOnDrop {
-    inner: Incoming,
-    activity: Option<Arc<Activity>>,
-}
-
-impl HttpBody for IdleOnDrop {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for IdleOnDrop {
-    fn drop(&mut self) {
-        if let Some(activity) = self.activity.take() {
-            activity.end();
-        }
-    }
-}
-
 /// An HTTP/1 response body that returns its connection to the pool once read to the end.
 struct ReturnToPool {
     inner: Incoming,
@@ -1049,13 +991,13 @@ impl Drop for ReturnToPool {
     }
 }
 
-/// A head the caller keeps for retries, to send with one of hyper's clients, which take it by
+/// A head the caller keeps for retries, to send with hyper's HTTP/1 client, which takes it by
 /// value: the head itself, with a copy left in its place. The copy is what stays, not what is
-/// sent: hyper's clients parse a response's fields into the emptied map of the request they
+/// sent: hyper's client parses a response's fields into the emptied map of the request it
 /// sent, reserving room there by the size of the map's index table, and a copy keeps the table
 /// with room for its own entries only, so that sending copies made every response's fields grow
 /// it twice (callgrind).
-pub fn head_for_hyper(head: &mut Parts) -> Parts {
+fn head_for_hyper(head: &mut Parts) -> Parts {
     let kept = head.clone();
     std::mem::replace(head, kept)
 }
@@ -1417,6 +1359,82 @@ mod tests {
         activity.end();
         let idle = tokio::time::timeout(Duration::from_secs(10), activity.idle_for(timeout));
         assert!(idle.await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_closed_by_either_side_is_replaced() {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        // The upstream closes each connection a second after it opened.
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"hello"),
+                        )))
+                    });
+                    let conn = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = &mut conn => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = Upstreams::new(None, DEFAULT_H1_POOL_IDLE_TIMEOUT);
+        let idle = Connect {
+            idle_timeout: Some(Duration::from_millis(50)),
+            ..Connect::timeout(Duration::from_secs(5))
+        };
+        let send = |options: Connect<'static>| {
+            let pool = pool.clone();
+            async move {
+                let get = Request::builder()
+                    .uri(format!("http://{addr}/"))
+                    .body(empty())
+                    .expect("request");
+                let response = pool
+                    .send_h2_with(addr, options, get)
+                    .await
+                    .expect("response");
+                let body = response.into_body().collect().await.expect("body");
+                assert_eq!(body.to_bytes(), "hello");
+            }
+        };
+        send(Connect::timeout(Duration::from_secs(5))).await;
+        send(Connect::timeout(Duration::from_secs(5))).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused");
+        // Closed by the upstream.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        send(idle).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "replaced after the upstream closed it"
+        );
+        // Closed by the pool, idle past its timeout (well before the upstream's second).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        send(idle).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "replaced after its idle timeout"
+        );
+        assert_eq!(pool.counts().0, 1);
     }
 
     #[tokio::test]
