@@ -48,6 +48,9 @@ const STREAM_WINDOW: u32 = 2 << 20;
 const CONNECTION_WINDOW: u32 = 5 << 20;
 /// The most a stream buffers to send beyond what the peer's window allows (hyper's default).
 const MAX_SEND_BUFFER: usize = 1 << 20;
+/// The most streams opened before the peer's SETTINGS say how many it takes (hyper's value: the
+/// least RFC 9113 §6.5.2 recommends a peer to allow); more wait for them.
+const INITIAL_MAX_STREAMS: usize = 100;
 /// How often a connection with requests open checks, with a PING, that its peer still answers,
 /// and how long it waits for the answer before it closes the connection (and fails its
 /// requests): a peer that vanished without closing (a node gone) is found in 40 s at most.
@@ -97,6 +100,7 @@ impl Connection {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(max_header_list_size)
             .max_send_buffer_size(MAX_SEND_BUFFER)
+            .initial_max_send_streams(INITIAL_MAX_STREAMS)
             .enable_push(false)
             .handshake::<T, Bytes>(io)
             .await?;
@@ -138,8 +142,23 @@ impl Connection {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Whether a new request would wait for another to finish, at the peer's limit of
-    /// concurrent streams.
+    /// Whether the connection takes new streams. One that failed, or whose peer is shutting it
+    /// down (GOAWAY), takes none, though its task goes on with the streams it has: it is marked
+    /// closed here, for the pool to open another.
+    pub fn is_ready(&mut self) -> bool {
+        if let Poll::Ready(Err(_)) = ready_now(&mut self.sender) {
+            self.closed.store(true, Ordering::Release);
+            return false;
+        }
+        true
+    }
+
+    /// Whether a new request would wait for another to end, at the peer's limit of concurrent
+    /// streams. An estimate, from the requests whose response bodies are held: h2 may have
+    /// closed a stream whose body is still to be read, and does not tell how many it has open.
+    /// A request the estimate lets through may still wait in h2, without a permit; one it holds
+    /// back is refused, when the circuit breaker does, with nothing sent. Checking after the
+    /// stream was queued instead would send a refused request once its turn came, and reset it.
     pub fn is_full(&self) -> bool {
         self.activity.active.load(Ordering::Acquire) >= self.sender.current_max_send_streams()
     }
@@ -148,35 +167,37 @@ impl Connection {
     /// resolves to the response once its head has come. The response body holds the stream
     /// (and counts as a request on the connection) until it is read to the end or dropped.
     ///
-    /// A request sent when the connection [`Connection::is_full`] holds `waiting` (a circuit
-    /// breaker's permit for a pending request) until its stream opens.
+    /// A request beyond the peer's limit of concurrent streams waits in h2 for another to end,
+    /// holding `waiting` (a circuit breaker's permit, taken when [`Connection::is_full`]) until
+    /// its stream opens.
     ///
     /// Dropping the future before the response resets the stream (`CANCEL`).
     pub fn send(
-        &self,
+        mut self,
         mut head: Parts,
         body: Body,
         waiting: Option<Permit>,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'static {
-        let mut sender = self.sender.clone();
         let active = Active::begin(&self.activity);
         async move {
             set_content_length(&mut head, &body);
             let end_of_stream = body.is_end_stream();
-            let (response, stream) = sender
-                .send_request(Request::from_parts(head, ()), end_of_stream)
-                .map_err(|e| {
-                    if e.is_io() || e.is_go_away() || e.is_library() {
-                        // The connection had failed: the stream was never opened.
-                        SendError::Unsent(e)
-                    } else {
-                        SendError::Failed(e)
-                    }
-                })?;
+            let sent = self
+                .sender
+                .send_request(Request::from_parts(head, ()), end_of_stream);
+            let (response, stream) = match sent {
+                Ok(sent) => sent,
+                Err(e) if e.is_io() || e.is_go_away() || e.is_library() => {
+                    // The connection failed or is going away: the stream was never opened.
+                    self.closed.store(true, Ordering::Release);
+                    return Err(SendError::Unsent(e));
+                }
+                Err(e) => return Err(SendError::Failed(e)),
+            };
             if let Some(waiting) = waiting {
-                // Ready once this handle's stream is no longer queued behind the limit; an
-                // error here is the stream's as well, and its response reports it.
-                let _ = std::future::poll_fn(|cx| sender.poll_ready(cx)).await;
+                // Ready once this stream is no longer queued behind the limit; an error is the
+                // stream's too, and its response reports it.
+                let _ = std::future::poll_fn(|cx| self.sender.poll_ready(cx)).await;
                 drop(waiting);
             }
             let cancel = if end_of_stream {
@@ -192,7 +213,7 @@ impl Connection {
                 let sent = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pump).poll(cx)));
                 match sent.await {
                     Poll::Ready(()) => None,
-                    Poll::Pending => Some(pump.spawn()),
+                    Poll::Pending => Some(pump.spawn(Active::begin(&self.activity))),
                 }
             };
             let response = response.await.map_err(|e| {
@@ -217,6 +238,12 @@ impl Connection {
             Ok(Response::from_parts(parts, Body::new(body)))
         }
     }
+}
+
+/// Whether `sender` may open a stream now: an error once the connection failed or its peer sent
+/// GOAWAY (pending while the stream it opened last waits behind the peer's limit).
+fn ready_now(sender: &mut SendRequest<Bytes>) -> Poll<Result<(), h2::Error>> {
+    sender.poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
 }
 
 /// Marks a connection closed when its driving future is done or dropped.
@@ -303,9 +330,12 @@ impl Pump {
     /// Goes on sending in a task of its own, until done, or until the returned guard is
     /// dropped without [`Cancel::disarm`] (the request was given up before its response came),
     /// which resets the stream.
-    fn spawn(mut self) -> Cancel {
+    fn spawn(mut self, active: Active) -> Cancel {
         let (cancel, cancelled) = oneshot::channel::<()>();
         tokio::spawn(async move {
+            // A request on the connection while its body is sent, whether or not its response
+            // is still read: the connection is not idle, and keep-alive pings go on.
+            let _active = active;
             let cancelled = tokio::select! {
                 given_up = cancelled => given_up.is_ok(),
                 () = &mut self => return,
@@ -360,7 +390,14 @@ impl Future for Pump {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let last = this.body.is_end_stream();
-                        if data.is_empty() && !last {
+                        if data.is_empty() {
+                            // No window needed: only the end of the stream is sent.
+                            if last {
+                                if let Err(e) = this.stream.send_data(data, true) {
+                                    tracing::debug!(error = %e, "request body not ended");
+                                }
+                                return Poll::Ready(());
+                            }
                             continue;
                         }
                         // A claim of one byte, not the frame's length: a frame waiting for the
@@ -380,7 +417,7 @@ impl Future for Pump {
                 },
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "request body failed");
-                    this.stream.send_reset(Reason::CANCEL);
+                    this.stream.send_reset(reset_reason(&*e));
                     return Poll::Ready(());
                 }
                 None => {
@@ -392,6 +429,20 @@ impl Future for Pump {
             }
         }
     }
+}
+
+/// The reason to reset a stream with when its request body failed: the reason of the HTTP/2
+/// reset that failed it downstream (a gRPC client's `CANCEL` reaches the server as one), else
+/// `INTERNAL_ERROR`.
+fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        cause = e.source();
+    }
+    Reason::INTERNAL_ERROR
 }
 
 /// Resets a request's stream when dropped before [`Cancel::disarm`].
@@ -478,6 +529,8 @@ mod tests {
 
     type Frames = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
 
+    const NO_WAIT: Option<Permit> = None;
+
     /// A request body whose frames the test sends when it chooses.
     fn streamed() -> (Frames, Body) {
         let (tx, rx) = mpsc::channel(8);
@@ -529,7 +582,7 @@ mod tests {
         let (conn, server) = connected().await;
         let mut accepted = serve(server);
         let (frames, body) = streamed();
-        let sent = tokio::spawn(conn.send(request(Method::POST), body, None));
+        let sent = tokio::spawn(conn.clone().send(request(Method::POST), body, NO_WAIT));
         let (req, mut respond) = accepted.recv().await.expect("request");
         assert_eq!(req.uri(), "http://web.test/items?q=1");
         assert_eq!(req.headers()["x-test"], "v");
@@ -574,7 +627,8 @@ mod tests {
     async fn a_body_in_hand_goes_with_its_length_and_the_answer_s_length_is_its_size() {
         let (conn, server) = connected().await;
         let mut accepted = serve(server);
-        let sent = tokio::spawn(conn.send(request(Method::PUT), super::super::full("abc"), None));
+        let sent =
+            tokio::spawn(conn.send(request(Method::PUT), super::super::full("abc"), NO_WAIT));
         let (req, mut respond) = accepted.recv().await.expect("request");
         assert_eq!(req.headers()[header::CONTENT_LENGTH], "3");
         let mut request_body = req.into_body();
@@ -604,7 +658,11 @@ mod tests {
             (Reason::REFUSED_STREAM, true),
             (Reason::INTERNAL_ERROR, false),
         ] {
-            let sent = tokio::spawn(conn.send(request(Method::GET), super::super::empty(), None));
+            let sent = tokio::spawn(conn.clone().send(
+                request(Method::GET),
+                super::super::empty(),
+                NO_WAIT,
+            ));
             let (_req, mut respond) = accepted.recv().await.expect("request");
             respond.send_reset(reason);
             let error = sent.await.expect("task").expect_err("reset");
@@ -622,7 +680,7 @@ mod tests {
         let (conn, server) = connected().await;
         let mut accepted = serve(server);
         let (_frames, body) = streamed();
-        let sent = tokio::spawn(conn.send(request(Method::POST), body, None));
+        let sent = tokio::spawn(conn.clone().send(request(Method::POST), body, NO_WAIT));
         let (req, _respond) = accepted.recv().await.expect("request");
         sent.abort();
         let mut request_body = req.into_body();
@@ -638,7 +696,11 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_stops_answering_pings_is_given_up() {
         let (conn, mut server) = connected().await;
-        let sent = tokio::spawn(conn.send(request(Method::GET), super::super::empty(), None));
+        let sent = tokio::spawn(conn.clone().send(
+            request(Method::GET),
+            super::super::empty(),
+            NO_WAIT,
+        ));
         // The peer takes the request, and then reads nothing more: its pings go unanswered.
         let accepted = server.accept().await.expect("request").expect("request");
         tokio::time::pause();
@@ -654,6 +716,56 @@ mod tests {
         assert!(started.elapsed() >= least, "{:?}", started.elapsed());
         assert!(conn.is_closed());
         drop((accepted, server));
+    }
+
+    #[tokio::test]
+    async fn a_request_past_the_peer_s_stream_limit_holds_its_permit_until_its_stream_opens() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let server = tokio::spawn(
+            h2::server::Builder::new()
+                .max_concurrent_streams(1)
+                .handshake::<_, Bytes>(accepted.expect("accept").0),
+        );
+        let (conn, driven) = Connection::handshake(client.expect("connect"), 64 << 10)
+            .await
+            .expect("handshake");
+        tokio::spawn(driven);
+        let mut accepted = serve(server.await.expect("task").expect("server handshake"));
+        let first = tokio::spawn(conn.clone().send(
+            request(Method::GET),
+            super::super::empty(),
+            NO_WAIT,
+        ));
+        let (_req, mut respond) = accepted.recv().await.expect("request");
+        // The response head comes after the peer's SETTINGS: its limit of 1 is known.
+        let mut out = respond
+            .send_response(Response::new(()), false)
+            .expect("respond");
+        let first = first.await.expect("task").expect("response");
+        assert!(conn.is_full());
+        let permits = Arc::new(());
+        let held = Box::new(permits.clone()) as Permit;
+        let waiting = tokio::spawn(conn.clone().send(
+            request(Method::GET),
+            super::super::empty(),
+            Some(held),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(Arc::strong_count(&permits), 2, "waiting with a permit");
+        out.send_data(Bytes::new(), true).expect("end");
+        drop(first);
+        let (_req, mut respond) = accepted.recv().await.expect("the waiting request");
+        assert_eq!(
+            Arc::strong_count(&permits),
+            1,
+            "the permit goes once the stream opens"
+        );
+        respond
+            .send_response(Response::new(()), true)
+            .expect("respond");
+        waiting.await.expect("task").expect("response");
     }
 
     #[test]

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, Request, Response, header};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
@@ -754,13 +754,14 @@ impl Upstreams {
                 .entry((addr, options.peer.cloned()))
                 .or_default()
                 .clone();
-            // A live connection: nothing to admit, unless the request must wait for a stream.
+            // A live connection that takes streams: nothing to admit, unless the request must
+            // wait for a stream.
             let ready = slot.try_lock().ok().and_then(|held| match held.as_ref() {
                 Some(conn) if !conn.is_closed() => Some(conn.clone()),
                 _ => None,
             });
-            let (conn, waiting) = match ready {
-                // At the peer's concurrent stream limit: this request waits for a stream.
+            let (conn, waiting) = match ready.and_then(|mut conn| conn.is_ready().then_some(conn)) {
+                // At the peer's limit of concurrent streams: this request waits for a stream.
                 Some(conn) if conn.is_full() => (conn, options.admit(addr, |a| a.pending())?),
                 Some(conn) => (conn, None),
                 None => {
@@ -1039,12 +1040,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
-    // HTTP/2 allows TE only as "trailers" (gRPC needs it).
-    let te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_trailers {
-        headers.remove(header::TE);
+    // HTTP/2 allows TE only as "trailers" (gRPC needs it), spelled so: h2 refuses `Trailers`.
+    match headers.get(header::TE).map(|v| v.as_bytes()) {
+        Some(b"trailers") => {}
+        Some(te) if te.eq_ignore_ascii_case(b"trailers") => {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        _ => {
+            headers.remove(header::TE);
+        }
     }
 }
 
@@ -1103,6 +1107,10 @@ mod tests {
         h.insert(header::TE, "gzip".parse().expect("v"));
         strip_hop_by_hop(&mut h);
         assert!(h.get(header::TE).is_none());
+        // h2 takes the value in lower case only.
+        h.insert(header::TE, "Trailers".parse().expect("v"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::TE], "trailers");
     }
 
     /// An HTTP/1 upstream that answers `hello`: its address, how many connections it accepted,
@@ -1435,6 +1443,72 @@ mod tests {
             "replaced after its idle timeout"
         );
         assert_eq!(pool.counts().0, 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_going_away_with_a_request_open_is_replaced_for_the_next() {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let shut_down = Arc::new(tokio::sync::Notify::new());
+        let shut_first = shut_down.clone();
+        // `/slow` answers after 500 ms; the first connection is shut down gracefully on a signal.
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let number = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let shut_down = shut_first.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        if req.uri().path() == "/slow" {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"hello"),
+                        )))
+                    });
+                    let conn = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = &mut conn => {}
+                        () = shut_down.notified(), if number == 1 => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = Upstreams::new(None, DEFAULT_H1_POOL_IDLE_TIMEOUT);
+        let send = |path: &'static str| {
+            let pool = pool.clone();
+            async move {
+                let get = Request::builder()
+                    .uri(format!("http://{addr}{path}"))
+                    .body(empty())
+                    .expect("request");
+                let response = pool
+                    .send_h2_with(addr, Connect::timeout(Duration::from_secs(5)), get)
+                    .await
+                    .expect("response");
+                let body = response.into_body().collect().await.expect("body");
+                assert_eq!(body.to_bytes(), "hello");
+            }
+        };
+        let slow = tokio::spawn(send("/slow"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shut_down.notify_one();
+        // The GOAWAY reaches the pool's connection while `/slow` is open on it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        send("/").await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+        slow.await.expect("the open request is answered");
     }
 
     #[tokio::test]
