@@ -1369,8 +1369,14 @@ mod tests {
         assert!(idle.await.is_ok());
     }
 
-    #[tokio::test]
-    async fn an_http2_connection_closed_by_either_side_is_replaced() {
+    /// An HTTP/2 upstream that answers `hello` (`/slow` after 500 ms), and shuts each
+    /// connection down gracefully once `shut(n)` resolves for it (`n` counts from 1): its
+    /// address, and how many connections it accepted.
+    async fn hello_h2_upstream<S, F>(shut: S) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        S: Fn(usize) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
         use hyper::service::service_fn;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -1378,89 +1384,9 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
-        // The upstream closes each connection a second after it opened.
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = service_fn(|_req| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                            Bytes::from_static(b"hello"),
-                        )))
-                    });
-                    let conn = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        _ = &mut conn => {}
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
-                        }
-                    }
-                });
-            }
-        });
-        let pool = Upstreams::new(None, DEFAULT_H1_POOL_IDLE_TIMEOUT);
-        let idle = Connect {
-            idle_timeout: Some(Duration::from_millis(50)),
-            ..Connect::timeout(Duration::from_secs(5))
-        };
-        let send = |options: Connect<'static>| {
-            let pool = pool.clone();
-            async move {
-                let get = Request::builder()
-                    .uri(format!("http://{addr}/"))
-                    .body(empty())
-                    .expect("request");
-                let response = pool
-                    .send_h2_with(addr, options, get)
-                    .await
-                    .expect("response");
-                let body = response.into_body().collect().await.expect("body");
-                assert_eq!(body.to_bytes(), "hello");
-            }
-        };
-        send(Connect::timeout(Duration::from_secs(5))).await;
-        send(Connect::timeout(Duration::from_secs(5))).await;
-        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused");
-        // Closed by the upstream.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        send(idle).await;
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            2,
-            "replaced after the upstream closed it"
-        );
-        // Closed by the pool, idle past its timeout (well before the upstream's second).
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        send(idle).await;
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            3,
-            "replaced after its idle timeout"
-        );
-        assert_eq!(pool.counts().0, 1);
-    }
-
-    #[tokio::test]
-    async fn a_connection_going_away_with_a_request_open_is_replaced_for_the_next() {
-        use hyper::service::service_fn;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        let shut_down = Arc::new(tokio::sync::Notify::new());
-        let shut_first = shut_down.clone();
-        // `/slow` answers after 500 ms; the first connection is shut down gracefully on a signal.
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let number = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                let shut_down = shut_first.clone();
+                let shut = shut(counter.fetch_add(1, Ordering::SeqCst) + 1);
                 tokio::spawn(async move {
                     let svc = service_fn(|req: Request<Incoming>| async move {
                         if req.uri().path() == "/slow" {
@@ -1477,7 +1403,7 @@ mod tests {
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = &mut conn => {}
-                        () = shut_down.notified(), if number == 1 => {
+                        () = shut => {
                             conn.as_mut().graceful_shutdown();
                             let _ = conn.await;
                         }
@@ -1485,28 +1411,80 @@ mod tests {
                 });
             }
         });
+        (addr, accepted)
+    }
+
+    /// Sends `path` over HTTP/2 through `pool` and expects `hello`.
+    async fn hello_h2(pool: Arc<Upstreams>, addr: SocketAddr, options: Connect<'_>, path: &str) {
+        let get = Request::builder()
+            .uri(format!("http://{addr}{path}"))
+            .body(empty())
+            .expect("request");
+        let response = pool
+            .send_h2_with(addr, options, get)
+            .await
+            .expect("response");
+        let body = response.into_body().collect().await.expect("body");
+        assert_eq!(body.to_bytes(), "hello");
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_closed_by_either_side_is_replaced() {
+        // The upstream closes each connection a second after it opened.
+        let (addr, accepted) =
+            hello_h2_upstream(|_| tokio::time::sleep(Duration::from_secs(1))).await;
         let pool = Upstreams::new(None, DEFAULT_H1_POOL_IDLE_TIMEOUT);
-        let send = |path: &'static str| {
-            let pool = pool.clone();
-            async move {
-                let get = Request::builder()
-                    .uri(format!("http://{addr}{path}"))
-                    .body(empty())
-                    .expect("request");
-                let response = pool
-                    .send_h2_with(addr, Connect::timeout(Duration::from_secs(5)), get)
-                    .await
-                    .expect("response");
-                let body = response.into_body().collect().await.expect("body");
-                assert_eq!(body.to_bytes(), "hello");
-            }
+        let plain = Connect::timeout(Duration::from_secs(5));
+        let idle = Connect {
+            idle_timeout: Some(Duration::from_millis(50)),
+            ..plain
         };
-        let slow = tokio::spawn(send("/slow"));
+        hello_h2(pool.clone(), addr, plain, "/").await;
+        hello_h2(pool.clone(), addr, plain, "/").await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused");
+        // Closed by the upstream.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        hello_h2(pool.clone(), addr, idle, "/").await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "replaced after the upstream closed it"
+        );
+        // Closed by the pool, idle past its timeout (well before the upstream's second).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        hello_h2(pool.clone(), addr, idle, "/").await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "replaced after its idle timeout"
+        );
+        assert_eq!(pool.counts().0, 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_going_away_with_a_request_open_is_replaced_for_the_next() {
+        let shut_down = Arc::new(tokio::sync::Notify::new());
+        let shut_first = shut_down.clone();
+        // The first connection is shut down on a signal; the others stay.
+        let (addr, accepted) = hello_h2_upstream(move |n| {
+            let shut_first = shut_first.clone();
+            async move {
+                if n == 1 {
+                    shut_first.notified().await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await;
+        let pool = Upstreams::new(None, DEFAULT_H1_POOL_IDLE_TIMEOUT);
+        let plain = Connect::timeout(Duration::from_secs(5));
+        let slow = tokio::spawn(hello_h2(pool.clone(), addr, plain, "/slow"));
         tokio::time::sleep(Duration::from_millis(100)).await;
         shut_down.notify_one();
         // The GOAWAY reaches the pool's connection while `/slow` is open on it.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        send("/").await;
+        hello_h2(pool.clone(), addr, plain, "/").await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
         slow.await.expect("the open request is answered");
     }
