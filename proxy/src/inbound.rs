@@ -28,6 +28,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::header::HeaderName;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use keel_proto::spiffe::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
@@ -44,7 +45,9 @@ use crate::{authz, detect};
 /// How long connecting to the local app may take; it is on the same host.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The header that tells the app who the (verified) client is.
-pub const CLIENT_ID: &str = "keel-client-id";
+pub const CLIENT_ID: HeaderName = HeaderName::from_static("keel-client-id");
+/// The header that carries the client's address to the app.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// How much of a ClientHello the proxy reads to find its server name.
 const MAX_CLIENT_HELLO: usize = 16 << 10;
 /// How long a peer may take to complete the mTLS handshake.
@@ -477,7 +480,7 @@ impl HttpInbound {
             let as_http1 = downgrade || req.version() != Version::HTTP_2;
             let (mut parts, body) = req.into_parts();
             if let Some(ip) = &self.forwarded_for {
-                parts.headers.append("x-forwarded-for", ip.clone());
+                parts.headers.append(X_FORWARDED_FOR, ip.clone());
             }
             pool::strip_hop_by_hop(&mut parts.headers);
             if let Some(protocol) = &upgrade {

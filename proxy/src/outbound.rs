@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::header::HeaderName;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use rand::Rng;
@@ -46,10 +47,13 @@ use tokio_util::either::Either;
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The header that carries an HTTP/1 request's original protocol across the HTTP/2 hop.
-pub const ORIG_PROTO: &str = "keel-orig-proto";
+///
+/// Header names used per request are `HeaderName` constants, not `&str`: a map validates and
+/// converts a `&str` name on every lookup.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("keel-orig-proto");
 
-/// The header of the proxy's own error answers.
-const KEEL_ERROR: &str = "keel-error";
+/// The header that names the circuit breaker that refused a request.
+const KEEL_CIRCUIT_BREAKER: HeaderName = HeaderName::from_static("keel-circuit-breaker");
 
 /// What an inbound sidecar answers when its app refused the connection: the request never
 /// reached the app.
@@ -556,7 +560,7 @@ impl HttpOutbound {
                         let peer_error = endpoint
                             .endpoint
                             .meshed
-                            .then(|| response.headers().get(KEEL_ERROR))
+                            .then(|| response.headers().get(serve::KEEL_ERROR))
                             .flatten()
                             .map(|v| v.as_bytes());
                         let (outcome, failure) = match peer_error {
@@ -682,7 +686,7 @@ impl HttpOutbound {
         let mut response = serve::error_response(StatusCode::SERVICE_UNAVAILABLE, "circuit-open");
         response
             .headers_mut()
-            .insert("keel-circuit-breaker", HeaderValue::from_static(limit));
+            .insert(KEEL_CIRCUIT_BREAKER, HeaderValue::from_static(limit));
         response
     }
 

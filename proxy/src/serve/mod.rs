@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::HeaderName;
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
@@ -486,12 +487,15 @@ pub fn with_timeout<F: Future>(
     }
 }
 
+/// The header of the proxy's own answers that names the reason.
+pub const KEEL_ERROR: HeaderName = HeaderName::from_static("keel-error");
+
 /// An answer of the proxy's own, naming the reason in `keel-error`.
 pub fn error_response(status: StatusCode, reason: &'static str) -> Response<Body> {
     let mut response = Response::new(pool::full(format!("{reason}\n")));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert("keel-error", HeaderValue::from_static(reason));
+    headers.insert(KEEL_ERROR, HeaderValue::from_static(reason));
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
