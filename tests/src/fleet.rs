@@ -367,6 +367,32 @@ impl Fleet {
         Ok(())
     }
 
+    /// Sends `signal` to an endpoint's sidecar (SIGTERM drains it, as when its pod is deleted).
+    pub fn signal_sidecar(&mut self, name: &str, signal: libc::c_int) -> anyhow::Result<()> {
+        let i = self.index(name)?;
+        let sidecar = self.endpoints[i]
+            .sidecar
+            .as_mut()
+            .with_context(|| format!("{name} has no sidecar"))?;
+        sidecar
+            .proxy
+            .signal(signal)
+            .with_context(|| format!("signalling {name}'s sidecar"))
+    }
+
+    /// How an endpoint's sidecar exited, once it has.
+    pub fn sidecar_exited(
+        &mut self,
+        name: &str,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let i = self.index(name)?;
+        let sidecar = self.endpoints[i]
+            .sidecar
+            .as_mut()
+            .with_context(|| format!("{name} has no sidecar"))?;
+        Ok(sidecar.proxy.exited())
+    }
+
     /// Starts an endpoint's application again and waits until it answers.
     pub async fn restart(&mut self, name: &str, mode: Mode) -> anyhow::Result<()> {
         let i = self.index(name)?;

@@ -151,6 +151,68 @@ async fn killing_one_of_three_endpoints_loses_no_request() -> anyhow::Result<()>
     Ok(())
 }
 
+/// Under steady idempotent load, an endpoint whose sidecar drains (SIGTERM, as when its pod is
+/// deleted) loses no request: its inbound side finishes what it has and sends GOAWAY on the
+/// client sidecar's HTTP/2 connection, which then takes no new request; the next ones find d's
+/// listener closed and go to the other endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_whose_sidecar_drains_loses_no_request() -> anyhow::Result<()> {
+    skip_unless_root!();
+    let mut fleet = Fleet::start(spec(three(Mode::Ok), OUTLIER, "")).await?;
+    let traffic = Traffic::start(fleet.target(), 4, Duration::from_millis(2));
+    traffic
+        .wait_for_last(60, CONVERGE, "all three endpoints answering", |o| {
+            o.result.is_ok()
+        })
+        .await?;
+    let warm = traffic::count(&traffic.snapshot());
+    ensure!(
+        ["b", "c", "d"].iter().all(|n| warm.contains_key(*n)),
+        "before the drain every endpoint must answer: {warm:?}"
+    );
+    fleet.signal_sidecar("d", libc::SIGTERM)?;
+    let deadline = Instant::now() + CONVERGE;
+    let status = loop {
+        if let Some(status) = fleet.sidecar_exited("d")? {
+            break status;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "d's sidecar did not finish draining\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(status.success(), "d's sidecar exited with {status}");
+    let exited_at = Instant::now();
+    traffic.wait_for_more(100, CONVERGE).await?;
+    let outcomes = traffic.finish().await;
+    let lost = failures(&outcomes);
+    ensure!(
+        lost.is_empty(),
+        "{} of {} requests failed around the drain: {:?}\n{}",
+        lost.len(),
+        outcomes.len(),
+        &lost[..lost.len().min(5)],
+        fleet.logs()
+    );
+    let after: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.sent > exited_at)
+        .cloned()
+        .collect();
+    let after = traffic::count(&after);
+    ensure!(
+        !after.contains_key("d") && after.len() == 2,
+        "after d's sidecar exited: {after:?}"
+    );
+    eprintln!(
+        "{} requests; after d's sidecar exited {after:?}",
+        outcomes.len()
+    );
+    Ok(())
+}
+
 /// An endpoint that fails every request is ejected after the configured consecutive failures,
 /// gets nothing while ejected, and returns after the ejection time once it works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
