@@ -90,6 +90,22 @@ async fn ejected_without_loss(fleet: &Fleet, name: &str) -> anyhow::Result<Vec<O
     Ok(outcomes)
 }
 
+/// Steady idempotent traffic, once b, c and d all answer it.
+async fn steady_traffic_on_three(fleet: &Fleet) -> anyhow::Result<Traffic> {
+    let traffic = Traffic::start(fleet.target(), 4, Duration::from_millis(2));
+    traffic
+        .wait_for_last(60, CONVERGE, "all three endpoints answering", |o| {
+            o.result.is_ok()
+        })
+        .await?;
+    let warm = traffic::count(&traffic.snapshot());
+    ensure!(
+        ["b", "c", "d"].iter().all(|n| warm.contains_key(*n)),
+        "before the change every endpoint must answer: {warm:?}"
+    );
+    Ok(traffic)
+}
+
 const OUTLIER: &str = "  loadBalancer: {policy: ROUND_ROBIN}
   outlierDetection: {consecutive5xx: 3, interval: 200ms, baseEjectionTime: 2s, maxEjectionPercent: 50}
 ";
@@ -102,17 +118,7 @@ async fn killing_one_of_three_endpoints_loses_no_request() -> anyhow::Result<()>
     skip_unless_root!();
     let mut fleet = Fleet::start(spec(three(Mode::Ok), OUTLIER, "")).await?;
     let d = ip_of(&fleet, "d")?;
-    let traffic = Traffic::start(fleet.target(), 4, Duration::from_millis(2));
-    traffic
-        .wait_for_last(60, CONVERGE, "all three endpoints answering", |o| {
-            o.result.is_ok()
-        })
-        .await?;
-    let warm = traffic::count(&traffic.snapshot());
-    ensure!(
-        ["b", "c", "d"].iter().all(|n| warm.contains_key(*n)),
-        "before the kill every endpoint must answer: {warm:?}"
-    );
+    let traffic = steady_traffic_on_three(&fleet).await?;
     fleet.kill("d")?;
     let killed_at = std::time::Instant::now();
     eventually(&fleet, "d ejected by the client's sidecar", |m| {
@@ -159,17 +165,7 @@ async fn killing_one_of_three_endpoints_loses_no_request() -> anyhow::Result<()>
 async fn an_endpoint_whose_sidecar_drains_loses_no_request() -> anyhow::Result<()> {
     skip_unless_root!();
     let mut fleet = Fleet::start(spec(three(Mode::Ok), OUTLIER, "")).await?;
-    let traffic = Traffic::start(fleet.target(), 4, Duration::from_millis(2));
-    traffic
-        .wait_for_last(60, CONVERGE, "all three endpoints answering", |o| {
-            o.result.is_ok()
-        })
-        .await?;
-    let warm = traffic::count(&traffic.snapshot());
-    ensure!(
-        ["b", "c", "d"].iter().all(|n| warm.contains_key(*n)),
-        "before the drain every endpoint must answer: {warm:?}"
-    );
+    let traffic = steady_traffic_on_three(&fleet).await?;
     fleet.signal_sidecar("d", libc::SIGTERM)?;
     let deadline = Instant::now() + CONVERGE;
     let status = loop {
