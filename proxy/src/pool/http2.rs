@@ -651,6 +651,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bodies_larger_than_the_windows_pass_both_ways() {
+        let (conn, server) = connected().await;
+        let mut accepted = serve(server);
+        // 3 MiB up: many times the peer's window of 64 KiB. 6 MiB down: more than this
+        // client's windows, 2 MiB for the stream and 5 MiB for the connection.
+        let up = vec![7u8; 3 << 20];
+        let sent = tokio::spawn(conn.clone().send(
+            request(Method::POST),
+            super::super::full(up.clone()),
+            NO_WAIT,
+        ));
+        let (req, mut respond) = accepted.recv().await.expect("request");
+        let mut request_body = req.into_body();
+        let mut received = 0;
+        while let Some(data) = request_body.data().await {
+            let data = data.expect("data");
+            received += data.len();
+            let _ = request_body.flow_control().release_capacity(data.len());
+        }
+        assert_eq!(received, up.len());
+        let mut out = respond
+            .send_response(Response::new(()), false)
+            .expect("respond");
+        let response = sent.await.expect("task").expect("response");
+        let down = tokio::spawn(async move {
+            for _ in 0..96 {
+                out.reserve_capacity(64 << 10);
+                while out.capacity() < 64 << 10 {
+                    let _ = std::future::poll_fn(|cx| out.poll_capacity(cx)).await;
+                }
+                out.send_data(Bytes::from(vec![9u8; 64 << 10]), false)
+                    .expect("data");
+            }
+            out.send_data(Bytes::new(), true).expect("end");
+        });
+        let got = tokio::time::timeout(Duration::from_secs(60), response.into_body().collect())
+            .await
+            .expect("the body flows")
+            .expect("body")
+            .to_bytes();
+        assert_eq!(got.len(), 96 << 16);
+        down.await.expect("sent");
+    }
+
+    #[tokio::test]
     async fn a_refused_stream_is_unsent_and_another_reset_is_not() {
         let (conn, server) = connected().await;
         let mut accepted = serve(server);
