@@ -178,7 +178,7 @@ impl Connection {
         body: Body,
         waiting: Option<Permit>,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'static {
-        let active = Active::begin(&self.activity);
+        let mut active = Some(Active::begin(&self.activity));
         async move {
             set_content_length(&mut head, &body);
             let end_of_stream = body.is_end_stream();
@@ -200,6 +200,8 @@ impl Connection {
                 let _ = std::future::poll_fn(|cx| self.sender.poll_ready(cx)).await;
                 drop(waiting);
             }
+            // The request's one count on the connection, shared with its body's task if it gets one.
+            let mut shared = None;
             let cancel = if end_of_stream {
                 drop(stream);
                 None
@@ -213,7 +215,11 @@ impl Connection {
                 let sent = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pump).poll(cx)));
                 match sent.await {
                     Poll::Ready(()) => None,
-                    Poll::Pending => Some(pump.spawn(Active::begin(&self.activity))),
+                    Poll::Pending => {
+                        let count = Arc::new(active.take().expect("the request's count"));
+                        shared = Some(count.clone());
+                        Some(pump.spawn(count))
+                    }
                 }
             };
             let response = response.await.map_err(|e| {
@@ -233,7 +239,7 @@ impl Connection {
                 recv,
                 remaining,
                 data_done: false,
-                _active: active,
+                _active: (active, shared),
             };
             Ok(Response::from_parts(parts, Body::new(body)))
         }
@@ -241,7 +247,7 @@ impl Connection {
 }
 
 /// Whether `sender` may open a stream now: an error once the connection failed or its peer sent
-/// GOAWAY (pending while the stream it opened last waits behind the peer's limit).
+/// GOAWAY. A fresh clone has opened no stream, so it is never pending.
 fn ready_now(sender: &mut SendRequest<Bytes>) -> Poll<Result<(), h2::Error>> {
     sender.poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
 }
@@ -330,11 +336,11 @@ impl Pump {
     /// Goes on sending in a task of its own, until done, or until the returned guard is
     /// dropped without [`Cancel::disarm`] (the request was given up before its response came),
     /// which resets the stream.
-    fn spawn(mut self, active: Active) -> Cancel {
+    fn spawn(mut self, active: Arc<Active>) -> Cancel {
         let (cancel, cancelled) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            // A request on the connection while its body is sent, whether or not its response
-            // is still read: the connection is not idle, and keep-alive pings go on.
+            // The request counts on the connection while its body is sent, whether or not its
+            // response is still read: the connection is not idle, and keep-alive pings go on.
             let _active = active;
             let cancelled = tokio::select! {
                 given_up = cancelled => given_up.is_ok(),
@@ -431,18 +437,23 @@ impl Future for Pump {
     }
 }
 
-/// The reason to reset a stream with when its request body failed: the reason of the HTTP/2
+/// The reason to reset a stream with when its request body failed: the reason of the stream
 /// reset that failed it downstream (a gRPC client's `CANCEL` reaches the server as one), else
-/// `INTERNAL_ERROR`.
+/// `CANCEL`: keel gave the stream up (a client gone, an attempt superseded by a retry). A
+/// downstream connection's own error (`GOAWAY`) is not this stream's to report.
 fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
     let mut cause = Some(e);
     while let Some(e) = cause {
-        if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+        if let Some(reason) = e
+            .downcast_ref::<h2::Error>()
+            .filter(|e| !e.is_go_away())
+            .and_then(h2::Error::reason)
+        {
             return reason;
         }
         cause = e.source();
     }
-    Reason::INTERNAL_ERROR
+    Reason::CANCEL
 }
 
 /// Resets a request's stream when dropped before [`Cancel::disarm`].
@@ -469,7 +480,8 @@ struct ResponseBody {
     /// What is left of the `Content-Length`, if it was given.
     remaining: Option<u64>,
     data_done: bool,
-    _active: Active,
+    /// The request's count on its connection, alone or shared with its body's task.
+    _active: (Option<Active>, Option<Arc<Active>>),
 }
 
 impl HttpBody for ResponseBody {
@@ -593,6 +605,8 @@ mod tests {
             .send_response(Response::new(()), false)
             .expect("respond");
         let response = sent.await.expect("task").expect("response");
+        // One request on the connection, though its body's task and its response both hold it.
+        assert_eq!(conn.activity.active.load(Ordering::Acquire), 1);
         let mut response_body = response.into_body();
         let mut request_body = req.into_body();
         for chunk in ["one", "two"] {
@@ -654,14 +668,17 @@ mod tests {
     async fn bodies_larger_than_the_windows_pass_both_ways() {
         let (conn, server) = connected().await;
         let mut accepted = serve(server);
-        // 3 MiB up: many times the peer's window of 64 KiB. 6 MiB down: more than this
-        // client's windows, 2 MiB for the stream and 5 MiB for the connection.
-        let up = vec![7u8; 3 << 20];
-        let sent = tokio::spawn(conn.clone().send(
-            request(Method::POST),
-            super::super::full(up.clone()),
-            NO_WAIT,
-        ));
+        // 3 MiB up, streamed in frames of 64 KiB: many times the peer's window of 64 KiB, so
+        // the body's task waits for window. 6 MiB down: more than this client's windows, 2 MiB
+        // for the stream and 5 MiB for the connection.
+        let (frames, body) = streamed();
+        let feed = tokio::spawn(async move {
+            for _ in 0..48 {
+                let frame = Frame::data(Bytes::from(vec![7u8; 64 << 10]));
+                frames.send(Ok(frame)).await.expect("frame");
+            }
+        });
+        let sent = tokio::spawn(conn.clone().send(request(Method::POST), body, NO_WAIT));
         let (req, mut respond) = accepted.recv().await.expect("request");
         let mut request_body = req.into_body();
         let mut received = 0;
@@ -670,7 +687,8 @@ mod tests {
             received += data.len();
             let _ = request_body.flow_control().release_capacity(data.len());
         }
-        assert_eq!(received, up.len());
+        assert_eq!(received, 48 << 16);
+        feed.await.expect("fed");
         let mut out = respond
             .send_response(Response::new(()), false)
             .expect("respond");
@@ -679,7 +697,10 @@ mod tests {
             for _ in 0..96 {
                 out.reserve_capacity(64 << 10);
                 while out.capacity() < 64 << 10 {
-                    let _ = std::future::poll_fn(|cx| out.poll_capacity(cx)).await;
+                    match std::future::poll_fn(|cx| out.poll_capacity(cx)).await {
+                        Some(Ok(_)) => {}
+                        other => panic!("no window: {other:?}"),
+                    }
                 }
                 out.send_data(Bytes::from(vec![9u8; 64 << 10]), false)
                     .expect("data");
@@ -811,6 +832,17 @@ mod tests {
             .send_response(Response::new(()), true)
             .expect("respond");
         waiting.await.expect("task").expect("response");
+    }
+
+    #[test]
+    fn a_failed_body_resets_with_its_stream_reset_s_reason_else_cancel() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("body failed")]
+        struct Wrapped(#[source] h2::Error);
+        let reset: BoxError = Box::new(Wrapped(h2::Error::from(Reason::REFUSED_STREAM)));
+        assert_eq!(reset_reason(&*reset), Reason::REFUSED_STREAM);
+        let other: BoxError = Box::new(std::io::Error::other("client gone"));
+        assert_eq!(reset_reason(&*other), Reason::CANCEL);
     }
 
     #[test]

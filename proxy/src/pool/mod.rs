@@ -794,10 +794,10 @@ impl Upstreams {
         options: Connect<'_>,
     ) -> Result<http2::Connection, UpstreamError> {
         let mut held = slot.lock().await;
-        if let Some(conn) = held.as_ref()
-            && !conn.is_closed()
+        if let Some(mut conn) = held.as_ref().filter(|c| !c.is_closed()).cloned()
+            && conn.is_ready()
         {
-            return Ok(conn.clone());
+            return Ok(conn);
         }
         let permit = options.admit(addr, |a| a.connection())?;
         let stream = self
@@ -1040,10 +1040,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
-    // HTTP/2 allows TE only as "trailers" (gRPC needs it), spelled so: h2 refuses `Trailers`.
-    match headers.get(header::TE).map(|v| v.as_bytes()) {
-        Some(b"trailers") => {}
-        Some(te) if te.eq_ignore_ascii_case(b"trailers") => {
+    // HTTP/2 allows TE only as "trailers" (gRPC needs it), spelled so and in one field: h2
+    // refuses `Trailers`, and an h2 peer refuses a request with any other TE field.
+    let mut te = headers.get_all(header::TE).iter();
+    match (te.next().map(|v| v.as_bytes()), te.next()) {
+        (Some(b"trailers"), None) => {}
+        (Some(first), more)
+            if first.eq_ignore_ascii_case(b"trailers")
+                && more.is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+                && te.all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) =>
+        {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
         _ => {
@@ -1107,10 +1113,16 @@ mod tests {
         h.insert(header::TE, "gzip".parse().expect("v"));
         strip_hop_by_hop(&mut h);
         assert!(h.get(header::TE).is_none());
-        // h2 takes the value in lower case only.
+        // h2 takes the value in lower case only, and in one field.
         h.insert(header::TE, "Trailers".parse().expect("v"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h[header::TE], "trailers");
+        h.append(header::TE, "trailers".parse().expect("v"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get_all(header::TE).iter().count(), 1);
+        h.append(header::TE, "gzip".parse().expect("v"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get(header::TE).is_none());
     }
 
     /// An HTTP/1 upstream that answers `hello`: its address, how many connections it accepted,
@@ -1369,10 +1381,13 @@ mod tests {
         assert!(idle.await.is_ok());
     }
 
-    /// An HTTP/2 upstream that answers `hello` (`/slow` after 500 ms), and shuts each
-    /// connection down gracefully once `shut(n)` resolves for it (`n` counts from 1): its
-    /// address, and how many connections it accepted.
-    async fn hello_h2_upstream<S, F>(shut: S) -> (SocketAddr, Arc<AtomicUsize>)
+    /// An HTTP/2 upstream that answers `hello` (`/slow` 5 s after it notifies `slow`), and
+    /// shuts each connection down gracefully once `shut(n)` resolves for it (`n` counts from
+    /// 1): its address, and how many connections it accepted.
+    async fn hello_h2_upstream<S, F>(
+        shut: S,
+        slow: Arc<tokio::sync::Notify>,
+    ) -> (SocketAddr, Arc<AtomicUsize>)
     where
         S: Fn(usize) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
@@ -1387,14 +1402,19 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let shut = shut(counter.fetch_add(1, Ordering::SeqCst) + 1);
+                let slow = slow.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(|req: Request<Incoming>| async move {
-                        if req.uri().path() == "/slow" {
-                            tokio::time::sleep(Duration::from_millis(500)).await;
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let slow = slow.clone();
+                        async move {
+                            if req.uri().path() == "/slow" {
+                                slow.notify_one();
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                Bytes::from_static(b"hello"),
+                            )))
                         }
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                            Bytes::from_static(b"hello"),
-                        )))
                     });
                     let conn = hyper::server::conn::http2::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
@@ -1431,8 +1451,11 @@ mod tests {
     #[tokio::test]
     async fn an_http2_connection_closed_by_either_side_is_replaced() {
         // The upstream closes each connection a second after it opened.
-        let (addr, accepted) =
-            hello_h2_upstream(|_| tokio::time::sleep(Duration::from_secs(1))).await;
+        let (addr, accepted) = hello_h2_upstream(
+            |_| tokio::time::sleep(Duration::from_secs(1)),
+            Arc::default(),
+        )
+        .await;
         let pool = Upstreams::new(None, DEFAULT_H1_POOL_IDLE_TIMEOUT);
         let plain = Connect::timeout(Duration::from_secs(5));
         let idle = Connect {
@@ -1465,27 +1488,39 @@ mod tests {
     async fn a_connection_going_away_with_a_request_open_is_replaced_for_the_next() {
         let shut_down = Arc::new(tokio::sync::Notify::new());
         let shut_first = shut_down.clone();
+        let slow_arrived = Arc::new(tokio::sync::Notify::new());
         // The first connection is shut down on a signal; the others stay.
-        let (addr, accepted) = hello_h2_upstream(move |n| {
-            let shut_first = shut_first.clone();
-            async move {
-                if n == 1 {
-                    shut_first.notified().await;
-                } else {
-                    std::future::pending::<()>().await;
+        let (addr, accepted) = hello_h2_upstream(
+            move |n| {
+                let shut_first = shut_first.clone();
+                async move {
+                    if n == 1 {
+                        shut_first.notified().await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
                 }
-            }
-        })
+            },
+            slow_arrived.clone(),
+        )
         .await;
         let pool = Upstreams::new(None, DEFAULT_H1_POOL_IDLE_TIMEOUT);
         let plain = Connect::timeout(Duration::from_secs(5));
         let slow = tokio::spawn(hello_h2(pool.clone(), addr, plain, "/slow"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        slow_arrived.notified().await;
         shut_down.notify_one();
-        // The GOAWAY reaches the pool's connection while `/slow` is open on it.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        hello_h2(pool.clone(), addr, plain, "/").await;
-        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+        // Until the GOAWAY reaches the pool's connection, requests still go on it and are
+        // answered there; then they go on a new one, while `/slow` is open on the first.
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while accepted.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "no new connection after the GOAWAY"
+            );
+            hello_h2(pool.clone(), addr, plain, "/").await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!slow.is_finished(), "`/slow` was still open");
         slow.await.expect("the open request is answered");
     }
 
