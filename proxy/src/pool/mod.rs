@@ -1025,6 +1025,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| header::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        // `Connection: TE` is how an HTTP/1 client sends `TE` (RFC 9110 §10.1.4): TE is decided
+        // below, like any other.
+        .filter(|name| name != header::TE)
         .collect();
     for name in named {
         headers.remove(name);
@@ -1123,6 +1126,12 @@ mod tests {
         h.append(header::TE, "gzip".parse().expect("v"));
         strip_hop_by_hop(&mut h);
         assert!(h.get(header::TE).is_none());
+        // Named by `Connection`, as an HTTP/1 client sends it.
+        h.insert(header::CONNECTION, "TE".parse().expect("v"));
+        h.insert(header::TE, "trailers".parse().expect("v"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::TE], "trailers");
+        assert!(h.get(header::CONNECTION).is_none());
     }
 
     /// An HTTP/1 upstream that answers `hello`: its address, how many connections it accepted,
