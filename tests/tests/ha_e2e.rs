@@ -63,6 +63,21 @@ async fn eventually(
     }
 }
 
+/// Fails, with the first failures and the fleet's logs, if any request of `outcomes` failed;
+/// `around` says when (`"around the kill"`).
+fn none_lost(fleet: &Fleet, outcomes: &[Outcome], around: &str) -> anyhow::Result<()> {
+    let lost = failures(outcomes);
+    ensure!(
+        lost.is_empty(),
+        "{} of {} requests failed {around}: {:?}\n{}",
+        lost.len(),
+        outcomes.len(),
+        &lost[..lost.len().min(5)],
+        fleet.logs()
+    );
+    Ok(())
+}
+
 fn ip_of(fleet: &Fleet, name: &str) -> anyhow::Result<std::net::Ipv4Addr> {
     fleet.endpoint(name)?.ip().context("no pod")
 }
@@ -78,15 +93,7 @@ async fn ejected_without_loss(fleet: &Fleet, name: &str) -> anyhow::Result<Vec<O
     .await?;
     traffic.wait_for_more(100, CONVERGE).await?;
     let outcomes = traffic.finish().await;
-    let lost = failures(&outcomes);
-    ensure!(
-        lost.is_empty(),
-        "{} of {} requests failed: {:?}\n{}",
-        lost.len(),
-        outcomes.len(),
-        &lost[..lost.len().min(5)],
-        fleet.logs()
-    );
+    none_lost(fleet, &outcomes, "around the ejection")?;
     Ok(outcomes)
 }
 
@@ -132,15 +139,7 @@ async fn killing_one_of_three_endpoints_loses_no_request() -> anyhow::Result<()>
     let outcomes = traffic.finish().await;
     let reached = after.sum("keel_requests_total", &[("direction", "inbound")])
         - before.sum("keel_requests_total", &[("direction", "inbound")]);
-    let lost = failures(&outcomes);
-    ensure!(
-        lost.is_empty(),
-        "{} of {} requests failed around the kill: {:?}\n{}",
-        lost.len(),
-        outcomes.len(),
-        &lost[..lost.len().min(5)],
-        fleet.logs()
-    );
+    none_lost(&fleet, &outcomes, "around the kill")?;
     ensure!(
         reached == 0.0,
         "{reached} requests reached d's pod while it was ejected"
@@ -183,15 +182,7 @@ async fn an_endpoint_whose_sidecar_drains_loses_no_request() -> anyhow::Result<(
     let exited_at = Instant::now();
     traffic.wait_for_more(100, CONVERGE).await?;
     let outcomes = traffic.finish().await;
-    let lost = failures(&outcomes);
-    ensure!(
-        lost.is_empty(),
-        "{} of {} requests failed around the drain: {:?}\n{}",
-        lost.len(),
-        outcomes.len(),
-        &lost[..lost.len().min(5)],
-        fleet.logs()
-    );
+    none_lost(&fleet, &outcomes, "around the drain")?;
     let after: Vec<_> = outcomes
         .iter()
         .filter(|o| o.sent > exited_at)
@@ -427,15 +418,7 @@ async fn a_zone_fails_over_to_the_next_and_comes_back() -> anyhow::Result<()> {
         !during.contains_key(&'c'),
         "zone-c (another region) must get nothing while zone-b serves: {during:?}"
     );
-    let lost = failures(&outcomes);
-    ensure!(
-        lost.is_empty(),
-        "{} of {} requests were lost: {:?}\n{}",
-        lost.len(),
-        outcomes.len(),
-        &lost[..lost.len().min(5)],
-        fleet.logs()
-    );
+    none_lost(&fleet, &outcomes, "around the zone's loss")?;
     eprintln!(
         "healthy {zones:?}; zone-a dead {during:?}; recovering {:?}",
         by_zone(&outcomes[restarted_at..])

@@ -178,7 +178,7 @@ impl Connection {
         body: Body,
         waiting: Option<Permit>,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + 'static {
-        let mut active = Some(Active::begin(&self.activity));
+        let active = Active::begin(&self.activity);
         async move {
             set_content_length(&mut head, &body);
             let end_of_stream = body.is_end_stream();
@@ -200,11 +200,9 @@ impl Connection {
                 let _ = std::future::poll_fn(|cx| self.sender.poll_ready(cx)).await;
                 drop(waiting);
             }
-            // The request's one count on the connection, shared with its body's task if it gets one.
-            let mut shared = None;
-            let cancel = if end_of_stream {
+            let (cancel, count) = if end_of_stream {
                 drop(stream);
-                None
+                (None, Count::Alone(active))
             } else {
                 let mut pump = Pump {
                     stream,
@@ -214,11 +212,10 @@ impl Connection {
                 // Most bodies are in hand already (a buffered POST): sent from here, no task.
                 let sent = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pump).poll(cx)));
                 match sent.await {
-                    Poll::Ready(()) => None,
+                    Poll::Ready(()) => (None, Count::Alone(active)),
                     Poll::Pending => {
-                        let count = Arc::new(active.take().expect("the request's count"));
-                        shared = Some(count.clone());
-                        Some(pump.spawn(count))
+                        let shared = Arc::new(active);
+                        (Some(pump.spawn(shared.clone())), Count::Shared(shared))
                     }
                 }
             };
@@ -239,7 +236,7 @@ impl Connection {
                 recv,
                 remaining,
                 data_done: false,
-                _active: (active, shared),
+                _count: count,
             };
             Ok(Response::from_parts(parts, Body::new(body)))
         }
@@ -321,6 +318,13 @@ impl Drop for Active {
     fn drop(&mut self) {
         self.0.end();
     }
+}
+
+/// A request's one count on its connection: the response body's alone, or shared with the task
+/// that sends its request body.
+enum Count {
+    Alone(#[expect(dead_code, reason = "held until dropped")] Active),
+    Shared(#[expect(dead_code, reason = "held until dropped")] Arc<Active>),
 }
 
 /// Sends a request body on its stream, a frame at a time as the peer's window allows, with
@@ -480,8 +484,7 @@ struct ResponseBody {
     /// What is left of the `Content-Length`, if it was given.
     remaining: Option<u64>,
     data_done: bool,
-    /// The request's count on its connection, alone or shared with its body's task.
-    _active: (Option<Active>, Option<Arc<Active>>),
+    _count: Count,
 }
 
 impl HttpBody for ResponseBody {

@@ -762,7 +762,9 @@ impl Upstreams {
             });
             let (conn, waiting) = match ready.and_then(|mut conn| conn.is_ready().then_some(conn)) {
                 // At the peer's limit of concurrent streams: this request waits for a stream.
-                Some(conn) if conn.is_full() => (conn, options.admit(addr, |a| a.pending())?),
+                Some(conn) if options.admission.is_some() && conn.is_full() => {
+                    (conn, options.admit(addr, |a| a.pending())?)
+                }
                 Some(conn) => (conn, None),
                 None => {
                     let _pending = options.admit(addr, |a| a.pending())?;
@@ -1045,19 +1047,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // HTTP/2 allows TE only as "trailers" (gRPC needs it), spelled so and in one field: h2
     // refuses `Trailers`, and an h2 peer refuses a request with any other TE field.
-    let mut te = headers.get_all(header::TE).iter();
-    match (te.next().map(|v| v.as_bytes()), te.next()) {
-        (Some(b"trailers"), None) => {}
-        (Some(first), more)
-            if first.eq_ignore_ascii_case(b"trailers")
-                && more.is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-                && te.all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) =>
-        {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        _ => {
-            headers.remove(header::TE);
-        }
+    let te = headers.get_all(header::TE);
+    let other = te
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let respell = te.iter().count() > 1 || te.iter().any(|v| v != "trailers");
+    if other {
+        headers.remove(header::TE);
+    } else if respell {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
